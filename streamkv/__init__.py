@@ -1,0 +1,1 @@
+"""streamkv: reproducible KV-cache eviction experiments."""

@@ -1,0 +1,156 @@
+"""Run specifications: everything that determines a number, frozen and hashed.
+
+A RunSpec is built once per experiment point (by the CLI or a stage plan) and travels unchanged into the
+result JSON. Its canonical JSON (sorted keys, no whitespace) is hashed into `config_hash`: two results are
+the same experiment exactly when their hashes are equal, which is the only reuse rule the store applies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+REFRESH_POLICIES = ("none", "uniform", "middle")
+POSITION_MODES = ("cache", "absolute")
+# How a kept key is moved to its new cache slot in `cache` position mode:
+#   exact          one rotation from the angle the key was computed at, in fp32 (or float64) arithmetic;
+#   composed_fp16  the seed's behaviour, a small rotation per prune applied to the fp16 cache in place,
+#                  kept only as a recorded ablation that measures its drift.
+REROTATIONS = ("exact", "composed_fp16")
+MODES = ("baseline", "streaming")
+ENGINES = ("decode", "reference", "parallel", "recompute")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class SpecError(ValueError):
+    """A knob combination that cannot describe a run; the CLI prints it as one line."""
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Eviction knobs, named as in the seed guide.
+
+    n_sink S, window W, overlap O, refresh_budget B, compress_every R (0 = never prune),
+    cache_slack σ, max_drop δ. soft = S + W + O + B is what a prune cuts back to; hard = soft + σ.
+    """
+
+    n_sink: int
+    window: int
+    overlap: int = 0
+    refresh_budget: int = 0
+    refresh_policy: str = "none"
+    compress_every: int = 1
+    cache_slack: int = 0
+    max_drop: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_sink", "overlap", "refresh_budget", "compress_every", "cache_slack", "max_drop"):
+            if getattr(self, name) < 0:
+                raise SpecError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.window <= 0:
+            raise SpecError(f"window must be > 0, got {self.window}")
+        if self.refresh_policy not in REFRESH_POLICIES:
+            raise SpecError(f"unknown refresh_policy {self.refresh_policy!r}; choose one of {REFRESH_POLICIES}")
+        if (self.refresh_budget > 0) != (self.refresh_policy != "none"):
+            raise SpecError("refresh_budget > 0 needs refresh_policy uniform|middle, and a refresh policy needs "
+                            f"refresh_budget > 0 (got B={self.refresh_budget}, policy={self.refresh_policy})")
+
+    @property
+    def soft(self) -> int:
+        return self.n_sink + self.window + self.overlap + self.refresh_budget
+
+    @property
+    def hard(self) -> int:
+        return self.soft + self.cache_slack
+
+    @property
+    def cap_total(self) -> int:
+        """KV budget C: the prefill covers C tokens, the seed's CAP_TOTAL."""
+        return self.hard
+
+    @property
+    def never_prunes(self) -> bool:
+        return self.compress_every == 0
+
+    @classmethod
+    def auto_cap(cls, cap_total: int, n_sink: int, *, overlap: int = 0, refresh_budget: int = 0,
+                 cache_slack: int = 0, **knobs) -> "PolicySpec":
+        """The seed's auto-cap: W = CAP_TOTAL − S − σ − O − B, so every variant spends the same budget."""
+        window = cap_total - n_sink - cache_slack - overlap - refresh_budget
+        if window <= 0:
+            raise SpecError(f"auto-cap leaves window {window} <= 0: CAP_TOTAL={cap_total} − n_sink={n_sink} − "
+                            f"cache_slack={cache_slack} − overlap={overlap} − refresh_budget={refresh_budget}")
+        return cls(n_sink=n_sink, window=window, overlap=overlap, refresh_budget=refresh_budget,
+                   cache_slack=cache_slack, **knobs)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str                 # hub id (paper) or a local directory (demo)
+    revision: str             # 40-hex hub revision, or the sha256 of the local safetensors file
+    dtype: str = "float16"
+    random_weights: bool = False  # architecture only, weights drawn from a fixed seed: timing runs only
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SpecError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str                 # e.g. pg19, wikitext, demo-long, demo-short
+    path: str                 # stream file, relative to the repository root
+    sha256: str               # of the stream file's text
+    n_tokens: int             # tokens evaluated (after --max-eval-tokens truncation)
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """How timings are taken; part of the hash because mean ± std depends on it."""
+
+    warmup_runs: int = 0
+    repeat_runs: int = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: ModelSpec
+    data: DataSpec
+    mode: str                          # baseline (sliding-window recompute) | streaming (KV cache + policy)
+    policy: PolicySpec
+    position_mode: str = "cache"
+    rerotation: str = "exact"
+    engine: str = "decode"
+    loss_dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    measure: MeasureSpec = field(default_factory=MeasureSpec)
+
+    def __post_init__(self) -> None:
+        checks = ((self.mode, MODES, "mode"), (self.position_mode, POSITION_MODES, "position_mode"),
+                  (self.rerotation, REROTATIONS, "rerotation"), (self.engine, ENGINES, "engine"))
+        for value, allowed, name in checks:
+            if value not in allowed:
+                raise SpecError(f"unknown {name} {value!r}; choose one of {allowed}")
+        if (self.mode == "baseline") != (self.engine == "recompute"):
+            raise SpecError(f"mode {self.mode!r} does not go with engine {self.engine!r}: "
+                            "the baseline is the recompute engine and only it")
+        if self.loss_dtype not in ("float32", "float64"):
+            raise SpecError(f"loss_dtype must be float32 or float64, got {self.loss_dtype!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSpec":
+        return cls(model=ModelSpec(**d["model"]), data=DataSpec(**d["data"]), mode=d["mode"],
+                   policy=PolicySpec(**d["policy"]), position_mode=d["position_mode"],
+                   rerotation=d["rerotation"], engine=d["engine"], loss_dtype=d["loss_dtype"],
+                   device=d["device"], seed=d["seed"], measure=MeasureSpec(**d["measure"]))
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
