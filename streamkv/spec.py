@@ -111,6 +111,13 @@ class MeasureSpec:
 
     warmup_runs: int = 0
     repeat_runs: int = 1
+    # Decode steps timed when perplexity comes from another engine (parallel): timing needs real
+    # token-by-token decoding, but not over the whole stream. 0 = time the whole stream.
+    timing_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_runs < 0 or self.repeat_runs < 1 or self.timing_tokens < 0:
+            raise SpecError(f"need warmup_runs >= 0, repeat_runs >= 1, timing_tokens >= 0; got {self}")
 
 
 @dataclass(frozen=True)
