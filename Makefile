@@ -1,0 +1,82 @@
+# streamkv: every stage of the paper, from result JSON to PDF. `make` alone lists the targets.
+# Every variable below can be overridden from the environment or the command line (VAR=value make ...);
+# the experiment knobs themselves (CAP_TOTAL, REPEAT_RUNS, SWEEP_R_VALUES, ...) are read by the CLI from
+# the environment and .env, so `REPEAT_RUNS=3 make main` works as in the seed guide.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+VENV_TF4    ?= .venv-tf4
+STREAMKV    ?= $(VENV)/bin/streamkv
+FORCE       ?= 0
+PYTEST_ARGS ?=
+
+force_flag := $(if $(filter 1 true yes,$(FORCE)),-f,)
+installed  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup paper baseline main ablations sweeps mit bench tex pdf test test-tf4 lint clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+# The venv is rebuilt when the lock or the package metadata changes; torch is pinned to 2.13.0 there.
+$(installed): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+setup: $(installed) ## Create .venv and install streamkv with the locked dependencies
+
+paper: $(installed) ## Run every stage, generate the tables and build the PDF (profile: STREAMKV_PROFILE, default demo)
+	$(STREAMKV) paper $(force_flag)
+	$(MAKE) pdf
+
+baseline: $(installed) ## The fixed sliding-window-recompute baseline (written once, then reused)
+	$(STREAMKV) baseline $(force_flag)
+
+main: $(installed) ## Main results: baseline (reused) + Start+Recent + Lazy Pruning on both datasets
+	$(STREAMKV) main $(force_flag)
+
+ablations: $(installed) ## Lazy Pruning ablation ladder on the long dataset
+	$(STREAMKV) ablations $(force_flag)
+
+sweeps: $(installed) ## R sweep (σ and δ too with RUN_QUALITY_HEURISTICS=1)
+	$(STREAMKV) sweeps $(force_flag)
+
+mit: $(installed) ## MIT streaming-llm reference (needs MIT_REPO; skipped with one line otherwise)
+	$(STREAMKV) mit-reference $(force_flag)
+
+bench: $(installed) ## Decode speed and memory: streaming vs recompute
+	$(STREAMKV) bench $(force_flag)
+
+tex: $(installed) ## Rebuild NeurIPS/generated/*.tex from results/ (never loads a model)
+	$(STREAMKV) tables
+
+pdf: tex ## Build NeurIPS/neurips_2025_compressed.pdf (installs TeX Live from Debian when missing and root)
+	scripts/ensure_tex.sh
+	scripts/build_pdf.sh
+
+test: $(installed) ## Run the test suite (transformers 5.x, then the engine tests on transformers 4.57)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-tf4
+
+$(VENV_TF4)/.installed: requirements-tf4.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV_TF4)
+	$(VENV_TF4)/bin/pip install -q --upgrade pip
+	$(VENV_TF4)/bin/pip install -q -r requirements-tf4.lock
+	$(VENV_TF4)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-tf4: $(VENV_TF4)/.installed ## Engine and model tests on the paper's transformers line (4.57.3)
+	$(VENV_TF4)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS) tests/test_engines.py tests/test_reference.py \
+		tests/test_parallel.py tests/test_assets.py tests/test_compat.py
+
+lint: $(installed) ## hadolint on the Dockerfile (zero findings)
+	$(MAKE) lint-docker
+
+clean: ## Remove results and generated tables/PDF (keeps the venvs)
+	rm -rf results NeurIPS/generated NeurIPS/build NeurIPS/neurips_2025_compressed.pdf
+
+include docker/docker.mk
