@@ -12,7 +12,8 @@ The decision rule reproduces the seed's code (DESIGN.md):
   - Cooldown: if δ > 0 and σ > 0 and step < cooldown_until and L ≤ hard, do not prune.
   - δ = 0: prune to soft. δ > 0: safe = hard − max(0, R − 1); prune to soft if safe < soft, else to
     min(max(L − δ, soft), safe). Every prune sets cooldown_until = step + max(1, R).
-    (So with R = 64, δ changes nothing unless σ ≥ 63.)
+    (So δ changes nothing unless σ ≥ R: with σ ≤ R − 1, safe ≤ soft and every prune lands on soft, and
+    the cooldown never blocks, since a prune needs L ≥ soft + R > hard. DESIGN.md's "σ ≥ 63" for R = 64 is loose.)
   A prune to `target` keeps the first min(S, L) tokens (sinks), up to B refresh tokens chosen from the
   evicted middle, and the most recent tokens to fill the rest. Values are never modified here: positions
   and rotations are the engines' business.

@@ -75,8 +75,8 @@ def test_prune_count_per_stream(policy, n_tokens):
 
 @settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.integers(0, 8), st.integers(2, 40), st.integers(2, 16), st.data(), st.integers(2, 200))
-def test_max_drop_changes_nothing_when_slack_below_R_minus_1(n_sink, window, R, data, n_tokens):
-    sigma = data.draw(st.integers(0, R - 2))
+def test_max_drop_changes_nothing_when_slack_below_R(n_sink, window, R, data, n_tokens):
+    sigma = data.draw(st.integers(0, R - 1))
     base = PolicySpec(n_sink=n_sink, window=window, compress_every=R, cache_slack=sigma)
     with_drop = PolicySpec(n_sink=n_sink, window=window, compress_every=R, cache_slack=sigma,
                            max_drop=data.draw(st.integers(1, 32)))

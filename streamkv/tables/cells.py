@@ -6,7 +6,7 @@ table can never silently pick up a result the store would reject.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -17,7 +17,7 @@ class Cell:
     metrics: dict                # the result's "metrics" (streamkv.schema.Metrics)
     config_hash: str             # of the result's spec; printed beside every row that uses it
     stale: bool = False          # the spec no longer matches the current plan (ALLOW_STALE_RESULTS=1)
-    path: Path | str | None = field(default=None)  # the result JSON, printed for traceability
+    path: Path | str | None = None  # the result JSON, printed for traceability
 
     def metric(self, key: str):
         """The metric, or None when the result does not record it."""

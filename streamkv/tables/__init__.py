@@ -1,0 +1,80 @@
+"""LaTeX tables (and their plain-text twins) from result cells; never imports torch.
+
+The stage code calls `write_all(lookup, spec, out_dir)` to rewrite NeurIPS/generated/*.tex, and
+`render_text(lookup, spec)` to print the same tables in a terminal. `lookup` comes from the store, which
+applies the reuse and stale rules (see cells.py).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import ablations, main, negative, sweeps
+from .cells import Cell, Lookup
+from .meta import meta_tex
+from .render import to_latex, to_text
+
+__all__ = ["Cell", "Dataset", "Lookup", "TablesSpec", "build_tables", "render_text", "write_all"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str          # as in slot names and result paths, e.g. "pg19"
+    display: str       # as printed, e.g. "PG19"
+
+
+@dataclass(frozen=True)
+class TablesSpec:
+    """What the tables need to know about the plan: which slots to ask for and how to label them."""
+
+    profile: str                                   # "demo" | "paper"; "demo" puts a notice on the title page
+    model: str                                     # display name, e.g. "Pythia-2.8B"
+    long: Dataset                                  # main, ablations and sweeps
+    short: Dataset                                 # main only
+    cap_total: int                                 # KV budget C
+    n_sink: int                                    # S of the main runs
+    lazy_r: int                                    # R of the main Lazy Pruning run
+    ablations: tuple[tuple[str, str], ...] = ()    # (slot label, display name), in table order
+    sweep_r: tuple[int, ...] = ()                  # empty grid: that sweep block is left out
+    sweep_sigma: tuple[int, ...] = ()
+    sweep_delta: tuple[int, ...] = ()
+
+    def sweep_grid(self, knob: str) -> tuple[int, ...]:
+        """Grid of a knob named as in slots: "R", "sigma" or "delta"."""
+        return getattr(self, f"sweep_{knob.lower()}")
+
+
+GENERATORS = (main.build, ablations.build, sweeps.build, negative.build)
+
+
+def build_tables(lookup: Lookup, spec: TablesSpec):
+    return [generate(lookup, spec) for generate in GENERATORS]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A half-written .tex would break the LaTeX build in confusing ways; a rename never leaves one.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)   # mkstemp creates 0600; generated files are meant to be read by anyone
+    os.replace(tmp, path)
+
+
+def write_all(lookup: Lookup, spec: TablesSpec, out_dir: Path | str) -> list[Path]:
+    """Rewrite tables.tex, ablations.tex, sweeps.tex, negative_results.tex and meta.tex in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for table in build_tables(lookup, spec):
+        written.append(out / f"{table.name}.tex")
+        _write_atomic(written[-1], to_latex(table))
+    written.append(out / "meta.tex")
+    _write_atomic(written[-1], meta_tex(spec))
+    return written
+
+
+def render_text(lookup: Lookup, spec: TablesSpec) -> str:
+    """Every table as plain text, for `streamkv tables` to print."""
+    return "\n".join(to_text(table) for table in build_tables(lookup, spec))

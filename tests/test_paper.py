@@ -1,0 +1,85 @@
+"""The paper compiles with generated content on and off, shows the generated numbers, and builds the same bytes."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from streamkv import figures, paper
+from streamkv.tables import Dataset, TablesSpec, write_all
+from streamkv.tables.cells import Cell
+
+NEURIPS = Path(__file__).resolve().parents[1] / "NeurIPS"
+TEX = NEURIPS / f"{paper.PAPER}.tex"
+SPEC = TablesSpec(profile="demo", model="tiny GPT-NeoX", long=Dataset("demo-long", "Demo long"),
+                  short=Dataset("demo-short", "Demo short"), cap_total=64, n_sink=4, lazy_r=8, sweep_r=(1, 8))
+FAKE_PPL = "31.415"        # a value no placeholder or default could produce
+
+needs_latex = pytest.mark.skipif(shutil.which("latexmk") is None or shutil.which("pdftotext") is None,
+                                 reason="latexmk/pdftotext not installed (CI installs texlive-latex-base, "
+                                        "texlive-latex-recommended, texlive-fonts-recommended, latexmk, "
+                                        "poppler-utils)")
+
+
+def test_committed_switches_default_to_placeholders_and_no_appendix():
+    tex = TEX.read_text(encoding="utf-8")
+    assert re.search(r"^\\usegeneratedfalse$", tex, re.MULTILINE)
+    assert re.search(r"^\\useappendixfalse$", tex, re.MULTILINE)
+    assert r"\ifdefined\streamkvusegenerated" in tex and r"\ifdefined\streamkvuseappendix" in tex
+
+
+def test_every_citation_is_in_the_bibliography():
+    keys = set(re.findall(r"@\w+\{([^,]+),", (NEURIPS / "references.bib").read_text(encoding="utf-8")))
+    cited = {k.strip() for group in re.findall(r"\\cite[tp]?\{([^}]+)\}", TEX.read_text(encoding="utf-8"))
+             for k in group.split(",")}
+    assert cited and cited <= keys
+
+
+def test_missing_latexmk_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(paper.shutil, "which", lambda name: None)
+    with pytest.raises(paper.PaperError) as err:
+        paper.build_pdf(tmp_path)
+    assert "latexmk not found" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.fixture
+def paper_dir(tmp_path):
+    """A copy of NeurIPS/ with generated tables, meta and figures from fake results."""
+    for name in (TEX.name, "references.bib"):
+        shutil.copy(NEURIPS / name, tmp_path / name)
+    cells = {"baselines/demo-long": Cell("baselines/demo-long", {"perplexity": 30.0, "tpot_ms": 9.0}, "h-base"),
+             "main/demo-long/lazy": Cell("main/demo-long/lazy", {"perplexity": float(FAKE_PPL), "tpot_ms": 3.0},
+                                         "h-lazy", stale=True)}
+    write_all(cells.get, SPEC, tmp_path / "generated")
+    figures.write_all(cells.get, SPEC, tmp_path / "generated")
+    return tmp_path
+
+
+def pdf_text(pdf: Path) -> str:
+    out = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    return " ".join(out.split())
+
+
+@needs_latex
+def test_pdf_with_generated_content_shows_the_results(paper_dir):
+    pdf = paper.build_pdf(paper_dir, use_generated=True, use_appendix=True)
+    assert pdf == paper_dir / f"{paper.PAPER}.pdf"
+    text = pdf_text(pdf)
+    assert FAKE_PPL in text
+    assert "Built from the demo profile" in text            # the title-page notice from meta.tex
+    assert "Stale result" in text                            # the dagger's footnote
+    assert "Quantization" in text                            # the appendix's negative-results table
+    assert "[INSERT DATA]" in text                           # figures and cells without results
+    first = pdf.read_bytes()
+    shutil.rmtree(paper_dir / "build")
+    assert paper.build_pdf(paper_dir).read_bytes() == first, "the PDF must be byte-for-byte reproducible"
+
+
+@needs_latex
+def test_pdf_without_generated_content_shows_placeholders(paper_dir):
+    text = pdf_text(paper.build_pdf(paper_dir, use_generated=False, use_appendix=False))
+    assert FAKE_PPL not in text and "Built from the demo profile" not in text
+    assert "[INSERT DATA]" in text and "Quantization" not in text
