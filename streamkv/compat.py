@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -14,8 +15,14 @@ import torch
 from transformers import DynamicCache
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
 def _cache_kwarg(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # Cached per class: inspect.signature costs ~0.5 ms, a visible share of one decode step.
+    return _cache_kwarg_of(type(model))
 
 
 def forward(model, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,

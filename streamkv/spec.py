@@ -143,6 +143,8 @@ class RunSpec:
         if (self.mode == "baseline") != (self.engine == "recompute"):
             raise SpecError(f"mode {self.mode!r} does not go with engine {self.engine!r}: "
                             "the baseline is the recompute engine and only it")
+        if self.position_mode == "absolute" and self.rerotation != "exact":
+            raise SpecError("rerotation only applies to position_mode cache: absolute mode never moves a key")
         if self.loss_dtype not in ("float32", "float64"):
             raise SpecError(f"loss_dtype must be float32 or float64, got {self.loss_dtype!r}")
 

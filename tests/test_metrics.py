@@ -1,0 +1,74 @@
+"""Loss, perplexity, KV bytes and the phase timer."""
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, LlamaConfig
+
+from streamkv.metrics import PhaseTimer, kv_cache_bytes, nll_from_logits, peak_memory_mb, perplexity
+
+
+def test_nll_upcasts_half_logits_before_the_log_softmax():
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 50304, generator=gen) * 4).half()
+    targets = torch.randint(0, 50304, (64,), generator=gen)
+    truth = -torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    ours = nll_from_logits(logits, targets)
+    in_half = -torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    assert ours.dtype == torch.float32 and ours.shape == (64,)
+    assert (ours.double() - truth).abs().max() < 1e-5
+    assert (in_half.double() - truth).abs().max() > 1e-3, "fp16 log-softmax should be visibly worse"
+    assert nll_from_logits(logits, targets, "float64").dtype == torch.float64
+
+
+def test_perplexity_sums_in_float64():
+    nll = torch.full((3_000_000,), 0.1, dtype=torch.float32)
+    ppl, total, n = perplexity(nll)
+    assert n == 3_000_000
+    assert total == pytest.approx(3_000_000 * float(torch.tensor(0.1)), rel=1e-12)
+    assert ppl == pytest.approx(math.exp(float(torch.tensor(0.1))), rel=1e-12)
+    with pytest.raises(ValueError):
+        perplexity(torch.empty(0))
+
+
+def test_kv_cache_bytes():
+    pythia = GPTNeoXConfig(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32)
+    # 32 layers × (K, V) × 32 heads × 80 dims × 2 bytes × 2048 tokens = 640 MiB
+    assert kv_cache_bytes(pythia, 2048, torch.float16) == 32 * 2 * 32 * 80 * 2 * 2048 == 640 * 2**20
+    gqa = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    assert kv_cache_bytes(gqa, 10, "float32") == 2 * 2 * 2 * 16 * 4 * 10
+
+
+def test_phase_timer_on_cpu():
+    timer = PhaseTimer("cpu")
+    timer.phase("prefill")
+    time.sleep(0.02)
+    timer.phase("decode")
+    time.sleep(0.01)
+    ms = timer.stop()
+    assert set(ms) == {"prefill", "decode"}
+    assert 15 < ms["prefill"] < 500 and 5 < ms["decode"] < 500
+    assert timer.peak_mb is None and peak_memory_mb("cpu") is None
+
+
+def test_phase_names_are_used_once():
+    timer = PhaseTimer("cpu")
+    timer.phase("decode")
+    with pytest.raises(ValueError, match="already timed"):
+        timer.phase("decode")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_phase_timer_resets_peak_memory_between_phases():
+    timer = PhaseTimer("cuda")
+    timer.phase("big")
+    big = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    del big
+    timer.phase("small")
+    small = torch.empty(2**20, dtype=torch.uint8, device="cuda")
+    ms = timer.stop()
+    del small
+    assert ms["big"] >= 0 and timer.peak_mb["big"] >= 256 and timer.peak_mb["small"] < 200
