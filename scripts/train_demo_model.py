@@ -10,10 +10,12 @@ data/demo/ can be rebuilt and audited without any download:
              text is also part of "compound") are excluded from both splits: held-out text is never seen.
   tokenizer  byte-level BPE trained with `tokenizers` on the training split only
   model      GPTNeoXForCausalLM with partial rotary (rotary_pct 0.25) and parallel residual, like Pythia
-  streams    demo-short = the last held-out topics (>= --short-tokens tokens); demo-long = the other held-out
-             topics (>= --long-tokens tokens). They are disjoint and both unseen in training.
+  streams    the held-out text cut once at a line start: demo-short = the text from the cut on
+             (>= --short-tokens tokens, as few as possible), demo-long = everything before it
+             (>= --long-tokens tokens). They are disjoint and both unseen in training.
   eval       PPL over non-overlapping --ctx windows; the first token of each window is context only;
-             fp32 log-softmax, fp64 sums.
+             fp32 log-softmax, fp64 sums. An add-one unigram of the training split is scored on the same
+             tokens, as the number a model that ignores context would get.
 
 Run (from the repository root):  .venv/bin/python scripts/train_demo_model.py
 A test runs a few steps into a temporary directory with --steps N --out DIR.
@@ -21,39 +23,49 @@ A test runs a few steps into a temporary directory with --steps N --out DIR.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
+import tokenizers
+import torch
+import transformers
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
 REPO = Path(__file__).resolve().parents[1]
 EOS = "<|endoftext|>"
 # A held-out topic sharing a paragraph at least this long with the training text is not held out.
 DUPLICATE_PARAGRAPH_CHARS = 80
+GRAD_CLIP = 1.0
+BETAS = (0.9, 0.95)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=REPO / "data" / "demo")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--ctx", type=int, default=256, help="training/eval context length (tokens)")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout, training only")
+    p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--heldout-frac", type=float, default=0.10)
     p.add_argument("--short-tokens", type=int, default=1024)
     p.add_argument("--long-tokens", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (results depend on it)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (float sums depend on it)")
     return p.parse_args(argv)
 
 
@@ -61,14 +73,18 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    return sha256_bytes(path.read_bytes())
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- corpus
 def load_topics() -> list[tuple[str, str]]:
     from pydoc_data.topics import topics
     return sorted(topics.items())
+
+
+def join(topics: list[tuple[str, str]]) -> str:
+    return "\n".join(text for _, text in topics)
 
 
 def split_topics(topics: list[tuple[str, str]], heldout_frac: float):
@@ -87,14 +103,8 @@ def split_topics(topics: list[tuple[str, str]], heldout_frac: float):
     return train, heldout, excluded
 
 
-def join(topics: list[tuple[str, str]]) -> str:
-    return "\n".join(text for _, text in topics)
-
-
 # ------------------------------------------------------------------------------------------- tokenizer
-def train_tokenizer(text: str, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -104,7 +114,7 @@ def train_tokenizer(text: str, vocab_size: int):
     return tok
 
 
-def write_tokenizer(tok, out: Path) -> None:
+def write_tokenizer(tok: Tokenizer, out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
     # What AutoTokenizer needs to load tokenizer.json offline as a PreTrainedTokenizerFast (4.x and 5.x).
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS, "unk_token": EOS,
@@ -113,37 +123,42 @@ def write_tokenizer(tok, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- streams
-def make_streams(heldout: list[tuple[str, str]], tok, short_tokens: int, long_tokens: int) -> dict:
-    """demo-short: the fewest last held-out topics reaching short_tokens; demo-long: the held-out topics before."""
-    def n_tokens(topics):
-        return len(tok.encode(join(topics)).ids)
-
-    k = len(heldout) - 1
-    while k > 0 and n_tokens(heldout[k:]) < short_tokens:
-        k -= 1
-    parts = {"demo-long": heldout[:k], "demo-short": heldout[k:]}
-    if n_tokens(parts["demo-short"]) < short_tokens or n_tokens(parts["demo-long"]) < long_tokens:
+def make_streams(heldout: list[tuple[str, str]], tok: Tokenizer, short_tokens: int, long_tokens: int) -> dict:
+    """Cut the held-out text once, at the last line start that leaves >= short_tokens after it:
+    demo-long is the text before the cut, demo-short the text from it (disjoint, both unseen)."""
+    text = join(heldout)
+    cut = text.rfind("\n") + 1
+    while cut > 0 and len(tok.encode(text[cut:]).ids) < short_tokens:
+        cut = text.rfind("\n", 0, cut - 1) + 1
+    spans, offset = [], 0  # each topic's character span in the held-out text
+    for key, topic in heldout:
+        spans.append((offset, offset + len(topic), key))
+        offset += len(topic) + 1
+    streams = {}
+    for name, (begin, end) in {"demo-long": (0, cut), "demo-short": (cut, len(text))}.items():
+        stream_text = text[begin:end]
+        streams[name] = {
+            "text": stream_text,
+            "source": f"pydoc_data.topics (Python {platform.python_version()}), held-out split of "
+                      f"scripts/train_demo_model.py, characters [{begin}, {end}) of the held-out text",
+            "n_chars": len(stream_text),
+            "sha256": sha256_bytes(stream_text.encode("utf-8")),
+            "topics": [key for lo, hi, key in spans if lo < end and hi > begin],
+            "n_tokens_demo_tokenizer": len(tok.encode(stream_text).ids),
+        }
+    if streams["demo-short"]["n_tokens_demo_tokenizer"] < short_tokens or \
+            streams["demo-long"]["n_tokens_demo_tokenizer"] < long_tokens:
         raise SystemExit(f"held-out split too small for streams of {long_tokens} + {short_tokens} tokens: "
                          "raise --heldout-frac")
-    streams = {}
-    for name, topics in parts.items():
-        text = join(topics)
-        streams[name] = {
-            "text": text,
-            "source": f"pydoc_data.topics (Python {platform.python_version()}), held-out split of "
-                      "scripts/train_demo_model.py",
-            "n_chars": len(text),
-            "sha256": sha256_bytes(text.encode("utf-8")),
-            "topics": [key for key, _ in topics],
-            "n_tokens_demo_tokenizer": n_tokens(topics),
-        }
     return streams
 
 
 # ----------------------------------------------------------------------------------------------- model
 def model_config(args, vocab_size: int) -> dict:
     """config.json in the hub's Pythia format: transformers 4.x reads it natively, 5.x converts
-    rotary_pct/rotary_emb_base into rope_parameters on load."""
+    rotary_pct/rotary_emb_base into rope_parameters on load. Dropout is 0 here, as in Pythia's config: the
+    committed model is for evaluation only, so no code path can apply dropout to it by accident; training
+    overrides it with --dropout (recorded in train_config.json)."""
     return {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
@@ -169,6 +184,22 @@ def model_config(args, vocab_size: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def deterministic(seed: int, threads: int):
+    """Fixed seed, deterministic kernels and a fixed thread count, restored afterwards (a test calls main()
+    inside a pytest process, whose other tests must not inherit these settings)."""
+    were_deterministic, old_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(were_deterministic)
+            torch.set_num_threads(old_threads)
+
+
 def lr_at(step: int, args) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < args.warmup_steps:
@@ -177,14 +208,13 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, ids, args) -> list[float]:
-    import torch
-
+def train(model, ids: torch.Tensor, args) -> list[float]:
+    """Batches of random ctx-token windows of the training stream, drawn from a generator seeded by --seed."""
     generator = torch.Generator().manual_seed(args.seed)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]  # biases and LayerNorms
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases and LayerNorms
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=BETAS)
     offsets = torch.arange(args.ctx)
     losses = []
     model.train()
@@ -195,7 +225,7 @@ def train(model, ids, args) -> list[float]:
             group["lr"] = lr_at(step, args)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -205,28 +235,31 @@ def train(model, ids, args) -> list[float]:
     return losses
 
 
-def perplexity(model, ids, ctx: int) -> tuple[float, int]:
-    """PPL over non-overlapping windows of ctx tokens; each window's first token is context only."""
-    import torch
+def scored_windows(ids: torch.Tensor, ctx: int) -> list[torch.Tensor]:
+    """Non-overlapping ctx-token windows; each scores its tokens 1.. from the ones before (one-token
+    windows score nothing and are dropped)."""
+    return [w for w in ids.split(ctx) if len(w) >= 2]
 
+
+def perplexity(model, ids: torch.Tensor, ctx: int) -> tuple[float, int]:
     nll_sum, n = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(ids) - 1, ctx):
-            window = ids[start:start + ctx]
-            if len(window) < 2:
-                break
-            logits = model(input_ids=window[None]).logits[0, :-1].float()
-            logp = torch.log_softmax(logits, dim=-1)
-            nll = -logp.gather(1, window[1:, None]).squeeze(1)
-            nll_sum += nll.double().sum().item()
+        for window in scored_windows(ids, ctx):
+            logp = torch.log_softmax(model(input_ids=window[None]).logits[0, :-1].float(), dim=-1)
+            nll_sum += -logp.gather(1, window[1:, None]).double().sum().item()
             n += len(window) - 1
     return math.exp(nll_sum / n), n
 
 
+def unigram_perplexity(train_ids: torch.Tensor, ids: torch.Tensor, vocab_size: int, ctx: int) -> float:
+    counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1
+    logp = (counts / counts.sum()).log()
+    targets = torch.cat([w[1:] for w in scored_windows(ids, ctx)])
+    return math.exp(-logp[targets].sum().item() / len(targets))
+
+
 def save_weights(model, path: Path) -> None:
     """Save in the hub's Pythia key layout (`embed_out.*`): 4.x loads it as is, 5.x renames it to `lm_head`."""
-    from safetensors.torch import save_file
-
     state = {}
     for key, tensor in model.state_dict().items():
         if key.startswith("lm_head."):
@@ -235,56 +268,50 @@ def save_weights(model, path: Path) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def model_card(cfg: dict, train_cfg: dict, weights_sha: str, size: int) -> str:
-    ev = train_cfg["eval"]
+def model_card(cfg: dict, record: dict) -> str:
+    ev, split, weights = record["eval"], record["split"], record["weights"]
     return f"""# streamkv demo model
 
-A tiny GPT-NeoX (Pythia's architecture: partial rotary, rotary_pct 0.25; parallel residual) trained from
-scratch by `scripts/train_demo_model.py` so that the `demo` profile runs on a laptop CPU without downloads.
-It is a test article for KV-cache eviction experiments, not a useful language model.
+A tiny GPT-NeoX (Pythia's architecture: partial rotary with rotary_pct 0.25, parallel residual, untied
+output head) trained from scratch by `scripts/train_demo_model.py`, so that the `demo` profile runs on a CPU
+without downloads. It is a test article for KV-cache eviction experiments, not a useful language model.
 
-- Corpus: `pydoc_data.topics` of Python {train_cfg['versions']['python']} (the interactive help texts),
-  sorted by key, joined; {train_cfg['corpus']['n_chars']} characters, sha256 `{train_cfg['corpus']['sha256']}`.
-- Split: training = topics `{train_cfg['split']['train_topics'][0]}` .. `{train_cfg['split']['train_topics'][-1]}`
-  ({train_cfg['split']['train_tokens']} tokens); held-out = {', '.join(train_cfg['split']['heldout_topics'])}
-  ({train_cfg['split']['heldout_tokens']} tokens), never trained on; excluded (text repeated in training):
-  {', '.join(train_cfg['split']['excluded_topics']) or 'none'}.
-- Tokenizer: byte-level BPE, vocab {cfg['vocab_size']}, trained with `tokenizers` on the training split only.
-- Model: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} heads,
-  context {cfg['max_position_embeddings']}, {train_cfg['n_parameters']} parameters, stored as float32.
-- Training: {train_cfg['steps']} steps of {train_cfg['batch_size']} x {train_cfg['ctx']} tokens, AdamW lr
-  {train_cfg['lr']} (warm-up {train_cfg['warmup_steps']}, cosine to 10%), seed {train_cfg['seed']},
-  {train_cfg['threads']} CPU threads, {train_cfg['wall_s']} s; final training loss {train_cfg['final_loss']:.4f}.
-- Held-out perplexity ({ev['method']}): {ev['heldout_ppl']:.3f} over {ev['heldout_n']} predicted tokens;
-  demo-short {ev['demo-short_ppl']:.3f} ({ev['demo-short_n']} tokens); demo-long {ev['demo-long_ppl']:.3f}
-  ({ev['demo-long_n']} tokens).
-- Streams: `streams/demo-long.json`, `streams/demo-short.json` (held-out text, with topic provenance).
-- `model.safetensors`: {size} bytes, sha256 `{weights_sha}` (the demo ModelSpec's revision).
+| | |
+|---|---|
+| Corpus | `pydoc_data.topics` of Python {record['versions']['python']}, sorted by key, joined with newlines: {record['corpus']['n_chars']} characters, sha256 `{record['corpus']['sha256']}` |
+| Training split | topics `{split['train_topics'][0]}` .. `{split['train_topics'][-1]}`: {split['train_tokens']} tokens |
+| Held-out split | {', '.join(split['heldout_topics'])}: {split['heldout_tokens']} tokens, never trained on |
+| Excluded | {', '.join(split['excluded_topics']) or 'none'} (their paragraphs also appear in training topics) |
+| Tokenizer | byte-level BPE, vocab {cfg['vocab_size']}, trained with `tokenizers` on the training split only |
+| Model | {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} heads, context {cfg['max_position_embeddings']}, {record['n_parameters']} parameters |
+| Training | {record['steps']} steps of {record['batch_size']} x {record['ctx']} tokens, AdamW lr {record['lr']} (warm-up {record['warmup_steps']}, cosine to 10%), weight decay {record['weight_decay']}, dropout {record['dropout']}, seed {record['seed']}, {record['threads']} CPU threads, {record['train_wall_s']} s |
+| Final training loss | {record['final_loss']:.4f} |
+| **Held-out PPL** | **{ev['heldout_ppl']:.3f}** over {ev['heldout_n']} predicted tokens (add-one unigram of the training split: {ev['heldout_unigram_ppl']:.1f}) |
+| demo-short PPL | {ev['demo-short_ppl']:.3f} over {ev['demo-short_n']} predicted tokens |
+| demo-long PPL | {ev['demo-long_ppl']:.3f} over {ev['demo-long_n']} predicted tokens |
+| `model.safetensors` | {weights['bytes']} bytes, float32, sha256 `{weights['sha256']}` |
 
-Rebuild: `.venv/bin/python scripts/train_demo_model.py` (same Python, torch and thread count give the same
-bytes; another Python version ships different help texts and so a different corpus).
+PPL: {ev['method']}. The same numbers, the full split and all settings are in `train_config.json`; the
+streams (`streams/demo-long.json`, `streams/demo-short.json`) carry their held-out topics and character span.
+
+Weights are stored in float32, the dtype they were trained and evaluated in, so the PPL above belongs to
+these exact bytes (fp16 would add a rounding step for a CPU model that computes in fp32 or fp64 anyway);
+{weights['bytes'] / 1e6:.1f} MB is well under the 12 MB budget. Keys use the hub's Pythia layout
+(`embed_out`), which transformers 4.x loads as is and 5.x renames to `lm_head`.
+
+Rebuild: `.venv/bin/python scripts/train_demo_model.py`. The same Python, torch, thread count and CPU kind
+give the same bytes; another Python version ships different help texts, hence a different corpus.
 """
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import tokenizers
-    import torch
-    import transformers
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    with deterministic(args.seed, args.threads):
+        return _run(args, sys.argv[1:] if argv is None else list(argv))
 
-    # Determinism: fixed seeds, deterministic kernels, a fixed thread count (reductions depend on it), and
-    # a single-threaded tokenizer trainer.
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(args.threads)
+
+def _run(args, argv: list[str]) -> dict:
     t0 = time.perf_counter()
-
     topics = load_topics()
     corpus = join(topics)
     train_topics, heldout, excluded = split_topics(topics, args.heldout_frac)
@@ -293,19 +320,21 @@ def main(argv: list[str] | None = None) -> dict:
     streams = make_streams(heldout, tok, args.short_tokens, args.long_tokens)
 
     cfg = model_config(args, tok.get_vocab_size())
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**cfg))
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**{**cfg, "hidden_dropout": args.dropout,
+                                                   "attention_dropout": args.dropout}))
     train_ids = torch.tensor(tok.encode(train_text).ids)
     heldout_ids = torch.tensor(tok.encode(heldout_text).ids)
     losses = train(model, train_ids, args)
-    wall_s = round(time.perf_counter() - t0, 1)
+    train_wall_s = round(time.perf_counter() - t0, 1)
 
-    ev = {"method": f"non-overlapping {args.ctx}-token windows, first token of each window is context only, "
+    ev = {"method": f"non-overlapping {args.ctx}-token windows, the first token of each is context only, "
                     "fp32 log-softmax, fp64 sum"}
     ev["heldout_ppl"], ev["heldout_n"] = perplexity(model, heldout_ids, args.ctx)
+    ev["heldout_unigram_ppl"] = unigram_perplexity(train_ids, heldout_ids, cfg["vocab_size"], args.ctx)
     for name, stream in streams.items():
         ev[f"{name}_ppl"], ev[f"{name}_n"] = perplexity(model, torch.tensor(tok.encode(stream["text"]).ids), args.ctx)
-    print(f"held-out PPL {ev['heldout_ppl']:.3f}  demo-short {ev['demo-short_ppl']:.3f}  "
-          f"demo-long {ev['demo-long_ppl']:.3f}  ({wall_s} s training incl. tokenizer)", flush=True)
+    print(f"held-out PPL {ev['heldout_ppl']:.3f} (unigram {ev['heldout_unigram_ppl']:.1f})  demo-short "
+          f"{ev['demo-short_ppl']:.3f}  demo-long {ev['demo-long_ppl']:.3f}  ({train_wall_s} s to train)", flush=True)
 
     out = args.out
     (out / "streams").mkdir(parents=True, exist_ok=True)
@@ -314,9 +343,10 @@ def main(argv: list[str] | None = None) -> dict:
     write_tokenizer(tok, out)
     for name, stream in streams.items():
         write_json(out / "streams" / f"{name}.json", stream)
-    train_cfg = {
+    weights = out / "model.safetensors"
+    record = {
         "script": "scripts/train_demo_model.py",
-        "argv": sys.argv[1:] if argv is None else list(argv),
+        "argv": argv,
         "corpus": {"source": "pydoc_data.topics values sorted by key, joined with '\\n'",
                    "n_chars": len(corpus), "sha256": sha256_bytes(corpus.encode("utf-8"))},
         "split": {"rule": f"held-out = shortest tail of sorted topics with >= {args.heldout_frac} of the characters; "
@@ -327,19 +357,21 @@ def main(argv: list[str] | None = None) -> dict:
                   "train_chars": len(train_text), "heldout_chars": len(heldout_text),
                   "train_tokens": len(train_ids), "heldout_tokens": len(heldout_ids)},
         "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "ctx": args.ctx, "lr": args.lr,
-        "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "optimizer": "AdamW(0.9, 0.95)",
-        "grad_clip": 1.0, "threads": args.threads, "deterministic_algorithms": True,
+        "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "dropout": args.dropout,
+        "optimizer": f"AdamW{BETAS}", "grad_clip": GRAD_CLIP, "threads": args.threads,
+        "deterministic_algorithms": True,
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "final_loss": losses[-1], "wall_s": wall_s, "eval": ev,
+        "final_loss": losses[-1], "train_wall_s": train_wall_s, "eval": ev,
+        # streamkv.assets.demo_model_spec() pins this sha256 as the demo ModelSpec's revision.
+        "weights": {"file": weights.name, "dtype": "float32", "bytes": weights.stat().st_size,
+                    "sha256": sha256_bytes(weights.read_bytes())},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
     }
-    write_json(out / "train_config.json", train_cfg)
-    weights_sha = sha256_file(out / "model.safetensors")
-    size = (out / "model.safetensors").stat().st_size
-    (out / "MODEL_CARD.md").write_text(model_card(cfg, train_cfg, weights_sha, size), encoding="utf-8")
-    print(f"wrote {out}: model.safetensors {size} bytes, sha256 {weights_sha}")
-    return {"losses": losses, "eval": ev, "sha256": weights_sha}
+    write_json(out / "train_config.json", record)
+    (out / "MODEL_CARD.md").write_text(model_card(cfg, record), encoding="utf-8")
+    print(f"wrote {out}: {weights.name} {record['weights']['bytes']} bytes, sha256 {record['weights']['sha256']}")
+    return {"losses": losses, "eval": ev, "sha256": record["weights"]["sha256"]}
 
 
 if __name__ == "__main__":

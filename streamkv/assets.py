@@ -1,0 +1,208 @@
+"""Models, tokenizers and token streams, from local files only.
+
+Nothing here ever downloads: hub models are read from the local Hugging Face cache with
+local_files_only=True, demo assets from the repository (data/demo/). A missing or corrupted asset raises
+AssetError, one line that names the command fetching it (`streamkv fetch`, run at image build, where the
+network exists). The CLI prints it without a traceback.
+
+Model names: an existing directory (absolute, or relative to the repository root) is a local checkpoint
+whose revision is the sha256 of its model.safetensors, checked on load; anything else is a hub id at a
+pinned revision.
+
+torch and transformers are imported inside the loaders only: the CLI, the stage planner and the table
+generators use this module's paths and errors and must not pay for (or require) torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from streamkv.spec import DataSpec, ModelSpec, SpecError
+
+if TYPE_CHECKING:
+    import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DIR = REPO / "data" / "demo"
+DEMO_STREAMS = {"demo-long": "data/demo/streams/demo-long.json", "demo-short": "data/demo/streams/demo-short.json"}
+# Architectures committed with the package, so random-weights (timing) runs need no download.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+SYNTHETIC_PREFIX = "synthetic:"
+FETCH_HINT = ("fetch assets with `streamkv fetch` (the image build runs it); "
+              "demo assets are committed under data/demo/")
+
+
+class AssetError(RuntimeError):
+    """A model, tokenizer or stream that is missing or corrupted locally; the CLI prints it as one line."""
+
+
+def _missing(what: str, where) -> AssetError:
+    return AssetError(f"{what} not found: {where}; {FETCH_HINT}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO / p
+
+
+def _relative(path: Path) -> str:
+    """Repository-relative form, so a spec (and its config_hash) does not depend on the checkout location."""
+    try:
+        return path.resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _local_dir(spec: ModelSpec) -> Path | None:
+    path = _resolve(spec.name)
+    return path if path.is_dir() else None
+
+
+# ------------------------------------------------------------------------------------------------ models
+def demo_model_spec(dtype: str = "float32") -> ModelSpec:
+    """The committed demo checkpoint; its revision is the sha256 recorded when it was trained."""
+    train_config = DEMO_DIR / "train_config.json"
+    if not train_config.is_file():
+        raise _missing("demo model training record", train_config)
+    revision = json.loads(train_config.read_text(encoding="utf-8"))["weights"]["sha256"]
+    return ModelSpec(name=_relative(DEMO_DIR), revision=revision, dtype=dtype)
+
+
+def load_config(spec: ModelSpec):
+    """The model's transformers config: the local directory's config.json, the config committed under
+    streamkv/configs/ for known hub models (e.g. pythia-2.8b.json), else the local hub cache."""
+    from transformers import AutoConfig
+
+    local = _local_dir(spec)
+    bundled = CONFIG_DIR / f"{spec.name.rsplit('/', 1)[-1].lower()}.json"
+    if local is not None:
+        source, kwargs = local, {}
+    elif bundled.is_file():
+        source, kwargs = bundled, {}
+    else:
+        source, kwargs = spec.name, {"revision": spec.revision}
+    try:
+        return AutoConfig.from_pretrained(str(source), local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AssetError(f"config of {spec.name}@{spec.revision} not available locally "
+                         f"({_first_line(exc)}); {FETCH_HINT}") from None
+
+
+def load_model(spec: ModelSpec, device="cpu"):
+    """The model in eval mode on `device`, in spec.dtype. random_weights=True: the architecture from
+    load_config with weights drawn after torch.manual_seed(0) (timing runs only; nothing is read)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, spec.dtype)
+    if spec.random_weights:
+        config = load_config(spec)
+        torch.manual_seed(0)
+        with torch.device(device):  # initialise in place: a 2.8B model never round-trips through the host
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.eval()
+
+    local = _local_dir(spec)
+    if local is not None:
+        weights = local / "model.safetensors"
+        if not weights.is_file():
+            raise _missing("model weights", weights)
+        actual = sha256_file(weights)
+        if actual != spec.revision:
+            raise AssetError(f"{weights} has sha256 {actual}, but the model spec pins {spec.revision}; "
+                             f"the file is corrupted or from another training run; {FETCH_HINT}")
+        source, kwargs = str(local), {}
+    else:
+        source, kwargs = spec.name, {"revision": spec.revision}
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
+                                                           output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AssetError(f"model {spec.name}@{spec.revision} not available locally ({_first_line(exc)}); "
+                         f"{FETCH_HINT}") from None
+    # transformers fills absent weights with random values and only warns; a half-loaded model would give
+    # plausible-looking wrong numbers, so any key mismatch is fatal.
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise AssetError(f"model {spec.name}@{spec.revision} does not match its architecture: {problems}")
+    return model.to(device).eval()
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    local = _local_dir(spec)
+    source, kwargs = (str(local), {}) if local is not None else (spec.name, {"revision": spec.revision})
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AssetError(f"tokenizer of {spec.name}@{spec.revision} not available locally "
+                         f"({_first_line(exc)}); {FETCH_HINT}") from None
+
+
+# ----------------------------------------------------------------------------------------------- streams
+def synthetic_path(seed: int, vocab_size: int) -> str:
+    """Stream path of seeded random token ids, for random-weights timing runs (no text, no tokenizer)."""
+    return f"{SYNTHETIC_PREFIX}{seed}:{vocab_size}"
+
+
+def _synthetic(name: str, path: str, max_tokens: int | None) -> tuple[torch.Tensor, DataSpec]:
+    import torch
+
+    try:
+        seed, vocab_size = (int(x) for x in path[len(SYNTHETIC_PREFIX):].split(":"))
+    except ValueError:
+        raise SpecError(f"synthetic stream path must be 'synthetic:<seed>:<vocab>', got {path!r}") from None
+    if max_tokens is None or max_tokens < 2:
+        raise SpecError(f"synthetic stream {name!r} needs a token count >= 2 (--max-eval-tokens)")
+    ids = torch.randint(0, vocab_size, (max_tokens,), generator=torch.Generator().manual_seed(seed))
+    sha = hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()  # the ids stand in for text
+    return ids, DataSpec(name=name, path=path, sha256=sha, n_tokens=max_tokens)
+
+
+def load_stream(name: str, path: str, tokenizer, max_tokens: int | None = None) -> tuple[torch.Tensor, DataSpec]:
+    """Token ids (LongTensor [n]) of a stream file and its DataSpec.
+
+    The file is JSON {"text", "source", "n_chars", "sha256"} (+ provenance); the text must match its
+    recorded sha256. Tokenized without special tokens; truncated to max_tokens (None: the whole stream);
+    asking for more tokens than the stream has is an error, never a silently shorter run.
+    """
+    import torch
+
+    if path.startswith(SYNTHETIC_PREFIX):
+        return _synthetic(name, path, max_tokens)
+    file = _resolve(path)
+    if not file.is_file():
+        raise _missing(f"stream {name!r}", file)
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+        text, recorded = record["text"], record["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AssetError(f"stream file {file} is not a valid stream JSON ({_first_line(exc)}); {FETCH_HINT}") from None
+    actual = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if actual != recorded or record.get("n_chars", len(text)) != len(text):
+        raise AssetError(f"stream file {file}: text sha256 {actual} ({len(text)} chars) does not match the "
+                         f"recorded {recorded} ({record.get('n_chars')} chars); the file was modified; {FETCH_HINT}")
+    # verbose=False: long streams exceed model_max_length by design; the engines handle the length.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if max_tokens is not None:
+        if len(ids) < max_tokens:
+            raise SpecError(f"stream {name!r} has {len(ids)} tokens, fewer than the {max_tokens} asked for")
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long), DataSpec(name=name, path=_relative(file), sha256=actual,
+                                                         n_tokens=len(ids))
