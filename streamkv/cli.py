@@ -1,0 +1,227 @@
+"""`streamkv`: the click group of every stage (entry point `streamkv = streamkv.cli:main`).
+
+Knobs come from the environment and `.env` (streamkv.settings); the flags of a command win over both.
+Any error a user can fix (a bad knob, a missing asset, a stage that cannot proceed) ends the command with
+one line on stderr, `streamkv: error: ...`, and exit code 2, before any result JSON is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from . import fingerprint, settings as settings_mod, stages
+from .assets import AssetError
+from .bench import bench_command, run_bench
+from .fetch import FetchError, fetch_command, verify_assets_command
+from .mit import mit_reference_command, run_mit_reference
+from .paper import PaperError, build_pdf, pdf_command
+from .settings import SettingsError
+from .spec import MeasureSpec, PolicySpec, RunSpec, SpecError
+
+USER_ERRORS = (SpecError, SettingsError, AssetError, FetchError, PaperError, stages.StageError)
+GENERATED = Path("NeurIPS/generated")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as err:
+            click.echo(f"streamkv: error: {' '.join(str(err).split())}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group)
+def main() -> None:
+    """Reproducible KV-cache eviction experiments: StreamingLLM Start+Recent vs Lazy Pruning."""
+
+
+def _knob_options(f):
+    """Flags shared by the stage commands; each overrides its environment / .env knob."""
+    options = [
+        click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE, default demo]"),
+        click.option("-f", "--force", is_flag=True, default=None,
+                     help="Recompute every point, the baseline included  [env FORCE]"),
+        click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]"),
+        click.option("--cap-total", type=int, default=None, help="KV budget C of auto-cap  [env CAP_TOTAL]"),
+        click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 0]"),
+        click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 1]"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(**flags) -> settings_mod.Settings:
+    loaded = settings_mod.load(overrides=flags)
+    settings_mod.export_hf_home(loaded)
+    return loaded
+
+
+def _stage_command(name: str, help_text: str):
+    @_knob_options
+    def command(**flags) -> None:
+        stages.run_stages(_settings(**flags), [name])
+
+    return click.command(name, help=help_text)(command)
+
+
+for _name, _help in (("main", "Main results: baseline (reused) + Start+Recent + Lazy Pruning, both datasets."),
+                     ("ablations", "Lazy Pruning ablation ladder on the long dataset."),
+                     ("sweeps", "R sweep (σ and δ too with RUN_QUALITY_HEURISTICS=1) on the long dataset.")):
+    main.add_command(_stage_command(_name, _help))
+
+
+@main.command()
+@_knob_options
+@click.option("--runs", type=int, default=None,
+              help="Timed repeats to average (default: keep the stored baseline, else 1)")
+def baseline(runs: int | None, **flags) -> None:
+    """The fixed sliding-window-recompute baseline, written once and reused."""
+    stages.run_stages(_settings(**flags), ["baseline"], runs=runs)
+
+
+@main.command()
+@_knob_options
+@click.option("--random-weights", is_flag=True, help="Refused: the paper's perplexities need the real weights.")
+@click.option("--pdf/--no-pdf", default=True, help="Build the PDF afterwards when latexmk exists.")
+def paper(random_weights: bool, pdf: bool, **flags) -> None:
+    """Every stage (RUN_ABLATIONS / RUN_SWEEPS switch some off, RUN_MIT_REFERENCE / RUN_MIT_BENCH add
+    the optional ones), the tables, then the PDF."""
+    if random_weights:
+        raise SpecError("the paper stage refuses --random-weights: its perplexities would be meaningless")
+    s = _settings(**flags)
+    stages.run_stages(s, stages.paper_stages(s))
+    # The MIT reference is an optional sanity check (the guide: it may crash on GPT-NeoX): its failures
+    # are reported by the stage and do not stop the paper.
+    if s.run_mit_reference:
+        run_mit_reference(s)
+    if s.run_mit_bench:
+        run_bench(s)
+    _write_tables(s, GENERATED)
+    if pdf and shutil.which("latexmk"):
+        click.echo(build_pdf())
+    elif pdf:
+        click.echo("pdf: skipped, latexmk not found (`make pdf` installs TeX Live)", err=True)
+
+
+def _write_tables(s: settings_mod.Settings, out_dir: Path) -> None:
+    report = stages.write_tables(s, out_dir)
+    click.echo(report.text)
+    click.echo(f"wrote {', '.join(str(p) for p in report.written)}", err=True)
+    for slot in report.stale:
+        state = "shown, marked †" if s.allow_stale_results else "not shown (ALLOW_STALE_RESULTS=0)"
+        click.echo(f"stale result: {slot} ({state})", err=True)
+    for problem in report.problems:
+        click.echo(f"skipped: {problem}", err=True)
+
+
+@main.command()
+@click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE]")
+@click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=GENERATED, show_default=True)
+def tables(profile: str | None, results_dir: str | None, out_dir: Path) -> None:
+    """Rewrite NeurIPS/generated/*.tex from results/ and print the tables (never loads a model)."""
+    _write_tables(_settings(profile=profile, results_dir=results_dir), out_dir)
+
+
+@click.command()
+@click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE]")
+@click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
+def status(profile: str | None, results_dir: str | None) -> None:
+    """Every planned point: current, missing, stale, or unknown (stream never tokenized here)."""
+    rows, problems = stages.status(_settings(profile=profile, results_dir=results_dir))
+    click.echo(tabulate(rows, headers=("slot", "state", "engine")))
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+
+
+main.add_command(status)
+main.add_command(status, name="ls")
+
+
+@main.command("fingerprint")
+def fingerprint_command() -> None:
+    """This machine's environment fingerprint, as results record it."""
+    click.echo(json.dumps(fingerprint.collect(), indent=2))
+
+
+@main.command()
+@click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE]")
+@click.option("--dataset", default=None, help="A dataset of the profile  [default: its long one]")
+@click.option("--mode", default="streaming", show_default=True, help="baseline | streaming")
+@click.option("--n-sink", type=int, default=None, help="S  [default: the profile's; baseline: BASELINE_SINK]")
+@click.option("--window-size", type=int, default=None, help="W  [default: auto-cap from --cap-total]")
+@click.option("--compress-every", type=int, default=None, help="R, 0 = never prune  [default: the profile's lazy R]")
+@click.option("--cache-slack", type=int, default=None, help="σ  [default: the profile's]")
+@click.option("--max-drop", type=int, default=None, help="δ  [default: the profile's]")
+@click.option("--overlap", type=int, default=0, show_default=True, help="O")
+@click.option("--refresh-budget", type=int, default=0, show_default=True, help="B")
+@click.option("--refresh-policy", default="none", show_default=True, help="none | uniform | middle")
+@click.option("--cap-total", type=int, default=None, help="C  [env CAP_TOTAL, default: the profile's]")
+@click.option("--position-mode", default="cache", show_default=True, help="cache | absolute")
+@click.option("--rerotation", default="exact", show_default=True, help="exact | composed_fp16")
+@click.option("--engine", default=None, help="decode | reference | parallel  [default: as the stages choose]")
+@click.option("--dtype", default=None, help="float16 | bfloat16 | float32 | float64  [default: the profile's]")
+@click.option("--max-eval-tokens", type=int, default=None, help="[default: the dataset's evaluation length]")
+@click.option("--random-weights", is_flag=True, help="Timing only: weights drawn from a fixed seed (recorded).")
+@click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 0]")
+@click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 1]")
+@click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Result JSON path  [default: results/runs/<dataset>/<hash>.json]")
+def run(**o) -> None:
+    """One evaluation with explicit knobs (always computed, never reused)."""
+    s = _settings(profile=o["profile"], cap_total=o["cap_total"], warmup_runs=o["warmup_runs"],
+                  repeat_runs=o["repeat_runs"], results_dir=o["results_dir"])
+    ctx = stages.context(s, tokenize=False, random_weights=o["random_weights"])
+    p = ctx.profile
+    dataset = p.dataset(o["dataset"] or p.long.name)
+    if o["max_eval_tokens"] is not None:
+        dataset = dataclasses.replace(dataset, max_tokens=o["max_eval_tokens"])
+    model = dataclasses.replace(ctx.model, dtype=o["dtype"] or ctx.model.dtype)
+    policy = _run_policy(o, p)
+    if o["mode"] == "baseline":
+        engine = "recompute"
+    else:
+        realisable = stages.parallel_realises(policy, o["position_mode"], o["rerotation"])
+        engine = o["engine"] or ("parallel" if ctx.parallel and realisable else "decode")
+        if engine == "parallel" and not (realisable and stages.engine_installed("parallel")):
+            raise SpecError("the parallel engine is not installed or cannot realise this point "
+                            "(refresh tokens, or composed_fp16 re-rotation): use --engine decode")
+    measure = stages.measure(ctx, engine) if o["mode"] != "baseline" else MeasureSpec(s.warmup_runs, s.repeat_runs)
+    # Validate every knob before the stream is tokenized or a model is loaded.
+    probe = RunSpec(model=model, data=None, mode=o["mode"], policy=policy, position_mode=o["position_mode"],
+                    rerotation=o["rerotation"], engine=engine, device=p.device, measure=measure)
+    data = stages.resolve_data(p, dataset, ctx.store, tokenize=True)
+    spec = dataclasses.replace(probe, data=data)
+    from .runner import Runner  # loads torch and the engines: only once the knobs are known to be valid
+
+    path = Runner(ctx.store).run(f"runs/{dataset.name}/{spec.config_hash()[:12]}", spec, output=o["output"])
+    click.echo(str(path))
+
+
+def _run_policy(o: dict, p) -> PolicySpec:
+    if o["mode"] == "baseline":
+        if o["n_sink"] is None and o["window_size"] is None:
+            return p.baseline_policy()
+        sink = p.baseline_sink if o["n_sink"] is None else o["n_sink"]
+        return PolicySpec(n_sink=sink, window=o["window_size"] or p.cap_total - sink)
+    knobs = dict(n_sink=p.n_sink if o["n_sink"] is None else o["n_sink"],
+                 compress_every=p.lazy_r if o["compress_every"] is None else o["compress_every"],
+                 cache_slack=p.cache_slack if o["cache_slack"] is None else o["cache_slack"],
+                 max_drop=p.max_drop if o["max_drop"] is None else o["max_drop"],
+                 overlap=o["overlap"], refresh_budget=o["refresh_budget"], refresh_policy=o["refresh_policy"])
+    if o["window_size"] is not None:
+        return PolicySpec(window=o["window_size"], **knobs)
+    return PolicySpec.auto_cap(p.cap_total, **knobs)
+
+
+# Commands owned by their feature modules (docs/ARCHITECTURE.md, "CLI ownership").
+for _command in (fetch_command, verify_assets_command, mit_reference_command, bench_command, pdf_command):
+    main.add_command(_command)

@@ -1,0 +1,149 @@
+"""Execute one RunSpec: load, evaluate, measure, and hand the result to the store.
+
+Which engine produces which number:
+- perplexity: spec.engine (recompute for the baseline; decode, reference or parallel for streaming);
+- timing: the same run when that engine decodes token by token (decode, recompute); otherwise the decode
+  engine on the first CAP + measure.timing_tokens tokens of the stream (the whole stream when 0), because
+  only real token-by-token decoding has a TPOT. The result's "engines" key records both.
+Timing runs: WARMUP_RUNS untimed, then REPEAT_RUNS timed; timings are their mean (TPOT also its population
+std). Perplexity comes from one evaluation: the engines are deterministic, repeats only re-time them.
+"""
+from __future__ import annotations
+
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import assets, engines, fingerprint, metrics
+from .policies import build_schedule
+from .profiles import SELF_TIMED_ENGINES
+from .spec import RunSpec, SpecError
+from .store import Store, nll_bytes
+
+
+class Runner:
+    """Runs specs one after another, keeping the last model loaded: a stage runs many points on one."""
+
+    def __init__(self, store: Store, *, progress: bool = True):
+        self.store = store
+        self.progress = progress
+        self._loaded: tuple | None = None          # (ModelSpec, device, model, tokenizer)
+        self._fingerprint: dict | None = None
+
+    def _model(self, spec: RunSpec):
+        if self._loaded is None or self._loaded[:2] != (spec.model, spec.device):
+            self._loaded = None  # drop the old model before loading the next: two may not fit at once
+            model = assets.load_model(spec.model, spec.device)
+            self._loaded = (spec.model, spec.device, model, assets.load_tokenizer(spec.model))
+        return self._loaded[2], self._loaded[3]
+
+    def _stream(self, spec: RunSpec, tokenizer) -> torch.Tensor:
+        ids, data = assets.load_stream(spec.data.name, spec.data.path, tokenizer, spec.data.n_tokens)
+        if data != spec.data:
+            raise SpecError(f"stream {spec.data.name} changed since it was planned ({data} vs {spec.data}); "
+                            "run the stage again")
+        return ids
+
+    def run(self, slot: str, spec: RunSpec, *, output: Path | None = None) -> Path:
+        """Evaluate `spec`, write its result for `slot` (at `output` if given) and return the JSON path."""
+        if spec.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SpecError(f"device {spec.device} requested but torch sees no CUDA device "
+                            "(use --profile demo on a machine without a GPU)")
+        model, tokenizer = self._model(spec)
+        ids = self._stream(spec, tokenizer)
+        torch.manual_seed(spec.seed)
+        schedule = None if spec.mode == "baseline" else build_schedule(spec.policy, len(ids))
+        quality, timed, timing_engine = self._evaluate(model, ids, spec, schedule)
+        # Every method must score the same tokens (DESIGN: honest numbers); an engine that does not is a bug.
+        if quality.nll.numel() != len(ids) - 1:
+            raise RuntimeError(f"engine {spec.engine} scored {quality.nll.numel()} tokens, expected {len(ids) - 1}")
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint.collect()
+        result = {
+            "kind": "run",
+            "slot": slot,
+            "config_hash": spec.config_hash(),
+            "spec": spec.to_dict(),
+            # The loaded weights' dtype, as torch spells it: compare() reads it as a dtype.
+            "fingerprint": {**self._fingerprint, "dtype": str(next(model.parameters()).dtype)},
+            "metrics": _metrics(spec, model.config, schedule, quality, timed),
+            "engines": {"perplexity": quality.engine, "timing": timing_engine},
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        repeats = [_timing(r) for r in timed]
+        return self.store.write(result, nll=nll_bytes(quality.nll.float().tolist()),
+                                # recompute keeps no cache between steps, so it has no curve to record
+                                cache_len=list(quality.cache_len_after_step) or None, repeats=repeats, path=output)
+
+    def _evaluate(self, model, ids: torch.Tensor, spec: RunSpec, schedule):
+        """(EngineResult giving the perplexity, timed EngineResults, timing engine name)."""
+        m = spec.measure
+        if spec.mode == "baseline":
+            recompute = engines.get("recompute")
+
+            def once(progress: bool):
+                return recompute(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, progress=progress)
+        else:
+            evaluate = engines.get(spec.engine)
+
+            def once(progress: bool):
+                return evaluate(model, ids, schedule, position_mode=spec.position_mode, rerotation=spec.rerotation,
+                                loss_dtype=spec.loss_dtype, progress=progress)
+        if spec.engine in SELF_TIMED_ENGINES:
+            runs = [once(self.progress and k == 0) for k in range(m.warmup_runs + m.repeat_runs)]
+            return runs[m.warmup_runs], runs[m.warmup_runs:], spec.engine
+
+        quality = once(self.progress)
+        n_timing = len(ids) if m.timing_tokens == 0 else min(len(ids), spec.policy.cap_total + m.timing_tokens + 1)
+        timing_schedule = build_schedule(spec.policy, n_timing)
+        decode = engines.get("decode")
+        runs = [decode(model, ids[:n_timing], timing_schedule, position_mode=spec.position_mode,
+                       rerotation=spec.rerotation, loss_dtype=spec.loss_dtype, progress=False)
+                for _ in range(m.warmup_runs + m.repeat_runs)]
+        return quality, runs[m.warmup_runs:], "decode"
+
+
+def _timing(r) -> dict:
+    return {"ttft_ms": r.ttft_ms, "tpot_ms": r.tpot_ms, "wall_s": r.wall_s}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def _peak_memory(timed) -> dict | None:
+    """Per phase, the largest peak over the timed runs; None on CPU."""
+    peaks = [r.peak_memory_mb for r in timed if r.peak_memory_mb]
+    if not peaks:
+        return None
+    return {phase: max(p[phase] for p in peaks if phase in p) for phase in peaks[0]}
+
+
+def _metrics(spec: RunSpec, config, schedule, quality, timed) -> dict:
+    ppl, nll_sum, n = metrics.perplexity(quality.nll)
+    if schedule is None:
+        # The baseline keeps no cache between steps: each forward holds the KV of one cap-long window.
+        max_cached, max_visible, n_prunes = spec.policy.cap_total, spec.policy.cap_total, 0
+    else:
+        max_cached, max_visible, n_prunes = (max(schedule.cache_len_after_step), schedule.max_visible,
+                                             schedule.n_prunes)
+    tpots = [r.tpot_ms for r in timed]
+    out = {
+        "perplexity": ppl,
+        "nll_sum": nll_sum,
+        "n_predicted_tokens": n,
+        "ttft_ms": _mean([r.ttft_ms for r in timed]),
+        "tpot_ms": _mean(tpots),
+        "tpot_ms_std": None if _mean(tpots) is None else statistics.pstdev(tpots),
+        "wall_s": _mean([r.wall_s for r in timed]),
+        "peak_memory_mb": _peak_memory(timed),
+        "kv_cache_bytes": metrics.kv_cache_bytes(config, max_cached, spec.model.dtype),
+        "max_cached_tokens": max_cached,
+        "max_visible_tokens": max_visible,
+        "n_prunes": n_prunes,
+        "repeat_runs": [_timing(r) for r in timed],
+    }
+    out["tokens_per_s"] = 1000.0 / out["tpot_ms"] if out["tpot_ms"] else None
+    return out

@@ -1,0 +1,209 @@
+"""Knobs from the environment, `.env` and CLI flags, typed and checked once.
+
+Precedence: CLI flags > environment > `.env` > defaults (the profile's, where a knob has none of its own).
+
+`.env` is read as KEY=VALUE lines, the way the seed guide writes it (`# comments`, optional `export `,
+single or double quotes, `$VAR` / `${VAR}` from the environment or earlier lines, so the guide's
+`HF_HOME=$PWD/.cache/huggingface` works). It is never run as shell: `$(...)` and backticks are refused
+with an error rather than left as text that would look like it worked. Keys we do not know (the guide's
+HF_HUB_OFFLINE, ...) are ignored.
+
+Deliberate change from the seed: ALLOW_STALE_RESULTS defaults to 0. The seed's default 1 reused results
+whose parameters had changed and mixed σ=16 and σ=0 rows into one sweep table; here a stale result is
+recomputed, or with ALLOW_STALE_RESULTS=1 kept but marked and listed, never used silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+class SettingsError(ValueError):
+    """A knob with a value we cannot use; the CLI prints it as one line."""
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _ints(name: str, raw: str) -> tuple[int, ...]:
+    values = tuple(_int(name, part) for part in raw.split())
+    if not values:
+        raise SettingsError(f"{name} must list at least one integer, got {raw!r}")
+    return values
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the seed guide. None means "the profile decides" (see streamkv.profiles)."""
+
+    profile: str = "demo"                        # STREAMKV_PROFILE; the container image sets paper
+    cap_total: int | None = None                 # CAP_TOTAL: the KV budget C of the auto-cap rule
+    warmup_runs: int = 0
+    repeat_runs: int = 1
+    run_sweeps: bool = True
+    run_ablations: bool = True
+    run_quality_heuristics: bool = False         # Slack/Max_Drop ablations and the σ/δ sweeps
+    sweep_r_values: tuple[int, ...] | None = None
+    sweep_sigma_values: tuple[int, ...] | None = None
+    sweep_delta_values: tuple[int, ...] | None = None
+    allow_stale_results: bool = False            # the seed defaulted to 1; see the module docstring
+    strict_baseline_check: bool = False          # fingerprint mismatch on a reused baseline: re-run it
+    auto_baseline: bool = True                   # generate a missing baseline instead of failing
+    run_mit_reference: bool = False
+    run_mit_bench: bool = False
+    mit_bench_gen_tokens: int = 512
+    mit_repo: str | None = None                  # a checkout of mit-han-lab/streaming-llm
+    baseline_sink: int | None = None             # the baseline records S/W only to state its cap
+    baseline_window: int | None = None
+    model_name: str | None = None
+    python_bin: str = sys.executable             # the interpreter that runs MIT's scripts
+    hf_home: str | None = None
+    pg19_sample_file: str | None = None
+    pg19_sample_length: int | None = None
+    wikitext_sample_length: int | None = None
+    force: bool = False                          # recompute every point (and the baseline)
+    results_dir: str = "results"
+
+    def __post_init__(self) -> None:
+        at_least = {"cap_total": 1, "warmup_runs": 0, "repeat_runs": 1, "mit_bench_gen_tokens": 1,
+                    "baseline_sink": 0, "baseline_window": 1, "pg19_sample_length": 1,
+                    "wikitext_sample_length": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise SettingsError(f"{_ENV_OF[name]} must be >= {low}, got {value}")
+        for name in ("sweep_r_values", "sweep_sigma_values", "sweep_delta_values"):
+            values = getattr(self, name)
+            if values is not None and min(values) < 0:
+                raise SettingsError(f"{_ENV_OF[name]} must be >= 0, got {' '.join(map(str, values))}")
+
+
+# Environment name -> (Settings field, parser of the raw string).
+KNOBS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "STREAMKV_PROFILE": ("profile", _str),
+    "CAP_TOTAL": ("cap_total", _int),
+    "WARMUP_RUNS": ("warmup_runs", _int),
+    "REPEAT_RUNS": ("repeat_runs", _int),
+    "RUN_SWEEPS": ("run_sweeps", _bool),
+    "RUN_ABLATIONS": ("run_ablations", _bool),
+    "RUN_QUALITY_HEURISTICS": ("run_quality_heuristics", _bool),
+    "SWEEP_R_VALUES": ("sweep_r_values", _ints),
+    "SWEEP_SIGMA_VALUES": ("sweep_sigma_values", _ints),
+    "SWEEP_DELTA_VALUES": ("sweep_delta_values", _ints),
+    "ALLOW_STALE_RESULTS": ("allow_stale_results", _bool),
+    "STRICT_BASELINE_CHECK": ("strict_baseline_check", _bool),
+    "AUTO_BASELINE": ("auto_baseline", _bool),
+    "RUN_MIT_REFERENCE": ("run_mit_reference", _bool),
+    "RUN_MIT_BENCH": ("run_mit_bench", _bool),
+    "MIT_BENCH_GEN_TOKENS": ("mit_bench_gen_tokens", _int),
+    "MIT_REPO": ("mit_repo", _str),
+    "BASELINE_SINK": ("baseline_sink", _int),
+    "BASELINE_WINDOW": ("baseline_window", _int),
+    "MODEL_NAME": ("model_name", _str),
+    "PYTHON_BIN": ("python_bin", _str),
+    "HF_HOME": ("hf_home", _str),
+    "PG19_SAMPLE_FILE": ("pg19_sample_file", _str),
+    "PG19_SAMPLE_LENGTH": ("pg19_sample_length", _int),
+    "WIKITEXT_SAMPLE_LENGTH": ("wikitext_sample_length", _int),
+    "FORCE": ("force", _bool),
+    "RESULTS_DIR": ("results_dir", _str),
+}
+_ENV_OF = {field: env for env, (field, _) in KNOBS.items()}
+
+_LINE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+_VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _expand(value: str, scope: Mapping[str, str], where: str) -> str:
+    if "$(" in value or "`" in value:
+        raise SettingsError(f"{where}: command substitution is not supported (.env is read as KEY=VALUE, "
+                            "never run as shell)")
+
+    def substitute(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        if name in scope:
+            return scope[name]
+        if name == "PWD":  # a shell always has it; a process started by make or CI may not
+            return os.getcwd()
+        raise SettingsError(f"{where}: ${name} is not set")
+
+    return _VAR.sub(substitute, value)
+
+
+def _unquote(raw: str, where: str) -> tuple[str, bool]:
+    """(value, expand?): single quotes are literal, double quotes and bare values expand $VAR."""
+    raw = raw.strip()
+    if raw[:1] in ("'", '"'):
+        quote = raw[0]
+        end = raw.find(quote, 1)
+        rest = raw[end + 1:].strip() if end > 0 else None
+        if end < 0 or (rest and not rest.startswith("#")):
+            raise SettingsError(f"{where}: unbalanced {quote} quote")
+        return raw[1:end], quote == '"'
+    # As in shell, `#` starts a comment only at the start of a word.
+    return re.split(r"\s+#", raw, maxsplit=1)[0].strip(), True
+
+
+def parse_dotenv(text: str, environ: Mapping[str, str], source: str = ".env") -> dict[str, str]:
+    """KEY=VALUE pairs of a .env file, with `$VAR` taken from `environ` or earlier lines."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        where = f"{source} line {number}"
+        match = _LINE.match(stripped)
+        if not match:
+            raise SettingsError(f"{where}: expected KEY=VALUE, got {stripped!r}")
+        key, raw = match.groups()
+        value, expand = _unquote(raw, where)
+        values[key] = _expand(value, {**values, **environ}, where) if expand else value
+    return values
+
+
+def load(*, environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"),
+         overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from `.env` (if the file exists), then `environ`, then `overrides` (Settings field names
+    with typed values, as click hands them over; None means the flag was not given)."""
+    environ = os.environ if environ is None else environ
+    file_values = {}
+    if dotenv is not None and dotenv.is_file():
+        file_values = parse_dotenv(dotenv.read_text(encoding="utf-8"), environ, str(dotenv))
+    fields: dict[str, Any] = {}
+    for env, (field, parse) in KNOBS.items():
+        raw = environ.get(env, file_values.get(env))
+        if raw is not None and raw.strip() != "":  # an empty value means "unset", as in the seed script
+            fields[field] = parse(env, raw)
+    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = set(fields) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise TypeError(f"not a Settings field: {sorted(unknown)}")
+    return Settings(**fields)
+
+
+def export_hf_home(settings: Settings) -> None:
+    """Make HF_HOME from `.env` visible to the Hugging Face libraries, which read only os.environ."""
+    if settings.hf_home:
+        os.environ["HF_HOME"] = settings.hf_home

@@ -1,0 +1,353 @@
+"""Stages: plan experiment points from the profile and the knobs, compute what is missing, report.
+
+A plan is a list of Points (slot, RunSpec). Slots (docs/ARCHITECTURE.md):
+  baselines/{dataset}                      the fixed sliding-window-recompute baseline, both datasets
+  main/{dataset}/{strict,lazy}             both datasets
+  ablations/{long}/{label}                 the profile's ladder on the long dataset
+  sweeps/{long}/{R,sigma,delta}={v}        R always; σ and δ with RUN_QUALITY_HEURISTICS=1
+
+Execution, per point: reuse a result with the planned config_hash; copy one that another slot holds with
+the same hash (the R=64 sweep point is the main lazy point); otherwise compute it. A stale result (same
+slot, other hash) is recomputed, or kept under ALLOW_STALE_RESULTS=1; either way it is listed. Results
+are written one by one, atomically, so after a kill -9 a re-run computes only the points not yet written.
+
+The baseline is reused across runs whatever REPEAT_RUNS says (only `baseline --runs N` asks for another
+count); on reuse its fingerprint is compared with this machine's: a warning, or a re-run under
+STRICT_BASELINE_CHECK=1. The other stages need it: a missing one is generated when AUTO_BASELINE=1.
+
+The tables and status paths plan without tokenizing (no model, no torch of ours): each stream's DataSpec
+comes from the stream index that computing stages write (results/streams/{dataset}.json), valid while the
+stream file, the model and the token budget are those it was made for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import assets, engines, figures, fingerprint, profiles, tables
+from .profiles import SELF_TIMED_ENGINES, Dataset, Profile, Variant
+from .settings import Settings
+from .spec import DataSpec, MeasureSpec, RunSpec
+from .store import Store, atomic_write
+
+INDEX_ENTRIES = 8
+
+
+class StageError(ValueError):
+    """A stage that cannot proceed as configured; the CLI prints it as one line."""
+
+
+@dataclass(frozen=True)
+class Point:
+    slot: str
+    spec: RunSpec | None      # None: the dataset's DataSpec is unknown (planning without tokenizing)
+
+
+@dataclass
+class Context:
+    settings: Settings
+    profile: Profile
+    store: Store
+    data: dict[str, DataSpec | None]
+    parallel: bool             # the parallel engine is installed
+    random_weights: bool = False
+
+    @property
+    def model(self):
+        return dataclasses.replace(self.profile.model, random_weights=self.random_weights)
+
+
+def _say(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ stream index
+def _index_key(profile: Profile, dataset: Dataset) -> dict | None:
+    file = Path(dataset.path) if Path(dataset.path).is_absolute() else assets.REPO / dataset.path
+    if not file.is_file():
+        return None
+    return {"path": dataset.path, "file_sha256": assets.sha256_file(file), "max_tokens": dataset.max_tokens,
+            "model": [profile.model.name, profile.model.revision]}
+
+
+def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: bool) -> DataSpec | None:
+    """The dataset's DataSpec: from the stream index when it is valid, else by tokenizing (if allowed)."""
+    index = store.root / "streams" / f"{dataset.name}.json"
+    key = _index_key(profile, dataset)
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))["entries"]
+        for entry in entries:
+            if key is not None and entry["key"] == key:
+                return DataSpec(**entry["data"])
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = []  # absent or unreadable: the index is a cache, never a source of truth
+    if not tokenize:
+        return None
+    tokenizer = assets.load_tokenizer(profile.model)
+    _, data = assets.load_stream(dataset.name, dataset.path, tokenizer, dataset.max_tokens)
+    if key is not None:
+        # A few entries, newest last: `run --max-eval-tokens` must not evict the stages' entry.
+        entries = entries[-(INDEX_ENTRIES - 1):] + [{"key": key, "data": dataclasses.asdict(data)}]
+        atomic_write(index, json.dumps({"entries": entries}, indent=2).encode())
+    return data
+
+
+def engine_installed(name: str) -> bool:
+    """Registered in streamkv.engines (an engine that is registered but fails to import is a bug: raised)."""
+    try:
+        engines.get(name)
+    except ValueError:
+        return False
+    return True
+
+
+def context(settings: Settings, *, tokenize: bool, random_weights: bool = False,
+            profile: Profile | None = None) -> Context:
+    profile = profile or profiles.resolve(settings)
+    store = Store(settings.results_dir)
+    data = {d.name: resolve_data(profile, d, store, tokenize=tokenize) for d in profile.datasets}
+    parallel = profile.perplexity_engine == "parallel" and engine_installed("parallel")
+    if profile.perplexity_engine == "parallel" and not parallel:
+        _say("note: the parallel engine is not installed; perplexity comes from the decode engine "
+             "(each result's spec records its engine)")
+    return Context(settings, profile, store, data, parallel, random_weights)
+
+
+# ----------------------------------------------------------------------------------------------- plans
+def parallel_realises(policy, position_mode: str, rerotation: str) -> bool:
+    # The parallel engine's own limits (it raises ParallelUnsupported otherwise): one contiguous recent run
+    # (no refresh tokens), and exact re-rotation, since composed fp16 drift only exists in decoding.
+    return policy.refresh_budget == 0 and (position_mode == "absolute" or rerotation == "exact")
+
+
+def measure(ctx: Context, engine: str) -> MeasureSpec:
+    s = ctx.settings
+    return MeasureSpec(warmup_runs=s.warmup_runs, repeat_runs=s.repeat_runs,
+                       timing_tokens=ctx.profile.timing_tokens if engine not in SELF_TIMED_ENGINES else 0)
+
+
+def streaming_spec(ctx: Context, dataset: Dataset, variant: Variant) -> RunSpec | None:
+    policy = ctx.profile.policy(variant)   # a bad knob fails here, with or without the DataSpec
+    data = ctx.data[dataset.name]
+    if data is None:
+        return None
+    realisable = parallel_realises(policy, variant.position_mode, variant.rerotation)
+    engine = "parallel" if ctx.parallel and realisable else "decode"
+    return RunSpec(model=ctx.model, data=data, mode="streaming", policy=policy,
+                   position_mode=variant.position_mode, rerotation=variant.rerotation, engine=engine,
+                   device=ctx.profile.device, measure=measure(ctx, engine))
+
+
+def _stored_spec(store: Store, slot: str) -> RunSpec | None:
+    try:
+        return RunSpec.from_dict(store.read(store.path(slot))["spec"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def plan_baseline(ctx: Context, runs: int | None = None, datasets: tuple[Dataset, ...] | None = None) -> list[Point]:
+    """The recompute baseline per dataset. Without `runs`, a stored baseline that differs only in its
+    repeat count is the one wanted: the baseline is fixed and reused, not re-timed per REPEAT_RUNS."""
+    points = []
+    for d in datasets or ctx.profile.datasets:
+        slot = f"baselines/{d.name}"
+        data = ctx.data[d.name]
+        spec = None if data is None else RunSpec(
+            model=ctx.model, data=data, mode="baseline", policy=ctx.profile.baseline_policy(), engine="recompute",
+            device=ctx.profile.device, measure=MeasureSpec(ctx.settings.warmup_runs, runs or 1))
+        stored = _stored_spec(ctx.store, slot)
+        if spec is not None and runs is None and stored is not None \
+                and dataclasses.replace(stored, measure=spec.measure) == spec:
+            spec = stored
+        points.append(Point(slot, spec))
+    return points
+
+
+def plan_main(ctx: Context) -> list[Point]:
+    return [Point(f"main/{d.name}/{v.label}", streaming_spec(ctx, d, v))
+            for d in ctx.profile.datasets for v in ctx.profile.main_variants()]
+
+
+def plan_ablations(ctx: Context) -> list[Point]:
+    d = ctx.profile.long
+    return [Point(f"ablations/{d.name}/{v.label}", streaming_spec(ctx, d, v))
+            for v in ctx.profile.ablations(ctx.settings.run_quality_heuristics)]
+
+
+def plan_sweeps(ctx: Context) -> list[Point]:
+    d = ctx.profile.long
+    return [Point(f"sweeps/{d.name}/{v.label}", streaming_spec(ctx, d, v))
+            for variants in ctx.profile.sweeps(ctx.settings.run_quality_heuristics).values() for v in variants]
+
+
+PLANNERS = {"main": plan_main, "ablations": plan_ablations, "sweeps": plan_sweeps}
+
+
+def paper_stages(settings: Settings) -> tuple[str, ...]:
+    """What `paper` runs and the tables show: RUN_ABLATIONS / RUN_SWEEPS switch those stages off."""
+    return ("baseline", "main") + ("ablations",) * settings.run_ablations + ("sweeps",) * settings.run_sweeps
+
+
+def plan(ctx: Context, names, *, runs: int | None = None) -> list[Point]:
+    """Points of the named stages, the baselines they compare against first, each slot once."""
+    points = [] if "baseline" in names else _required_baselines(ctx, names)
+    for name in names:
+        points += plan_baseline(ctx, runs) if name == "baseline" else PLANNERS[name](ctx)
+    unique = {}
+    for p in points:
+        unique.setdefault(p.slot, p)
+    return list(unique.values())
+
+
+def _required_baselines(ctx: Context, names) -> list[Point]:
+    datasets = ctx.profile.datasets if "main" in names else (ctx.profile.long,)
+    points = plan_baseline(ctx, datasets=datasets)
+    s = ctx.settings
+    if s.auto_baseline or s.force:
+        return points
+    # A stale baseline would be recomputed just like a missing one: AUTO_BASELINE=0 forbids both.
+    unusable = {"missing"} if s.allow_stale_results else {"missing", "stale"}
+    lacking = [str(ctx.store.path(p.slot)) for p in points if classify(ctx, p) in unusable]
+    if lacking:
+        raise StageError(f"no usable baseline ({', '.join(lacking)}) and AUTO_BASELINE=0: run "
+                         "`streamkv baseline` first, or set AUTO_BASELINE=1")
+    return points
+
+
+# -------------------------------------------------------------------------------------------- execution
+def classify(ctx: Context, point: Point) -> str:
+    """current | stale | missing (absent or unreadable) | unknown (no DataSpec to hash against)."""
+    if point.spec is None:
+        return "unknown"
+    cell = ctx.store.lookup(point.slot, point.spec.config_hash(), allow_stale=True)
+    if cell is None:
+        return "missing"
+    return "stale" if cell.stale else "current"
+
+
+def _baseline_moved(ctx: Context, point: Point, here: dict) -> list[str]:
+    stored = ctx.store.read(ctx.store.path(point.slot)).get("fingerprint") or {}
+    return fingerprint.compare(stored, {**here, "dtype": point.spec.model.dtype})
+
+
+@dataclass
+class Outcome:
+    computed: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    stale_kept: list[str] = field(default_factory=list)
+    stale_replaced: list[str] = field(default_factory=list)
+
+
+def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "points") -> Outcome:
+    """Compute the points that need it; returns what happened to each slot."""
+    s, store, out = ctx.settings, ctx.store, Outcome()
+    scan = store.scan()
+    for problem in scan.problems:
+        _say(f"skipped: {problem}")
+    # Every readable result by hash, so an equal spec in another slot is copied instead of recomputed.
+    by_hash = {} if s.force else {e.config_hash: e.path for e in scan.entries}
+    here = None
+    todo = []
+    for p in points:
+        state = "missing" if s.force else classify(ctx, p)
+        if state == "current" and p.slot.startswith("baselines/"):
+            here = here or fingerprint.collect()
+            moved = _baseline_moved(ctx, p, here)
+            if moved:
+                action = "re-running it (STRICT_BASELINE_CHECK=1)" if s.strict_baseline_check else \
+                    "reusing it; STRICT_BASELINE_CHECK=1 re-runs it"
+                _say(f"warning: {p.slot} was measured in another environment ({'; '.join(moved)}); {action}")
+                if s.strict_baseline_check:
+                    todo.append((p, False))   # a re-measurement: never a copy of the old numbers
+                    continue
+        if state == "current":
+            out.reused.append(p.slot)
+        elif state == "stale" and s.allow_stale_results:
+            out.stale_kept.append(p.slot)
+        else:
+            if state == "stale":
+                out.stale_replaced.append(p.slot)
+            todo.append((p, True))
+    if todo and runner is None:
+        from .runner import Runner  # torch and the engines load only when something must be computed
+        runner = Runner(store)
+    with tqdm(total=len(points), initial=len(points) - len(todo), desc=label, unit="point", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for p, may_copy in todo:
+            bar.set_postfix_str(p.slot)
+            h = p.spec.config_hash()
+            if may_copy and h in by_hash:
+                store.copy(by_hash[h], p.slot)
+                out.copied.append(p.slot)
+            else:
+                by_hash[h] = runner.run(p.slot, p.spec)
+                out.computed.append(p.slot)
+            bar.update()
+    _report(out, len(points), label)
+    return out
+
+
+def _report(out: Outcome, total: int, label: str) -> None:
+    _say(f"{label}: {total} points: {len(out.reused)} reused, {len(out.copied)} copied from an equal spec, "
+         f"{len(out.computed)} computed, {len(out.stale_kept)} stale kept")
+    for slot in out.stale_replaced:
+        _say(f"  stale, recomputed: {slot}")
+    for slot in out.stale_kept:
+        _say(f"  stale, kept (ALLOW_STALE_RESULTS=1; marked in tables): {slot}")
+
+
+def run_stages(settings: Settings, names, *, runs: int | None = None, profile: Profile | None = None) -> Outcome:
+    ctx = context(settings, tokenize=True, profile=profile)
+    return execute(ctx, plan(ctx, names, runs=runs), label="+".join(names))
+
+
+# ----------------------------------------------------------------------------------- tables and status
+def tables_spec(profile: Profile, settings: Settings) -> tables.TablesSpec:
+    names, quality = paper_stages(settings), settings.run_quality_heuristics
+    sweeping = "sweeps" in names
+    return tables.TablesSpec(
+        profile=profile.name, model=profile.model_display,
+        long=tables.Dataset(profile.long.name, profile.long.display),
+        short=tables.Dataset(profile.short.name, profile.short.display),
+        cap_total=profile.cap_total, n_sink=profile.n_sink, lazy_r=profile.lazy_r,
+        ablations=tuple((v.label, v.display) for v in profile.ablations(quality)) if "ablations" in names else (),
+        sweep_r=profile.sweep_r if sweeping else (),
+        sweep_sigma=profile.sweep_sigma if sweeping and quality else (),
+        sweep_delta=profile.sweep_delta if sweeping and quality else (),
+    )
+
+
+@dataclass
+class TablesReport:
+    text: str
+    written: list[Path]
+    stale: list[str]          # slots whose stale result filled a cell (ALLOW_STALE_RESULTS=1) or was refused
+    problems: list[str]       # unreadable result files, skipped
+
+
+def write_tables(settings: Settings, out_dir: Path, *, profile: Profile | None = None) -> TablesReport:
+    """Rewrite NeurIPS/generated/*.tex and the figures from the results; never loads a model."""
+    ctx = context(settings, tokenize=False, profile=profile)
+    expected = {p.slot: p.spec and p.spec.config_hash() for p in plan(ctx, paper_stages(settings))}
+
+    def lookup(slot: str):
+        return ctx.store.lookup(slot, expected.get(slot), settings.allow_stale_results)
+
+    spec = tables_spec(ctx.profile, settings)
+    written = tables.write_all(lookup, spec, out_dir) + figures.write_all(lookup, spec, out_dir)
+    text = tables.render_text(lookup, spec)
+    return TablesReport(text, written, sorted(ctx.store.stale), sorted(ctx.store.problems.values()))
+
+
+def status(settings: Settings, *, profile: Profile | None = None) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """([(slot, state, engine)] for every planned point, problems found in the results directory)."""
+    ctx = context(settings, tokenize=False, profile=profile)
+    names = paper_stages(settings)
+    rows = [(p.slot, classify(ctx, p), p.spec.engine if p.spec else "?") for p in plan(ctx, names)]
+    return rows, ctx.store.scan().problems

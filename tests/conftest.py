@@ -1,0 +1,100 @@
+"""Shared fakes for the stage, store and CLI tests: a small profile, fake streams and a fake runner.
+
+The fakes replace only what loads a model or tokenizes text (streamkv.assets), the environment
+fingerprint and the engines (through `FakeRunner`), so planning, reuse, staleness and the store run for
+real. `worker_main` is also run as a subprocess by the kill -9 test (`python tests/conftest.py ...`).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streamkv import assets, fingerprint, stages
+from streamkv.profiles import Dataset, Profile
+from streamkv.settings import Settings
+from streamkv.spec import DataSpec, ModelSpec
+from streamkv.store import nll_bytes
+
+FAKE_FINGERPRINT = {"git_commit": "0" * 40, "python": "3.11", "torch": "2.13.0", "cuda": None,
+                    "transformers": "5.24.0", "gpu_name": None}
+N_TOKENS = {"long": 64, "short": 32}
+
+
+def fake_profile(tmp: Path) -> Profile:
+    """demo-shaped, tiny: cap 16, S=2, strict R=1, lazy R=4."""
+    long = Dataset("long", "Long", str(tmp / "long.json"), N_TOKENS["long"])
+    short = Dataset("short", "Short", str(tmp / "short.json"), N_TOKENS["short"])
+    for d in (long, short):
+        Path(d.path).write_text(json.dumps({"text": d.name}))
+    return Profile(name="demo", model_display="fake", dtype="float32", device="cpu", cap_total=16,
+                   long=long, short=short, n_sink=2, strict_r=1, lazy_r=4, cache_slack=0, max_drop=0,
+                   sweep_r=(1, 2, 4), sweep_sigma=(0, 2), sweep_delta=(0, 2), baseline_sink=4,
+                   baseline_window=12, perplexity_engine="decode", timing_tokens=8,
+                   model=ModelSpec(name="fake/model", revision="0" * 40, dtype="float32"))
+
+
+def install_fakes(monkeypatch) -> None:
+    """Streams without a tokenizer and a fixed fingerprint; no model is ever loaded."""
+    def load_stream(name, path, tokenizer, max_tokens=None):
+        n = min(max_tokens, N_TOKENS[name])
+        return list(range(n)), DataSpec(name=name, path=path, sha256="f" * 64, n_tokens=n)
+
+    monkeypatch.setattr(assets, "load_tokenizer", lambda spec: object())
+    monkeypatch.setattr(assets, "load_stream", load_stream)
+    monkeypatch.setattr(fingerprint, "collect", lambda: dict(FAKE_FINGERPRINT))
+
+
+class FakeRunner:
+    """Writes a plausible result per point through the real store; records which slots it computed."""
+
+    def __init__(self, store, *, delay: float = 0.0, fingerprint: dict | None = None, announce: bool = False):
+        self.store, self.delay, self.announce = store, delay, announce
+        self.fingerprint = fingerprint or {**FAKE_FINGERPRINT, "dtype": "torch.float32"}
+        self.computed: list[str] = []
+
+    def run(self, slot, spec, *, output=None):
+        time.sleep(self.delay)
+        n = spec.data.n_tokens - 1
+        result = {"kind": "run", "slot": slot, "config_hash": spec.config_hash(), "spec": spec.to_dict(),
+                  "fingerprint": self.fingerprint, "engines": {"perplexity": spec.engine, "timing": "decode"},
+                  "metrics": {"perplexity": 10.0 + spec.policy.compress_every, "n_predicted_tokens": n,
+                              "tpot_ms": 1.0, "ttft_ms": 2.0}}
+        repeats = [{"tpot_ms": 1.0}] * spec.measure.repeat_runs
+        path = self.store.write(result, nll=nll_bytes([0.5] * n), cache_len=[1, 2], repeats=repeats, path=output)
+        self.computed.append(slot)
+        if self.announce:
+            print(f"computed {slot}", flush=True)
+        return path
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch):
+    """(profile, settings factory) for stage tests, with results under tmp_path/results."""
+    install_fakes(monkeypatch)
+    profile = fake_profile(tmp_path)
+
+    def settings(**knobs) -> Settings:
+        return Settings(results_dir=str(tmp_path / "results"), **knobs)
+
+    return profile, settings
+
+
+def worker_main(tmp: str, delay: str) -> None:
+    """Run every stage of the fake profile with a slow fake engine (the kill -9 test's victim)."""
+    class Patch:  # the tiny part of pytest's monkeypatch that install_fakes uses
+        setattr = staticmethod(setattr)
+
+    install_fakes(Patch())
+    profile = fake_profile(Path(tmp))
+    settings = Settings(results_dir=str(Path(tmp) / "results"))
+    ctx = stages.context(settings, tokenize=True, profile=profile)
+    points = stages.plan(ctx, stages.paper_stages(settings))
+    stages.execute(ctx, points, runner=FakeRunner(ctx.store, delay=float(delay), announce=True))
+
+
+if __name__ == "__main__":
+    worker_main(*sys.argv[1:])

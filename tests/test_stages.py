@@ -1,0 +1,442 @@
+"""Stages: profiles and plans, reuse / stale / copy rules, baseline reuse, kill -9 resume, tables, status."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamkv import assets, fingerprint, profiles, stages
+from streamkv.engines import parallel
+from streamkv.policies import build_schedule
+from streamkv.runner import Runner
+from streamkv.settings import Settings, SettingsError
+from streamkv.spec import DataSpec, MeasureSpec, ModelSpec, PolicySpec, RunSpec, SpecError
+from streamkv.store import Store, read_nll
+
+from conftest import FakeRunner
+from tiny_models import tiny_gpt_neox, token_stream
+
+TESTS = Path(__file__).resolve().parent
+
+
+def points_of(profile, settings, names, **kw):
+    ctx = stages.context(settings, tokenize=True, profile=profile)
+    return ctx, stages.plan(ctx, names, **kw)
+
+
+def run(profile, settings, names, runner_factory=FakeRunner, **kw):
+    ctx = stages.context(settings, tokenize=True, profile=profile)
+    runner = runner_factory(ctx.store)
+    outcome = stages.execute(ctx, stages.plan(ctx, names, **kw), runner=runner)
+    return runner, outcome
+
+
+# ------------------------------------------------------------------------------------------- profiles
+def paper(**knobs):
+    return profiles.resolve(Settings(profile="paper", **knobs))
+
+
+def lazy(profile, label="lazy"):
+    return next(v for v in profile.ablations(quality=True) if v.label == label)
+
+
+def test_paper_profile_main_points_and_baseline():
+    p = paper()
+    strict, lazy_point = (p.policy(v) for v in p.main_variants())
+    assert (lazy_point.n_sink, lazy_point.window, lazy_point.compress_every) == (32, 2016, 64)
+    assert (strict.window, strict.compress_every) == (2016, 1) and strict.cap_total == lazy_point.cap_total == 2048
+    assert (p.baseline_policy().n_sink, p.baseline_policy().window) == (4, 2044)
+    assert (p.device, p.model.dtype, p.model.name) == ("cuda", "float16", "EleutherAI/pythia-2.8b")
+    assert (p.long.path, p.long.max_tokens) == ("data/pg19/long_context_50000.json", 20000)
+    assert (p.short.path, p.short.max_tokens) == ("data/wikitext/long_context_4096.json", 4096)
+    assert (p.sweep_r, p.sweep_sigma, p.sweep_delta) == ((1, 16, 32, 64, 128), (0, 16, 32), (0, 16, 32))
+
+
+def test_ablation_ladder():
+    p = paper()
+    assert [v.label for v in p.ablations(quality=False)] == [
+        "strict", "lazy", "lazy_window_matched", "lazy_absolute", "lazy_composed_fp16", "lazy_no_sink"]
+    assert p.policy(lazy(p, "lazy_window_matched")).window == 2016 - 63   # cache never above the budget
+    assert p.policy(lazy(p, "lazy_no_sink")).window == 2048                # auto-cap keeps the budget
+    assert lazy(p, "lazy_absolute").position_mode == "absolute"
+    assert lazy(p, "lazy_composed_fp16").rerotation == "composed_fp16"
+    slack, maxdrop = p.policy(lazy(p, "lazy_slack")), p.policy(lazy(p, "lazy_slack_maxdrop"))
+    assert (slack.cache_slack, slack.window, slack.cap_total) == (32, 1984, 2048)
+    assert (maxdrop.cache_slack, maxdrop.max_drop, maxdrop.window) == (64, 32, 1952)
+
+
+def test_sweeps_and_the_delta_sweep_runs_at_sigma_equal_r():
+    p = paper()
+    assert list(p.sweeps(quality=False)) == ["R"]
+    grids = p.sweeps(quality=True)
+    assert [v.label for v in grids["R"]] == ["R=1", "R=16", "R=32", "R=64", "R=128"]
+    sigma = [p.policy(v) for v in grids["sigma"]]
+    assert [(q.cache_slack, q.window) for q in sigma] == [(0, 2016), (16, 2000), (32, 1984)]
+    delta = [p.policy(v) for v in grids["delta"]]
+    assert [(q.compress_every, q.cache_slack, q.max_drop) for q in delta] == [(64, 64, 0), (64, 64, 16), (64, 64, 32)]
+
+
+def test_the_delta_sweep_moves_the_schedule_where_the_main_sigma_would_not(fakes):
+    profile, _ = fakes
+    grid = profile.sweeps(quality=True)["delta"]
+    curves = {tuple(build_schedule(profile.policy(v), 64).cache_len_after_step) for v in grid}
+    assert len(curves) == len(grid)
+    at_main_sigma = [dataclasses.replace(v, knobs=(("max_drop", d),)) for v, d in zip(grid, profile.sweep_delta)]
+    assert len({tuple(build_schedule(profile.policy(v), 64).cache_len_after_step) for v in at_main_sigma}) == 1
+
+
+def test_knobs_move_the_profile():
+    p = paper(cap_total=1024, sweep_r_values=(2, 8), pg19_sample_file="x/book.json", wikitext_sample_length=2048)
+    assert p.policy(p.main_variants()[1]).window == 1024 - 32
+    assert p.baseline_policy().window == 1020  # the baseline's cap follows CAP_TOTAL
+    assert p.sweep_r == (2, 8) and p.long.path == "x/book.json"
+    assert (p.short.path, p.short.max_tokens) == ("data/wikitext/long_context_2048.json", 2048)
+    assert paper(baseline_sink=0, baseline_window=100).baseline_policy().window == 100
+    assert paper(pg19_sample_length=30000).long.path == "data/pg19/long_context_30000.json"
+
+
+def test_model_name_must_be_pinned():
+    assert paper(model_name="EleutherAI/pythia-2.8b").model == paper().model
+    assert paper(model_name="org/model@abc123").model.name == "org/model"
+    assert paper(model_name="org/model@abc123").model.revision == "abc123"
+    with pytest.raises(SettingsError, match="pinned"):
+        paper(model_name="org/model")
+
+
+def test_unknown_profile_and_a_window_that_auto_cap_cannot_fit():
+    with pytest.raises(SettingsError, match="unknown profile 'huge'"):
+        profiles.resolve(Settings(profile="huge"))
+    p = paper(cap_total=40)
+    with pytest.raises(SpecError, match="auto-cap leaves window"):
+        p.policy(lazy(p, "lazy_slack_maxdrop"))
+
+
+def test_demo_profile_data():
+    d = profiles.DEMO
+    assert (d.device, d.dtype, d.cap_total, d.n_sink, d.strict_r, d.lazy_r) == ("cpu", "float32", 256, 4, 1, 16)
+    assert (d.baseline_sink, d.baseline_window) == (4, 252)
+    assert (d.long.path, d.long.max_tokens) == ("data/demo/streams/demo-long.json", 4096)
+    assert (d.short.path, d.short.max_tokens) == ("data/demo/streams/demo-short.json", 1024)
+    assert (d.sweep_r, d.sweep_sigma, d.sweep_delta) == ((1, 4, 8, 16, 32), (0, 8, 16), (0, 8, 16))
+
+
+def test_demo_profile_resolves_to_the_committed_checkpoint():
+    p = profiles.resolve(Settings(model_name="EleutherAI/pythia-2.8b", pg19_sample_file="x.json", cap_total=128))
+    assert p.model == assets.demo_model_spec("float32")   # the guide's paper knobs leave the demo alone
+    assert p.long.path == "data/demo/streams/demo-long.json" and p.baseline_policy().window == 124
+
+
+# ----------------------------------------------------------------------------------------------- plans
+def test_plans_name_their_slots(fakes):
+    profile, settings = fakes
+    _, main = points_of(profile, settings(), ["main"])
+    assert [p.slot for p in main] == ["baselines/long", "baselines/short", "main/long/strict", "main/long/lazy",
+                                      "main/short/strict", "main/short/lazy"]
+    _, sweeps = points_of(profile, settings(), ["sweeps"])
+    assert [p.slot for p in sweeps] == ["baselines/long", "sweeps/long/R=1", "sweeps/long/R=2", "sweeps/long/R=4"]
+    _, quality = points_of(profile, settings(run_quality_heuristics=True), ["ablations", "sweeps"])
+    assert [p.slot for p in quality if p.slot.startswith("ablations")][-2:] == [
+        "ablations/long/lazy_slack", "ablations/long/lazy_slack_maxdrop"]
+    assert [p.slot for p in quality if "sigma" in p.slot or "delta" in p.slot] == [
+        "sweeps/long/sigma=0", "sweeps/long/sigma=2", "sweeps/long/delta=0", "sweeps/long/delta=2"]
+    assert stages.paper_stages(settings(run_sweeps=False, run_ablations=False)) == ("baseline", "main")
+
+
+def test_specs_carry_the_knobs(fakes):
+    profile, settings = fakes
+    _, points = points_of(profile, settings(warmup_runs=1, repeat_runs=3), ["main"])
+    spec = {p.slot: p.spec for p in points}
+    base, lazy_spec = spec["baselines/long"], spec["main/long/lazy"]
+    assert (base.mode, base.engine, base.policy.cap_total, base.measure.repeat_runs) == ("baseline", "recompute", 16, 1)
+    assert (lazy_spec.policy.compress_every, lazy_spec.policy.window, lazy_spec.engine) == (4, 14, "decode")
+    assert (lazy_spec.measure.warmup_runs, lazy_spec.measure.repeat_runs, lazy_spec.measure.timing_tokens) == (1, 3, 0)
+    assert lazy_spec.data.n_tokens == 64 and spec["main/short/lazy"].data.n_tokens == 32
+
+
+def test_perplexity_engine_choice_is_recorded(fakes, monkeypatch, capsys):
+    profile, settings = fakes
+    profile = dataclasses.replace(profile, perplexity_engine="parallel")
+    monkeypatch.setattr(stages, "engine_installed", lambda name: True)
+    _, points = points_of(profile, settings(), ["ablations"])
+    engine = {p.slot.rsplit("/", 1)[1]: (p.spec.engine, p.spec.measure.timing_tokens) for p in points}
+    assert engine["lazy"] == engine["lazy_absolute"] == ("parallel", 8)
+    assert engine["lazy_composed_fp16"] == ("decode", 0)    # only decoding has the fp16 drift
+    monkeypatch.setattr(stages, "engine_installed", lambda name: False)
+    _, points = points_of(profile, settings(), ["ablations"])
+    assert {p.spec.engine for p in points if p.spec.mode == "streaming"} == {"decode"}
+    assert "parallel engine is not installed" in capsys.readouterr().err
+
+
+def test_parallel_realises_matches_the_parallel_engine():
+    contiguous = PolicySpec(n_sink=2, window=6, compress_every=2)
+    refresh = PolicySpec(n_sink=2, window=4, refresh_budget=2, refresh_policy="uniform", compress_every=2)
+    for policy in (contiguous, refresh):
+        for mode in ("cache", "absolute"):
+            for rerotation in ("exact", "composed_fp16"):
+                schedule = build_schedule(policy, 24)
+                # A model-less call: an unsupported point is refused before the model is touched.
+                raised = None
+                try:
+                    parallel.evaluate(None, torch.arange(24), schedule, position_mode=mode, rerotation=rerotation)
+                except parallel.ParallelUnsupported:
+                    raised = True
+                except AttributeError:
+                    raised = False
+                assert raised is not stages.parallel_realises(policy, mode, rerotation), (policy, mode, rerotation)
+
+
+# ------------------------------------------------------------------------------------- execution rules
+def test_results_are_reused_on_an_equal_hash(fakes):
+    profile, settings = fakes
+    first, outcome = run(profile, settings(), ["main"])
+    assert sorted(first.computed) == sorted(outcome.computed) and len(first.computed) == 6
+    second, outcome = run(profile, settings(), ["main"])
+    assert second.computed == [] and len(outcome.reused) == 6
+
+
+def test_equal_specs_in_other_slots_are_copied_not_recomputed(fakes):
+    profile, settings = fakes
+    run(profile, settings(), ["main"])
+    runner, outcome = run(profile, settings(), ["sweeps"])
+    assert runner.computed == ["sweeps/long/R=2"]
+    assert outcome.copied == ["sweeps/long/R=1", "sweeps/long/R=4"]   # = main strict and main lazy
+
+
+def test_a_changed_knob_makes_results_stale_and_they_are_recomputed_and_listed(fakes, capsys):
+    profile, settings = fakes
+    run(profile, settings(), ["main"])
+    runner, outcome = run(profile, settings(repeat_runs=2), ["main"])
+    streaming = ["main/long/strict", "main/long/lazy", "main/short/strict", "main/short/lazy"]
+    assert runner.computed == streaming and outcome.stale_replaced == streaming
+    assert outcome.reused == ["baselines/long", "baselines/short"]  # the baseline is fixed, not re-timed
+    assert "stale, recomputed: main/long/lazy" in capsys.readouterr().err
+
+
+def test_allow_stale_keeps_stale_results_but_lists_them(fakes, capsys):
+    profile, settings = fakes
+    run(profile, settings(), ["main"])
+    runner, outcome = run(profile, settings(repeat_runs=2, allow_stale_results=True), ["main"])
+    assert runner.computed == [] and len(outcome.stale_kept) == 4
+    assert "stale, kept (ALLOW_STALE_RESULTS=1; marked in tables): main/short/lazy" in capsys.readouterr().err
+
+
+def test_force_recomputes_everything_once(fakes):
+    profile, settings = fakes
+    run(profile, settings(), ["main", "sweeps"])
+    runner, outcome = run(profile, settings(force=True), ["main", "sweeps"])
+    assert len(runner.computed) == 7 and len(outcome.copied) == 2 and outcome.reused == []
+
+
+def test_corrupt_and_foreign_results_are_reported_and_recomputed(fakes, capsys):
+    profile, settings = fakes
+    run(profile, settings(), ["main"])
+    root = Path(settings().results_dir)
+    (root / "paper_experiments" / "main" / "long" / "lazy.json").write_text('{"schema_version": 1, "ki')
+    (root / "baselines" / "short_baseline_avg.json").write_text(json.dumps({"schema_version": 0, "kind": "seed"}))
+    capsys.readouterr()
+    runner, _ = run(profile, settings(), ["main"])
+    err = capsys.readouterr().err
+    assert "lazy.json: corrupt JSON" in err and "short_baseline_avg.json: foreign JSON" in err
+    assert runner.computed == ["baselines/short", "main/long/lazy"]
+    assert Store(root).scan().problems == []
+
+
+# ------------------------------------------------------------------------------------------ baseline
+def test_baseline_runs_flag_and_reuse(fakes):
+    profile, settings = fakes
+    runner, _ = run(profile, settings(), ["baseline"], runs=3)
+    assert runner.computed == ["baselines/long", "baselines/short"]
+    stored = json.loads(Path(settings().results_dir, "baselines", "long_baseline_avg.json").read_text())
+    assert stored["spec"]["measure"]["repeat_runs"] == 3 and len(stored["artifacts"]["repeats"]) == 3
+    runner, outcome = run(profile, settings(), ["main"])   # without --runs: the stored baseline is the one
+    assert "baselines/long" in outcome.reused and not any(s.startswith("baselines") for s in runner.computed)
+    runner, _ = run(profile, settings(), ["baseline"], runs=1)   # an explicit count that differs: re-run
+    assert runner.computed == ["baselines/long", "baselines/short"]
+
+
+def fingerprinted(gpu: str, dtype: str):
+    def factory(store):
+        return FakeRunner(store, fingerprint={"gpu_name": gpu, "torch": "2.13.0", "cuda": None,
+                                              "transformers": "5.24.0", "dtype": dtype})
+    return factory
+
+
+def test_baseline_from_another_gpu_warns_or_reruns_under_strict_check(fakes, capsys):
+    profile, settings = fakes
+    run(profile, settings(), ["baseline"], runner_factory=fingerprinted("NVIDIA A800", "torch.float32"))
+    capsys.readouterr()
+    runner, _ = run(profile, settings(), ["main"])
+    err = capsys.readouterr().err
+    assert "warning: baselines/long was measured in another environment (gpu_name: NVIDIA A800 vs None)" in err
+    assert not any(s.startswith("baselines") for s in runner.computed)
+    runner, _ = run(profile, settings(strict_baseline_check=True), ["main"])
+    assert runner.computed[:2] == ["baselines/long", "baselines/short"]
+
+
+def test_baseline_dtype_spelled_differently_is_not_a_mismatch(fakes, capsys):
+    profile, settings = fakes
+    run(profile, settings(), ["baseline"], runner_factory=fingerprinted(None, "torch.float32"))
+    capsys.readouterr()
+    runner, _ = run(profile, settings(strict_baseline_check=True), ["main"])
+    assert "warning" not in capsys.readouterr().err
+    assert not any(s.startswith("baselines") for s in runner.computed)
+
+
+def test_missing_baseline_is_generated_or_refused(fakes):
+    profile, settings = fakes
+    with pytest.raises(stages.StageError, match="AUTO_BASELINE=0"):
+        run(profile, settings(auto_baseline=False), ["main"])
+    assert not Path(settings().results_dir, "paper_experiments").exists()   # refused before computing
+    runner, _ = run(profile, settings(), ["ablations"])                     # AUTO_BASELINE=1 (default)
+    assert runner.computed[0] == "baselines/long" and "baselines/short" not in runner.computed
+    runner, _ = run(profile, settings(auto_baseline=False), ["ablations"])
+    assert runner.computed == []
+
+
+# ----------------------------------------------------------------------------------------- kill -9
+def test_kill_9_then_resume_recomputes_only_unfinished_points(tmp_path, fakes):
+    profile, settings = fakes   # same tmp_path, so the worker sees the same streams and results
+    log = tmp_path / "worker.log"
+    with open(log, "w") as stderr:
+        # PYTHONPATH: the checkout's streamkv, whether or not this interpreter has it installed.
+        worker = subprocess.Popen([sys.executable, str(TESTS / "conftest.py"), str(tmp_path), "0.15"],
+                                  cwd=TESTS.parent, env={**os.environ, "PYTHONPATH": str(TESTS.parent)},
+                                  stdout=subprocess.PIPE, stderr=stderr, text=True)
+    done = []
+    try:
+        while len(done) < 3:
+            line = worker.stdout.readline()
+            assert line, f"the worker ended before it was killed: {log.read_text()[-2000:]}"
+            done.append(line.split()[1])
+        time.sleep(0.07)   # land the kill inside the next point, not between two
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.wait()
+    assert worker.returncode == -signal.SIGKILL
+    ctx = stages.context(settings(), tokenize=True, profile=profile)
+    assert ctx.store.scan().problems == []
+    points = stages.plan(ctx, stages.paper_stages(settings()))
+    finished = {p.slot for p in points if stages.classify(ctx, p) == "current"}
+    assert set(done) <= finished and len(finished) < len(points)
+    runner = FakeRunner(ctx.store)
+    outcome = stages.execute(ctx, points, runner=runner)
+    redone = set(runner.computed) | set(outcome.copied)
+    assert redone == {p.slot for p in points} - finished
+    assert ctx.store.scan().problems == [] and len(ctx.store.scan().entries) == len(points)
+
+
+# ------------------------------------------------------------------------------------ tables, status
+def test_tables_use_the_stream_index_and_mark_stale_results(fakes, tmp_path, monkeypatch):
+    profile, settings = fakes
+    run(profile, settings(), ["main"])
+    run(profile, settings(repeat_runs=2), ["ablations"])   # ablations/long/strict and lazy hash differently
+
+    def no_tokenizer(spec):
+        raise AssertionError("the tables stage must not tokenize")
+
+    monkeypatch.setattr(assets, "load_tokenizer", no_tokenizer)
+    out = tmp_path / "generated"
+    report = stages.write_tables(settings(), out, profile=profile)
+    # The R-sweep figure has no results to be drawn from, so it is not there.
+    assert {p.name for p in report.written} == {"tables.tex", "ablations.tex", "sweeps.tex",
+                                                "negative_results.tex", "meta.tex", "fig_cache_len.pdf"}
+    main_tex = (out / "tables.tex").read_text()
+    assert "[INSERT DATA]" not in main_tex and "14.000" in main_tex   # the fake lazy point's PPL (10 + R)
+    stale = {"ablations/long/lazy", "ablations/long/lazy_absolute", "ablations/long/lazy_composed_fp16",
+             "ablations/long/lazy_no_sink", "ablations/long/lazy_window_matched", "ablations/long/strict"}
+    assert set(report.stale) == stale
+    assert "[INSERT DATA]" in (out / "ablations.tex").read_text()      # refused: ALLOW_STALE_RESULTS=0
+    report = stages.write_tables(settings(allow_stale_results=True), out, profile=profile)
+    assert "dagger" in (out / "ablations.tex").read_text() and "†" in report.text
+
+
+def test_status_lists_every_planned_point(fakes, tmp_path):
+    profile, settings = fakes
+    rows, problems = stages.status(settings(), profile=profile)
+    assert {state for _, state, _ in rows} == {"unknown"}        # no stream tokenized yet
+    run(profile, settings(), ["main"])
+    Path(settings().results_dir, "paper_experiments", "bad.json").write_text("{")
+    rows, problems = stages.status(settings(), profile=profile)
+    state = {slot: s for slot, s, _ in rows}
+    assert state["main/long/lazy"] == "current" and state["sweeps/long/R=2"] == "missing"
+    assert len(rows) == 2 + 4 + 6 + 3 and len(problems) == 1
+    rows, _ = stages.status(settings(repeat_runs=3), profile=profile)
+    assert dict((slot, s) for slot, s, _ in rows)["main/long/lazy"] == "stale"
+
+
+# ------------------------------------------------------------------------------ runner, real engines
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """The real runner and engines on a tiny random GPT-NeoX: (store, spec factory)."""
+    ids = token_stream(48)
+    data = DataSpec(name="long", path="x.json", sha256="f" * 64, n_tokens=48)
+    monkeypatch.setattr(assets, "load_model", lambda spec, device: tiny_gpt_neox(dtype=torch.float32))
+    monkeypatch.setattr(assets, "load_tokenizer", lambda spec: object())
+    monkeypatch.setattr(assets, "load_stream",
+                        lambda name, path, tok, n: (ids[:n], dataclasses.replace(data, n_tokens=n)))
+    monkeypatch.setattr(fingerprint, "collect", lambda: {"torch": torch.__version__})
+
+    def spec(**kw):
+        knobs = dict(model=ModelSpec("tiny", "0" * 40, "float32"), data=data, mode="streaming",
+                     policy=PolicySpec(n_sink=2, window=14, compress_every=4), measure=MeasureSpec(repeat_runs=2))
+        return RunSpec(**{**knobs, **kw})
+
+    return Store(tmp_path / "results"), spec
+
+
+def test_runner_streaming_result(tiny):
+    store, spec = tiny
+    s = spec()
+    doc = store.read(Runner(store, progress=False).run("main/long/lazy", s))
+    m, schedule = doc["metrics"], build_schedule(s.policy, 48)
+    nll = read_nll(store.path("main/long/lazy").parent / doc["artifacts"]["nll"])
+    assert len(nll) == m["n_predicted_tokens"] == 47
+    assert m["perplexity"] == pytest.approx(math.exp(sum(nll) / 47), rel=1e-6)
+    assert (m["max_cached_tokens"], m["max_visible_tokens"]) == (16 + 4 - 1, 16 + 4)
+    assert m["n_prunes"] == schedule.n_prunes > 0
+    # 2 layers × (K, V) × 64 hidden × 4 bytes per cached token
+    assert m["kv_cache_bytes"] == 2 * 2 * 64 * 4 * 19
+    assert m["tpot_ms"] > 0 and m["tokens_per_s"] == pytest.approx(1000 / m["tpot_ms"])
+    assert len(m["repeat_runs"]) == 2 and len(doc["artifacts"]["repeats"]) == 2 and m["tpot_ms_std"] >= 0
+    assert doc["engines"] == {"perplexity": "decode", "timing": "decode"}
+    assert doc["fingerprint"]["dtype"] == "torch.float32" and doc["config_hash"] == s.config_hash()
+    cache_len = json.loads((store.path("main/long/lazy").parent / doc["artifacts"]["cache_len"]).read_text())
+    assert cache_len == schedule.cache_len_after_step
+
+
+def test_runner_baseline_and_a_perplexity_engine_timed_by_decode(tiny):
+    store, spec = tiny
+    runner = Runner(store, progress=False)
+    base = store.read(runner.run("baselines/long", spec(mode="baseline", engine="recompute",
+                                                       policy=PolicySpec(n_sink=4, window=12))))
+    assert base["engines"] == {"perplexity": "recompute", "timing": "recompute"}
+    assert base["metrics"]["max_cached_tokens"] == 16 and base["metrics"]["n_prunes"] == 0
+    s = spec(engine="reference", measure=MeasureSpec(timing_tokens=8))
+    ref = store.read(runner.run("ablations/long/reference", s))
+    assert ref["engines"] == {"perplexity": "reference", "timing": "decode"}
+    dec = store.read(runner.run("main/long/lazy", spec(measure=MeasureSpec())))
+    ref_nll = read_nll(store.path("ablations/long/reference").parent / ref["artifacts"]["nll"])
+    dec_nll = read_nll(store.path("main/long/lazy").parent / dec["artifacts"]["nll"])
+    assert max(abs(a - b) for a, b in zip(ref_nll, dec_nll)) < 1e-3   # fp32 model: same schedule, same losses
+    assert ref["metrics"]["n_prunes"] == build_schedule(s.policy, 48).n_prunes   # of the stream, not the timing run
+
+
+def test_runner_refuses_a_changed_stream_and_a_missing_gpu(tiny):
+    store, spec = tiny
+    s = spec()
+    changed = dataclasses.replace(s, data=dataclasses.replace(s.data, sha256="0" * 64))
+    with pytest.raises(SpecError, match="changed since it was planned"):
+        Runner(store, progress=False).run("main/long/lazy", changed)
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecError, match="no CUDA device"):
+            Runner(store, progress=False).run("main/long/lazy", dataclasses.replace(s, device="cuda"))
+    assert store.scan().entries == []
