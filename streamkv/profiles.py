@@ -27,6 +27,7 @@ from .spec import ModelSpec, PolicySpec, SpecError
 # Engines whose own evaluation is a timed token-by-token decode; any other perplexity engine (parallel, or
 # the float64 reference) is timed by the decode engine over MeasureSpec.timing_tokens steps.
 SELF_TIMED_ENGINES = ("decode", "recompute")
+SYNTHETIC = "synthetic"
 
 
 def _data(relative: str) -> str:
@@ -86,12 +87,16 @@ class Profile:
     def datasets(self) -> tuple[Dataset, Dataset]:
         return (self.long, self.short)
 
-    def dataset(self, name: str) -> Dataset:
+    def dataset(self, name: str, *, vocab_size: int | None = None) -> Dataset:
+        """A dataset of the profile; `synthetic` (seeded random ids over `vocab_size`, as long as the long
+        dataset) is offered for random-weights timing runs, which need no text and no tokenizer."""
         for d in self.datasets:
             if d.name == name:
                 return d
+        if name == SYNTHETIC and vocab_size is not None:
+            return Dataset(SYNTHETIC, "synthetic stream", assets.synthetic_path(0, vocab_size), self.long.max_tokens)
         raise SpecError(f"profile {self.name} has no dataset {name!r}; choose one of "
-                        f"{', '.join(d.name for d in self.datasets)}")
+                        f"{', '.join(d.name for d in self.datasets)}, or {SYNTHETIC} with --random-weights")
 
     def policy(self, variant: Variant) -> PolicySpec:
         knobs = {"n_sink": self.n_sink, "compress_every": self.lazy_r, "cache_slack": self.cache_slack,

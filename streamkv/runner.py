@@ -29,18 +29,23 @@ class Runner:
     def __init__(self, store: Store, *, progress: bool = True):
         self.store = store
         self.progress = progress
-        self._loaded: tuple | None = None          # (ModelSpec, device, model, tokenizer)
+        self._loaded: tuple | None = None          # (ModelSpec, device, model)
+        self._tokenizers: dict = {}                # ModelSpec -> tokenizer, loaded on first text stream
         self._fingerprint: dict | None = None
 
     def _model(self, spec: RunSpec):
         if self._loaded is None or self._loaded[:2] != (spec.model, spec.device):
             self._loaded = None  # drop the old model before loading the next: two may not fit at once
-            model = assets.load_model(spec.model, spec.device)
-            self._loaded = (spec.model, spec.device, model, assets.load_tokenizer(spec.model))
-        return self._loaded[2], self._loaded[3]
+            self._loaded = (spec.model, spec.device, assets.load_model(spec.model, spec.device))
+        return self._loaded[2]
 
-    def _stream(self, spec: RunSpec, tokenizer) -> torch.Tensor:
-        ids, data = assets.load_stream(spec.data.name, spec.data.path, tokenizer, spec.data.n_tokens)
+    def _stream(self, spec: RunSpec) -> torch.Tensor:
+        # Synthetic streams (random-weights timing runs) are token ids already: no tokenizer is needed.
+        synthetic = spec.data.path.startswith(assets.SYNTHETIC_PREFIX)
+        if not synthetic and spec.model not in self._tokenizers:
+            self._tokenizers[spec.model] = assets.load_tokenizer(spec.model)
+        ids, data = assets.load_stream(spec.data.name, spec.data.path, self._tokenizers.get(spec.model),
+                                       spec.data.n_tokens)
         if data != spec.data:
             raise SpecError(f"stream {spec.data.name} changed since it was planned ({data} vs {spec.data}); "
                             "run the stage again")
@@ -51,8 +56,8 @@ class Runner:
         if spec.device.startswith("cuda") and not torch.cuda.is_available():
             raise SpecError(f"device {spec.device} requested but torch sees no CUDA device "
                             "(use --profile demo on a machine without a GPU)")
-        model, tokenizer = self._model(spec)
-        ids = self._stream(spec, tokenizer)
+        model = self._model(spec)
+        ids = self._stream(spec)
         torch.manual_seed(spec.seed)
         schedule = None if spec.mode == "baseline" else build_schedule(spec.policy, len(ids))
         quality, timed, timing_engine = self._evaluate(model, ids, spec, schedule)

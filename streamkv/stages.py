@@ -88,7 +88,8 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
         entries = []  # absent or unreadable: the index is a cache, never a source of truth
     if not tokenize:
         return None
-    tokenizer = assets.load_tokenizer(profile.model)
+    synthetic = dataset.path.startswith(assets.SYNTHETIC_PREFIX)  # random ids: no tokenizer to load
+    tokenizer = None if synthetic else assets.load_tokenizer(profile.model)
     _, data = assets.load_stream(dataset.name, dataset.path, tokenizer, dataset.max_tokens)
     if key is not None:
         # A few entries, newest last: `run --max-eval-tokens` must not evict the stages' entry.
