@@ -27,7 +27,7 @@ from pathlib import Path
 
 import click
 
-from . import assets, engines, fingerprint, metrics, profiles, settings as settings_mod, stages
+from . import assets, engines, fingerprint, profiles, settings as settings_mod, stages
 from .policies import build_schedule
 from .profiles import Dataset, Profile
 from .settings import Settings
@@ -80,6 +80,8 @@ def _timing(r) -> dict:
 
 def measure(model, ids, spec: RunSpec) -> tuple[dict, list[dict]]:
     """(metrics, per-repeat timings) of `spec` on `ids`: warm-up runs, then timed repeats."""
+    from .metrics import kv_cache_bytes  # torch: imported here so that `streamkv tables` never loads it
+
     if spec.mode == "baseline":
         schedule, cap = None, spec.policy.cap_total
         recompute = engines.get("recompute")
@@ -112,7 +114,7 @@ def measure(model, ids, spec: RunSpec) -> tuple[dict, list[dict]]:
         "wall_s": statistics.fmean(r.wall_s for r in runs),
         # Per phase, the largest peak over the repeats; None on CPU, where no allocator statistics exist.
         "peak_memory_mb": {phase: max(p[phase] for p in peaks) for phase in peaks[0]} if peaks else None,
-        "kv_cache_bytes": metrics.kv_cache_bytes(model.config, max_cached, spec.model.dtype),
+        "kv_cache_bytes": kv_cache_bytes(model.config, max_cached, spec.model.dtype),
         "max_cached_tokens": max_cached,
         "n_prunes": 0 if schedule is None else schedule.n_prunes,
     }

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from . import assets, fingerprint, settings as settings_mod, stages
+from . import assets, fingerprint, profiles, settings as settings_mod, stages
 from .assets import AssetError
 from .bench import bench_command, run_bench
 from .fetch import FetchError, fetch_command, verify_assets_command
@@ -181,8 +181,10 @@ def run(**o) -> None:
                   repeat_runs=o["repeat_runs"], results_dir=o["results_dir"])
     ctx = stages.context(s, tokenize=False, random_weights=o["random_weights"])
     p = ctx.profile
-    vocab = assets.load_config(ctx.model).vocab_size if o["random_weights"] else None
-    dataset = p.dataset(o["dataset"] or p.long.name, vocab_size=vocab)
+    name = o["dataset"] or p.long.name
+    # Random ids over the model's vocabulary stand in for text only where the weights are random too.
+    synthetic = name == profiles.SYNTHETIC and o["random_weights"]
+    dataset = p.dataset(name, vocab_size=assets.load_config(ctx.model).vocab_size if synthetic else None)
     if o["max_eval_tokens"] is not None:
         dataset = dataclasses.replace(dataset, max_tokens=o["max_eval_tokens"])
     model = dataclasses.replace(ctx.model, dtype=o["dtype"] or ctx.model.dtype)

@@ -143,23 +143,32 @@ def test_paper_runs_the_enabled_stages_then_the_tables(invoke, faked, tmp_path):
     assert (tmp_path / "NeurIPS" / "generated" / "ablations.tex").is_file()
 
 
-class TorchImported(AssertionError):
-    """The only failure the xfail below expects; any other failure of that test is a real one."""
-
-
-@pytest.mark.xfail(raises=TorchImported, strict=True,
-                   reason="streamkv.bench imports streamkv.metrics (torch) at module level, and streamkv.engines has "
-                          "no torch-free way to ask whether an engine is registered; strict, so the fix turns this red")
 def test_tables_never_import_torch(tmp_path):
     code = ("import sys; from streamkv.cli import main; "
             "main(['tables', '--profile', 'paper', '--out-dir', 'gen'], standalone_mode=False); "
             "sys.exit(3 if 'torch' in sys.modules else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode in (0, 3), done.stderr[-2000:]
+    assert done.returncode != 3, "`streamkv tables` imported torch"
+    assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "gen" / "tables.tex").is_file()
-    if done.returncode == 3:
-        raise TorchImported("`streamkv tables` imported torch")
+
+
+def test_random_weights_run_on_a_synthetic_stream_needs_no_tokenizer(invoke, monkeypatch):
+    from streamkv import assets
+
+    def no_tokenizer(spec):
+        raise AssertionError("a synthetic stream must not load a tokenizer")
+
+    monkeypatch.setattr(assets, "load_tokenizer", no_tokenizer)
+    result = invoke("run", "--profile", "demo", "--random-weights", "--dataset", "synthetic",
+                    "--max-eval-tokens", "300", "--compress-every", "8")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(Path(result.stdout.strip()).read_text())
+    assert doc["spec"]["data"]["path"] == "synthetic:0:2048" and doc["spec"]["model"]["random_weights"]
+    assert doc["metrics"]["n_predicted_tokens"] == 299
+    refused = invoke("run", "--profile", "demo", "--dataset", "synthetic")
+    assert refused.exit_code == 2 and "with --random-weights" in refused.stderr
 
 
 def test_force_from_the_environment(invoke, faked):

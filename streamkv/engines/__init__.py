@@ -17,6 +17,11 @@ _REGISTRY = {
 }
 
 
+def names() -> tuple[str, ...]:
+    """Registered engine names, without importing any engine (so without torch)."""
+    return tuple(sorted(_REGISTRY))
+
+
 def get(name: str):
     """The evaluate function of engine `name`."""
     try:
