@@ -30,7 +30,7 @@ $(installed): requirements.lock pyproject.toml
 setup: $(installed) ## Create .venv and install streamkv with the locked dependencies
 
 paper: $(installed) ## Run every stage, generate the tables and build the PDF (profile: STREAMKV_PROFILE, default demo)
-	$(STREAMKV) paper $(force_flag)
+	$(STREAMKV) paper --no-pdf $(force_flag)
 	$(MAKE) pdf
 
 baseline: $(installed) ## The fixed sliding-window-recompute baseline (written once, then reused)

@@ -6,6 +6,7 @@ make a reused baseline's timings incomparable (GPU, torch, CUDA, transformers, d
 """
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -23,6 +24,17 @@ def _run(*cmd: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip()
+
+
+def _git() -> tuple[str | None, bool | None]:
+    """Commit and dirty flag of the checkout. The image has no .git: there the build args
+    STREAMKV_GIT_COMMIT / STREAMKV_GIT_DIRTY (set by `make image`) name the commit it was built from."""
+    commit = _run("git", "rev-parse", "HEAD")
+    if commit:
+        status = _run("git", "status", "--porcelain")
+        return commit, None if status is None else bool(status)
+    dirty = os.environ.get("STREAMKV_GIT_DIRTY")
+    return os.environ.get("STREAMKV_GIT_COMMIT") or None, None if not dirty else dirty == "1"
 
 
 def _version(package: str) -> str | None:
@@ -59,12 +71,11 @@ def collect() -> dict:
     # compare() and must stay free of torch.
     import torch
 
-    commit = _run("git", "rev-parse", "HEAD")
-    status = _run("git", "status", "--porcelain") if commit else None
+    commit, dirty = _git()
     gpu_name, driver = _gpu(torch)
     return {
         "git_commit": commit,
-        "git_dirty": None if status is None else bool(status),
+        "git_dirty": dirty,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),

@@ -41,3 +41,15 @@ def test_collect_outside_a_git_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(fingerprint, "REPO", tmp_path)
     fp = fingerprint.collect()
     assert fp["git_commit"] is None and fp["git_dirty"] is None
+
+
+def test_image_without_git_names_its_build_commit(monkeypatch):
+    from streamkv import fingerprint as fp
+
+    monkeypatch.setattr(fp, "_run", lambda *cmd: None)   # no git binary, no .git: as in the image
+    monkeypatch.setenv("STREAMKV_GIT_COMMIT", "a" * 40)
+    monkeypatch.setenv("STREAMKV_GIT_DIRTY", "1")
+    assert fp._git() == ("a" * 40, True)
+    monkeypatch.delenv("STREAMKV_GIT_COMMIT")
+    monkeypatch.delenv("STREAMKV_GIT_DIRTY")
+    assert fp._git() == (None, None)

@@ -155,3 +155,12 @@ def test_copy_stores_the_same_result_under_another_slot(store):
     assert list(read_nll(path.parent / doc["artifacts"]["nll"])) == [1.0, 2.0]
     assert json.loads((path.parent / "R=64.run2.json").read_text())["metrics"] == {"tpot_ms": 3.0}
     assert store.lookup("sweeps/pg19/R=64", "c" * 64, allow_stale=False) is not None
+
+
+def test_atomic_write_leaves_a_world_readable_file(tmp_path):
+    from streamkv.store import atomic_write
+
+    target = tmp_path / "r" / "x.json"
+    atomic_write(target, b"{}")
+    assert target.read_bytes() == b"{}" and target.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in target.parent.iterdir()] == ["x.json"]   # no temp file left behind
