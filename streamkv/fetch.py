@@ -346,12 +346,15 @@ def verify(data_dir: Path, quick: bool = False) -> tuple[list[str], int]:
               show_default=True, help="Where the stream files and manifest.json go.")
 @click.option("--revision", default=None, help=f"Pythia commit (40 hex) [default: ${REVISION_ENV} or {PYTHIA_REVISION}]")
 @click.option("--pg19-title", default=PG19_BOOK_TITLE, show_default=True, help="PG19 test book (short_book_title).")
+# The sample lengths name the stream files the paper profile looks for, so fetch reads the same knobs from
+# the environment (the image build passes them as build args; .env is a run-time file and is not read here).
 @click.option("--pg19-tokens", type=click.IntRange(min=1), default=PG19_SAMPLE_LENGTH, show_default=True,
-              help="Keep at least this many tokens of the book (PG19_SAMPLE_LENGTH).")
+              envvar="PG19_SAMPLE_LENGTH", help="Keep at least this many tokens of the book [env PG19_SAMPLE_LENGTH].")
 @click.option("--wikitext-row", type=click.IntRange(min=0), default=WIKITEXT_ROW, show_default=True,
               help="First WikiText-103 test row of the sample.")
 @click.option("--wikitext-tokens", type=click.IntRange(min=1), default=WIKITEXT_SAMPLE_LENGTH, show_default=True,
-              help="Keep at least this many tokens of rows (WIKITEXT_SAMPLE_LENGTH).")
+              envvar="WIKITEXT_SAMPLE_LENGTH",
+              help="Keep at least this many tokens of rows [env WIKITEXT_SAMPLE_LENGTH].")
 def fetch_command(data_dir: Path, revision: str | None, pg19_title: str, pg19_tokens: int, wikitext_row: int,
                   wikitext_tokens: int) -> None:
     """Download the paper's model and datasets (needs network), presample the streams, write the manifest."""
