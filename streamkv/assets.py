@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from streamkv.fetch import sha256_file
 from streamkv.spec import DataSpec, ModelSpec, SpecError
 
 if TYPE_CHECKING:
@@ -45,14 +46,6 @@ def _missing(what: str, where) -> AssetError:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _resolve(path: str) -> Path:

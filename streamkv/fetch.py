@@ -109,8 +109,8 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
-# streamkv.assets has the same helper; this module imports nothing from the package because the image's
-# assets stage runs it alone.
+# Lives here, not in streamkv.assets (which imports it): this module imports nothing from the package because
+# the image's assets stage runs it alone.
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -18,7 +18,7 @@ from streamkv.engines import decode, recompute, reference
 from streamkv.metrics import nll_from_logits
 from streamkv.policies import build_schedule
 from streamkv.spec import PolicySpec
-from tiny_models import MODELS, dense_nll, token_stream, visible_mask
+from tiny_models import MODELS, cached_model, cached_stream, dense_nll, visible_mask
 
 N_TOKENS = 60
 TOL = 1e-6
@@ -40,14 +40,11 @@ CASES = {
 MODES = ("cache", "absolute")
 
 
-@functools.cache
-def model(name: str):
-    return MODELS[name]()
+model = cached_model
 
 
-@functools.cache
 def stream() -> torch.Tensor:
-    return token_stream(N_TOKENS)
+    return cached_stream(N_TOKENS)
 
 
 @functools.cache

@@ -18,7 +18,7 @@ from streamkv import engines
 from streamkv.engines import parallel, reference
 from streamkv.policies import build_schedule
 from streamkv.spec import PolicySpec
-from tiny_models import MODELS, dense_nll, token_stream
+from tiny_models import MODELS, cached_model, cached_stream, dense_nll, token_stream
 
 N_TOKENS = 61
 TOL = 1e-6
@@ -39,14 +39,11 @@ CASES = {
 MODES = ("cache", "absolute")
 
 
-@functools.cache
-def model(name: str):
-    return MODELS[name]()
+model = cached_model
 
 
-@functools.cache
 def stream() -> torch.Tensor:
-    return token_stream(N_TOKENS)
+    return cached_stream(N_TOKENS)
 
 
 @functools.cache

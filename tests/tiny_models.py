@@ -8,6 +8,8 @@ loss and the equivalence tests could not fail. Both models run in float64 so eng
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -53,6 +55,15 @@ MODELS = {"gpt_neox": tiny_gpt_neox, "llama": tiny_llama}
 def token_stream(n_tokens: int, *, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
     """A fixed random LongTensor [n_tokens]."""
     return torch.randint(0, vocab, (n_tokens,), generator=torch.Generator().manual_seed(seed))
+
+
+@functools.cache
+def cached_model(name: str):
+    """One shared instance per tiny model: building them dominates the engine tests' time otherwise."""
+    return MODELS[name]()
+
+
+cached_stream = functools.cache(token_stream)
 
 
 def visible_mask(schedule, dtype: torch.dtype = torch.float64) -> torch.Tensor:
