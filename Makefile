@@ -31,7 +31,8 @@ setup: $(installed) ## Create .venv and install streamkv with the locked depende
 
 paper: $(installed) ## Run every stage, generate the tables and build the PDF (profile: STREAMKV_PROFILE, default demo)
 	$(STREAMKV) paper --no-pdf $(force_flag)
-	$(MAKE) pdf
+	scripts/ensure_tex.sh
+	VENV=$(VENV) scripts/build_pdf.sh
 
 baseline: $(installed) ## The fixed sliding-window-recompute baseline (written once, then reused)
 	$(STREAMKV) baseline $(force_flag)
@@ -56,7 +57,7 @@ tex: $(installed) ## Rebuild NeurIPS/generated/*.tex from results/ (never loads 
 
 pdf: tex ## Build NeurIPS/neurips_2025_compressed.pdf (installs TeX Live from Debian when missing and root)
 	scripts/ensure_tex.sh
-	scripts/build_pdf.sh
+	VENV=$(VENV) scripts/build_pdf.sh
 
 test: $(installed) ## Run the test suite (transformers 5.x, then the engine tests on transformers 4.57)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -248,7 +248,8 @@ def run_reference(store: Store, slot: str, repo: Path, python: str, inv: Invocat
         if inv.output_json:
             command += ["--output-json", str(out_dir / "metrics.json")]
         # Upstream installs streaming_llm with `setup.py develop`; the checkout on the path does the same.
-        env = {**os.environ,
+        # No network at run time: MIT's script calls load_dataset / from_pretrained, which would download.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
         with open(out_dir / "stdout.txt", "wb") as so, open(out_dir / "stderr.txt", "wb") as se:
             rc = subprocess.run(command, cwd=repo, env=env, stdout=so, stderr=se).returncode

@@ -15,9 +15,6 @@ import torch
 
 from .compat import Rotary
 
-POSITION_MODES = ("cache", "absolute")
-
-
 def _angles(delta: torch.Tensor, rot: Rotary, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     inv = rot.inv_freq.to(device=delta.device, dtype=dtype)
     freqs = delta.to(dtype)[:, None] * inv[None, :]           # [n, rot/2]

@@ -35,7 +35,6 @@ from .settings import Settings
 from .spec import DataSpec, MeasureSpec, RunSpec
 from .store import Store, atomic_write
 
-INDEX_ENTRIES = 8
 
 
 class StageError(ValueError):
@@ -67,12 +66,18 @@ def _say(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ stream index
-def _index_key(profile: Profile, dataset: Dataset) -> dict | None:
+def _index_key(profile: Profile, dataset: Dataset) -> dict:
+    """What a stream's DataSpec depends on. The file's sha256 is None when the file is absent (a machine that
+    holds results/ but not the paper's assets): `make tex` still finds the entry by path and model."""
     file = Path(dataset.path) if Path(dataset.path).is_absolute() else assets.REPO / dataset.path
-    if not file.is_file():
-        return None
-    return {"path": dataset.path, "file_sha256": assets.sha256_file(file), "max_tokens": dataset.max_tokens,
-            "model": [profile.model.name, profile.model.revision]}
+    return {"path": dataset.path, "file_sha256": assets.sha256_file(file) if file.is_file() else None,
+            "max_tokens": dataset.max_tokens, "model": [profile.model.name, profile.model.revision]}
+
+
+def _matches(stored: dict, key: dict) -> bool:
+    if key["file_sha256"] is None:   # file absent: the newest entry for the same path, budget and model
+        return {**stored, "file_sha256": None} == key
+    return stored == key
 
 
 def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: bool) -> DataSpec | None:
@@ -81,8 +86,8 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
     key = _index_key(profile, dataset)
     try:
         entries = json.loads(index.read_text(encoding="utf-8"))["entries"]
-        for entry in entries:
-            if key is not None and entry["key"] == key:
+        for entry in reversed(entries):
+            if _matches(entry["key"], key):
                 return DataSpec(**entry["data"])
     except (OSError, ValueError, KeyError, TypeError):
         entries = []  # absent or unreadable: the index is a cache, never a source of truth
@@ -91,9 +96,10 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
     synthetic = dataset.path.startswith(assets.SYNTHETIC_PREFIX)  # random ids: no tokenizer to load
     tokenizer = None if synthetic else assets.load_tokenizer(profile.model)
     _, data = assets.load_stream(dataset.name, dataset.path, tokenizer, dataset.max_tokens)
-    if key is not None:
-        # A few entries, newest last: `run --max-eval-tokens` must not evict the stages' entry.
-        entries = entries[-(INDEX_ENTRIES - 1):] + [{"key": key, "data": dataclasses.asdict(data)}]
+    if key["file_sha256"] is not None:
+        # Every key stays (the file is a few lines per token budget): evicting the stages' own entry would
+        # leave `make tex` without the DataSpecs it needs to recognise current results.
+        entries = [e for e in entries if e.get("key") != key] + [{"key": key, "data": dataclasses.asdict(data)}]
         atomic_write(index, json.dumps({"entries": entries}, indent=2).encode())
     return data
 
@@ -248,7 +254,8 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
     for problem in scan.problems:
         _say(f"skipped: {problem}")
     # Every readable result by hash, so an equal spec in another slot is copied instead of recomputed.
-    by_hash = {} if s.force else {e.config_hash: e.path for e in scan.entries}
+    # Only our own runs: a bench or MIT file may share a baseline's spec hash but holds no perplexity.
+    by_hash = {} if s.force else {e.config_hash: e.path for e in scan.entries if e.kind == "run"}
     here = None
     todo = []
     for p in points:

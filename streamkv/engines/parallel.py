@@ -51,7 +51,8 @@ from transformers import AttentionInterface
 from .. import compat
 from ..metrics import PhaseTimer, nll_from_logits
 from ..policies import Schedule
-from ..positions import POSITION_MODES, rotate
+from ..positions import rotate
+from ..spec import POSITION_MODES
 from ..spec import REROTATIONS
 from .base import EngineResult
 
