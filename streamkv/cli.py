@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import click
@@ -32,8 +34,14 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except USER_ERRORS as err:
-            click.echo(f"streamkv: error: {' '.join(str(err).split())}", err=True)
-            ctx.exit(2)
+            _fail(ctx, str(err))
+        except click.BadParameter as err:   # an option's type or range (e.g. --max-eval-tokens 0)
+            _fail(ctx, err.format_message())
+
+
+def _fail(ctx: click.Context, message: str) -> None:
+    click.echo(f"streamkv: error: {' '.join(message.split())}", err=True)
+    ctx.exit(2)
 
 
 @click.group(cls=_Group)
@@ -168,7 +176,8 @@ def fingerprint_command() -> None:
 @click.option("--rerotation", default="exact", show_default=True, help="exact | composed_fp16")
 @click.option("--engine", default=None, help="decode | reference | parallel  [default: as the stages choose]")
 @click.option("--dtype", default=None, help="float16 | bfloat16 | float32 | float64  [default: the profile's]")
-@click.option("--max-eval-tokens", type=int, default=None, help="[default: the dataset's evaluation length]")
+@click.option("--max-eval-tokens", type=click.IntRange(min=2), default=None,
+              help="At least 2  [default: the dataset's evaluation length]")
 @click.option("--random-weights", is_flag=True, help="Timing only: weights drawn from a fixed seed (recorded).")
 @click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 0]")
 @click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 1]")
@@ -190,6 +199,8 @@ def run(**o) -> None:
     model = dataclasses.replace(ctx.model, dtype=o["dtype"] or ctx.model.dtype)
     policy = _run_policy(o, p)
     if o["mode"] == "baseline":
+        if o["engine"] not in (None, "recompute"):
+            raise SpecError(f"--mode baseline runs the recompute engine only, not --engine {o['engine']}")
         engine = "recompute"
     else:
         realisable = stages.parallel_realises(policy, o["position_mode"], o["rerotation"])
@@ -201,6 +212,8 @@ def run(**o) -> None:
     # Validate every knob before the stream is tokenized or a model is loaded.
     probe = RunSpec(model=model, data=None, mode=o["mode"], policy=policy, position_mode=o["position_mode"],
                     rerotation=o["rerotation"], engine=engine, device=p.device, measure=measure)
+    if o["output"] is not None:
+        _check_writable(o["output"])
     data = stages.resolve_data(p, dataset, ctx.store, tokenize=True)
     spec = dataclasses.replace(probe, data=data)
     from .runner import Runner  # loads torch and the engines: only once the knobs are known to be valid
@@ -209,7 +222,29 @@ def run(**o) -> None:
     click.echo(str(path))
 
 
+def _check_writable(output: Path) -> None:
+    """Refuse an --output whose directory cannot be created or written, before anything is computed."""
+    parent = output.absolute().parent
+    existing = next(d for d in (parent, *parent.parents) if d.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a directory")
+        # access() says yes to root even where nothing can be created (/proc): create a file to know.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise SpecError(f"--output {output} cannot be written ({err})") from None
+
+
 def _run_policy(o: dict, p) -> PolicySpec:
+    policy = _policy_of_flags(o, p)
+    if o["window_size"] is not None and o["cap_total"] is not None and policy.cap_total != o["cap_total"]:
+        raise SpecError(f"--window-size {o['window_size']} and --cap-total {o['cap_total']} disagree: "
+                        f"S+W+O+B+σ = {policy.cap_total}; give one of them, or values that add up")
+    return policy
+
+
+def _policy_of_flags(o: dict, p) -> PolicySpec:
     if o["mode"] == "baseline":
         if o["n_sink"] is None and o["window_size"] is None:
             return p.baseline_policy()

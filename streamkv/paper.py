@@ -65,13 +65,13 @@ def build_pdf(neurips_dir: Path | str = "NeurIPS", *, use_generated: bool = True
               help="Include the appendix (sweeps, negative results).")
 def pdf_command(neurips_dir: str, generated: bool, appendix: bool) -> None:
     """Build the paper PDF with latexmk."""
-    try:
-        out = build_pdf(neurips_dir, use_generated=generated, use_appendix=appendix)
-    except PaperError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(1)
-    click.echo(str(out))
+    # A PaperError propagates: `streamkv`'s group prints it as one line and exits 2.
+    click.echo(str(build_pdf(neurips_dir, use_generated=generated, use_appendix=appendix)))
 
 
 if __name__ == "__main__":
-    pdf_command()
+    try:
+        pdf_command()
+    except PaperError as err:
+        click.echo(f"streamkv: error: {' '.join(str(err).split())}", err=True)
+        sys.exit(2)

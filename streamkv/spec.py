@@ -101,7 +101,10 @@ class ModelSpec:
 class DataSpec:
     name: str                 # e.g. pg19, wikitext, demo-long, demo-short
     path: str                 # stream file, relative to the repository root
-    sha256: str               # of the stream file's text
+    # sha256 of the token ids evaluated (int64 little-endian, after truncation), for text streams and
+    # synthetic ones alike: it covers the tokenizer, so a changed tokenizer changes config_hash. The text
+    # itself is checked against the stream file's recorded sha256 when it is loaded.
+    sha256: str
     n_tokens: int             # tokens evaluated (after --max-eval-tokens truncation)
 
 
@@ -143,8 +146,15 @@ class RunSpec:
         if (self.mode == "baseline") != (self.engine == "recompute"):
             raise SpecError(f"mode {self.mode!r} does not go with engine {self.engine!r}: "
                             "the baseline is the recompute engine and only it")
+        if self.mode == "baseline" and (self.position_mode != "cache" or self.rerotation != "exact"):
+            # They would not change the recompute baseline's numbers, only its hash (and so force a recompute).
+            raise SpecError(f"the recompute baseline takes position_mode cache and rerotation exact only "
+                            f"(got position_mode={self.position_mode}, rerotation={self.rerotation})")
         if self.position_mode == "absolute" and self.rerotation != "exact":
             raise SpecError("rerotation only applies to position_mode cache: absolute mode never moves a key")
+        if self.rerotation == "composed_fp16" and self.engine != "decode":
+            raise SpecError(f"rerotation composed_fp16 needs engine decode (got {self.engine!r}): the "
+                            "reference and parallel engines realise only exact re-rotation")
         if self.loss_dtype not in ("float32", "float64"):
             raise SpecError(f"loss_dtype must be float32 or float64, got {self.loss_dtype!r}")
 

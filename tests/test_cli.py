@@ -199,3 +199,28 @@ def test_run_on_the_demo_model_writes_the_documented_result(invoke, tmp_path):
     assert docs["baseline"]["engines"]["perplexity"] == "recompute"
     assert docs["strict"]["spec"]["policy"]["window"] == docs["lazy"]["spec"]["policy"]["window"] == 252
     assert docs["lazy"]["engines"] == {"perplexity": "decode", "timing": "decode"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-eval-tokens", "0"], "--max-eval-tokens"),
+    (["--max-eval-tokens", "1"], "--max-eval-tokens"),
+    (["--engine", "reference", "--rerotation", "composed_fp16"], "composed_fp16 needs engine decode"),
+    (["--mode", "baseline", "--engine", "decode"], "--mode baseline runs the recompute engine only"),
+    (["--mode", "baseline", "--position-mode", "absolute"], "recompute baseline takes position_mode cache"),
+    (["--mode", "baseline", "--rerotation", "composed_fp16"], "recompute baseline takes position_mode cache"),
+    (["--window-size", "10", "--cap-total", "40"], "--window-size 10 and --cap-total 40 disagree"),
+    (["--mode", "baseline", "--window-size", "10", "--cap-total", "40"], "--window-size 10 and --cap-total 40"),
+    (["--output", "/proc/x.json"], "--output /proc/x.json cannot be written"),
+])
+def test_run_refuses_before_any_model_loads(invoke, faked, tmp_path, args, message):
+    assert_one_line_error(invoke("run", *args), message, tmp_path / "results")
+    assert faked == []   # no runner was made, so no model was loaded
+
+
+def test_window_size_and_cap_total_that_add_up_are_accepted(invoke, faked, tmp_path):
+    # fake profile: S=2, σ=0
+    result = invoke("run", "--window-size", "10", "--cap-total", "12", "--output", "new/dir/a.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "new" / "dir" / "a.json").read_text())["spec"]["policy"]["window"] == 10
+    result = invoke("run", "--mode", "baseline", "--engine", "recompute", "--window-size", "12", "--cap-total", "16")
+    assert result.exit_code == 0, result.output

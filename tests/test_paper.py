@@ -45,6 +45,18 @@ def test_missing_latexmk_is_one_clear_line(monkeypatch, tmp_path):
     assert "latexmk not found" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_pdf_command_error_is_the_streamkv_one_line_exit_2(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from streamkv import cli
+
+    monkeypatch.setattr(paper.shutil, "which", lambda name: None)
+    result = CliRunner().invoke(cli.main, ["pdf", "--neurips-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("streamkv: error: latexmk not found") and not result.stdout
+
+
 @pytest.fixture
 def paper_dir(tmp_path):
     """A copy of NeurIPS/ with generated tables, meta and figures from fake results."""
