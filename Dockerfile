@@ -37,14 +37,14 @@ RUN grep -qx "torch==${TORCH_VERSION}+${TORCH_CUDA}" /tmp/requirements.lock \
     && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.lock
 ENV PATH=/opt/venv/bin:$PATH
 
-# ---- assets: `streamkv fetch` with network. Only fetch.py is copied in, so that editing any other
-# module leaves this multi-GB layer cached.
+# ---- assets: `streamkv fetch` with network. Only fetch.py and its stdlib-only helper files.py are copied
+# in, so that editing any other module leaves this multi-GB layer cached.
 FROM deps AS assets
 ARG PYTHIA_REVISION
 ENV HF_HOME=/opt/hf \
     HF_HUB_DISABLE_TELEMETRY=1
 WORKDIR /assets
-COPY streamkv/__init__.py streamkv/fetch.py streamkv/
+COPY streamkv/__init__.py streamkv/files.py streamkv/fetch.py streamkv/
 RUN python -m streamkv.fetch --revision "${PYTHIA_REVISION}" --data-dir /assets/data
 
 # ---- runtime: offline, non-root, TeX Live for the PDF.

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamkv.fetch import sha256_file
+from streamkv.files import sha256_file
 from streamkv.spec import DataSpec, ModelSpec, SpecError
 
 if TYPE_CHECKING:
@@ -164,8 +164,12 @@ def _synthetic(name: str, path: str, max_tokens: int | None) -> tuple[torch.Tens
     if max_tokens is None or max_tokens < 2:
         raise SpecError(f"synthetic stream {name!r} needs a token count >= 2 (--max-eval-tokens)")
     ids = torch.randint(0, vocab_size, (max_tokens,), generator=torch.Generator().manual_seed(seed))
-    sha = hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()  # the ids stand in for text
-    return ids, DataSpec(name=name, path=path, sha256=sha, n_tokens=max_tokens)
+    return ids, DataSpec(name=name, path=path, sha256=ids_sha256(ids), n_tokens=max_tokens)
+
+
+def ids_sha256(ids: torch.Tensor) -> str:
+    """DataSpec.sha256: the sha256 of the evaluated token ids as int64 little-endian bytes."""
+    return hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()
 
 
 def load_stream(name: str, path: str, tokenizer, max_tokens: int | None = None) -> tuple[torch.Tensor, DataSpec]:
@@ -174,6 +178,8 @@ def load_stream(name: str, path: str, tokenizer, max_tokens: int | None = None) 
     The file is JSON {"text", "source", "n_chars", "sha256"} (+ provenance); the text must match its
     recorded sha256. Tokenized without special tokens; truncated to max_tokens (None: the whole stream);
     asking for more tokens than the stream has is an error, never a silently shorter run.
+    DataSpec.sha256 is `ids_sha256` of the ids returned (not the text's sha256): it changes with the
+    tokenizer too, so a result is never reused across tokenizers that split the text differently.
     """
     import torch
 
@@ -197,5 +203,5 @@ def load_stream(name: str, path: str, tokenizer, max_tokens: int | None = None) 
         if len(ids) < max_tokens:
             raise SpecError(f"stream {name!r} has {len(ids)} tokens, fewer than the {max_tokens} asked for")
         ids = ids[:max_tokens]
-    return torch.tensor(ids, dtype=torch.long), DataSpec(name=name, path=_relative(file), sha256=actual,
-                                                         n_tokens=len(ids))
+    ids = torch.tensor(ids, dtype=torch.long)
+    return ids, DataSpec(name=name, path=_relative(file), sha256=ids_sha256(ids), n_tokens=len(ids))

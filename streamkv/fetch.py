@@ -44,6 +44,10 @@ from pathlib import Path
 
 import click
 
+# The only package import allowed here: the image's assets stage copies in just __init__.py, this module
+# and files.py (stdlib only). sha256_file is re-exported for callers that take it from here.
+from .files import atomic_write, sha256_file
+
 PYTHIA_REPO = "EleutherAI/pythia-2.8b"
 PYTHIA_REVISION = "2a259cdd96a4beb1cdf467512e3904197345f6a9"
 REVISION_ENV = "STREAMKV_PYTHIA_REVISION"    # the image sets it from its PYTHIA_REVISION build arg
@@ -109,25 +113,8 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
-# Lives here, not in streamkv.assets (which imports it): this module imports nothing from the package because
-# the image's assets stage runs it alone.
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- network
@@ -358,11 +345,9 @@ def verify(data_dir: Path, quick: bool = False) -> tuple[list[str], int]:
 def fetch_command(data_dir: Path, revision: str | None, pg19_title: str, pg19_tokens: int, wikitext_row: int,
                   wikitext_tokens: int) -> None:
     """Download the paper's model and datasets (needs network), presample the streams, write the manifest."""
-    try:
-        manifest = fetch(data_dir, revision or pinned_revision(), pg19_title, wikitext_row, pg19_tokens,
-                         wikitext_tokens)
-    except FetchError as err:
-        raise click.ClickException(str(err)) from None
+    # A FetchError propagates: `streamkv`'s group prints it as one line and exits 2 (see __main__ below).
+    manifest = fetch(data_dir, revision or pinned_revision(), pg19_title, wikitext_row, pg19_tokens,
+                     wikitext_tokens)
     model = manifest["model"]
     click.echo(f"model: {model['repo']}@{model['revision']} ({len(model['files'])} files)")
     for name in manifest["streams"]:
@@ -376,19 +361,20 @@ def fetch_command(data_dir: Path, revision: str | None, pg19_title: str, pg19_to
 @click.option("--quick", is_flag=True, help="Check presence and size only (no sha256): for health checks.")
 def verify_assets_command(data_dir: Path, quick: bool) -> None:
     """Check the fetched assets against data/manifest.json, offline; one line per bad file."""
-    try:
-        problems, n_files = verify(data_dir, quick)
-    except FetchError as err:
-        raise click.ClickException(str(err)) from None
+    problems, n_files = verify(data_dir, quick)
     for line in problems:
         click.echo(line, err=True)
     if problems:
-        raise click.ClickException(f"{len(problems)} of {n_files} asset files do not match "
-                                   f"{data_dir / MANIFEST_NAME}; {HOW_TO_FETCH}")
+        raise FetchError(f"{len(problems)} of {n_files} asset files do not match "
+                         f"{data_dir / MANIFEST_NAME}; {HOW_TO_FETCH}")
     click.echo(f"assets ok: {n_files} files match {data_dir / MANIFEST_NAME}" + (" (sizes only)" if quick else ""))
 
 
 if __name__ == "__main__":
     # The image's assets stage runs this file alone (`python -m streamkv.fetch`), with no other module of
     # the package copied in, so that editing the rest of streamkv does not invalidate the multi-GB layer.
-    fetch_command()
+    try:
+        fetch_command()
+    except FetchError as err:   # the same one line and exit code as `streamkv fetch`
+        click.echo(f"streamkv: error: {' '.join(str(err).split())}", err=True)
+        raise SystemExit(2) from None

@@ -21,9 +21,10 @@ The decision rule reproduces the seed's code (DESIGN.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
-from .spec import PolicySpec
+from .spec import PolicySpec, SpecError
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,20 @@ class CacheView:
     def indices(self) -> list[int]:
         return list(range(self.n_sink)) + list(self.refresh) + list(range(self.start, self.end))
 
+    def token_at(self, slot: int) -> int:
+        """The original token index held in `slot` (0 <= slot < len(self)), without listing the view."""
+        if not 0 <= slot < len(self):
+            raise IndexError(f"slot {slot} outside a cache of {len(self)}")
+        if slot < self.n_sink:
+            return slot
+        if slot < self.n_sink + len(self.refresh):
+            return self.refresh[slot - self.n_sink]
+        return self.start + (slot - self.n_sink - len(self.refresh))
+
     @property
     def contiguous(self) -> bool:
         """Sinks plus one recent run: the shape the parallel engine can evaluate with a mask."""
         return not self.refresh
-
-    def slot_of_next(self) -> int:
-        """Cache-mode position of the token fed next: the current cache length."""
-        return len(self)
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ class Pruner:
         return target
 
 
-def _choose_refresh(middle: list[int], budget: int, how: str) -> tuple[int, ...]:
+def _choose_refresh(middle: range, budget: int, how: str) -> tuple[int, ...]:
     """Refresh tokens from the evicted middle: evenly spaced (uniform) or a centred run (middle)."""
     if budget == 0:
         return ()
@@ -106,20 +113,34 @@ def _choose_refresh(middle: list[int], budget: int, how: str) -> tuple[int, ...]
     return tuple(middle[lo:lo + budget])
 
 
+@lru_cache(maxsize=1024)
+def _prune_slots(length: int, target: int, n_sink: int, refresh_budget: int,
+                 refresh_policy: str) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(sinks kept, refresh slots, all kept slots) of a prune from `length` to `target` slots.
+
+    A pure function of slot positions, memoised so that the thousands of identical prunes of a schedule
+    (every step of a strict one) share one `keep` tuple instead of each holding ~cap_total ints.
+    """
+    n_sink = min(n_sink, target)
+    recent_len = target - n_sink - refresh_budget
+    # The middle that this prune evicts holds length − target + B > B slots, so B refresh slots always fit.
+    refresh = _choose_refresh(range(n_sink, length - recent_len), refresh_budget, refresh_policy)
+    return n_sink, refresh, tuple(range(n_sink)) + refresh + tuple(range(length - recent_len, length))
+
+
 def prune_view(view: CacheView, target: int, policy: PolicySpec) -> tuple[CacheView, tuple[int, ...]]:
-    """Cut `view` (longer than `target`) to `target` tokens; returns the new view and the kept slots."""
+    """Cut `view` (longer than `target`) to `target` tokens; returns the new view and the kept slots.
+
+    O(B) apart from the memoised `keep`: slots are mapped to tokens through the view, never listed. That
+    `keep` and the new view agree is checked by the tests (tests/test_policies.py `_replay`), not per step.
+    """
     length = len(view)
     assert target < length, "the decision rule only prunes a cache longer than its target"
-    n_sink = min(policy.n_sink, target)
-    recent_len = target - n_sink - policy.refresh_budget
-    # The middle that this prune evicts holds length − target + B > B slots, so B refresh slots always fit.
-    middle = list(range(n_sink, length - recent_len))
-    refresh = _choose_refresh(middle, policy.refresh_budget, policy.refresh_policy)
-    keep = tuple(range(n_sink)) + refresh + tuple(range(length - recent_len, length))
-    slots = view.indices()
-    new = CacheView(n_sink=n_sink, refresh=tuple(slots[i] for i in refresh),
-                    start=slots[length - recent_len] if recent_len else view.end, end=view.end)
-    assert new.indices() == [slots[i] for i in keep], "refresh tokens must precede the recent run"
+    n_sink, refresh, keep = _prune_slots(length, target, policy.n_sink, policy.refresh_budget,
+                                         policy.refresh_policy)
+    recent_len = target - n_sink - len(refresh)
+    new = CacheView(n_sink=n_sink, refresh=tuple(view.token_at(i) for i in refresh),
+                    start=view.token_at(length - recent_len) if recent_len else view.end, end=view.end)
     return new, keep
 
 
@@ -161,7 +182,7 @@ class Schedule:
 
 def build_schedule(policy: PolicySpec, n_tokens: int) -> Schedule:
     if n_tokens < 2:
-        raise ValueError(f"a stream needs at least 2 tokens to predict one, got {n_tokens}")
+        raise SpecError(f"a stream needs at least 2 tokens to predict one, got {n_tokens}")
     pruner = Pruner(policy)
     prefill = min(policy.cap_total, n_tokens)
     view = CacheView(n_sink=0, refresh=(), start=0, end=0)

@@ -18,17 +18,16 @@ slot is stale: `lookup` returns it only with allow_stale, marked, and remembers 
 """
 from __future__ import annotations
 
-import json
-import os
 import glob
+import json
 import re
 import sys
-import tempfile
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from .files import atomic_write  # re-exported: stages.py and mit.py import it from here
 from .schema import SCHEMA_VERSION, Result
 from .tables.cells import Cell
 
@@ -36,28 +35,6 @@ RESULT_KINDS = ("run", "mit_reference", "bench")
 _TOP_LEVEL = ("mit_bench", "runs")           # slot roots stored as <results>/<slot>.json
 _SCANNED = ("baselines", "paper_experiments") + _TOP_LEVEL
 _ARTIFACT = re.compile(r"\.(cache_len|run\d+)\.json$")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; results are shared (and written by a --user container), so 0644.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself must survive a power cut, not only the data.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _json_bytes(doc) -> bytes:

@@ -1,4 +1,5 @@
 """streamkv.assets: local-only loading, integrity checks, one-line errors naming `streamkv fetch`."""
+import hashlib
 import json
 import shutil
 
@@ -31,10 +32,22 @@ def test_stream_truncates_and_records_its_data_spec(tokenizer):
     ids, data = load_stream("demo-short", SHORT, tokenizer, 100)
     record = json.loads((assets.REPO / SHORT).read_text())
     assert ids.dtype == torch.long and ids.shape == (100,)
-    assert (data.name, data.path, data.sha256, data.n_tokens) == ("demo-short", SHORT, record["sha256"], 100)
+    assert (data.name, data.path, data.n_tokens) == ("demo-short", SHORT, 100)
+    # The hash of the ids evaluated (int64 little-endian), not of the text: it covers the tokenizer too.
+    assert data.sha256 == hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest() != record["sha256"]
     full, full_data = load_stream("demo-short", SHORT, tokenizer, None)
     assert torch.equal(full[:100], ids) and full_data.n_tokens == len(full) > 1000
     assert tokenizer.decode(full) == record["text"]  # byte-level BPE round-trips, no special tokens added
+
+
+def test_stream_hash_changes_with_the_tokenizer_and_the_truncation(tokenizer):
+    def split_differently(text, **kwargs):
+        return {"input_ids": [i + 1 for i in tokenizer(text, **kwargs)["input_ids"]]}
+
+    ids, data = load_stream("demo-short", SHORT, tokenizer, 100)
+    other_ids, other = load_stream("demo-short", SHORT, split_differently, 100)
+    assert not torch.equal(ids, other_ids) and other.sha256 != data.sha256   # same text, other ids
+    assert load_stream("demo-short", SHORT, tokenizer, 101)[1].sha256 != data.sha256
 
 
 def test_stream_shorter_than_asked_is_an_error(tokenizer):

@@ -203,6 +203,23 @@ def test_dockerfile_stages_and_runtime_contract():
     assert re.search(r'^HEALTHCHECK .*CMD \["/app/docker/smoke.sh", "--quick"\]$', runtime, re.M)
 
 
+def test_assets_stage_copies_every_module_fetch_imports():
+    """The assets stage runs fetch.py with only the package files it copies: every streamkv module those
+    files import must be among them (else the multi-GB stage fails at import, or must copy the package)."""
+    import ast
+
+    copied = {src for line in re.findall(r"^COPY (?!--from)(.+)$", stage("assets"), re.M) for src in line.split()[:-1]}
+    assert {"streamkv/__init__.py", "streamkv/fetch.py", "streamkv/files.py"} <= copied
+    for src in sorted(copied):
+        for node in ast.walk(ast.parse((ROOT / src).read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("streamkv")):
+                module = node.module or ""
+                name = module.removeprefix("streamkv.") if not node.level else module
+                assert name and f"streamkv/{name.replace('.', '/')}.py" in copied, f"{src} imports {module!r}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("streamkv.") for a in node.names), src
+
+
 def test_dockerfile_copies_only_files_that_exist():
     sources = [src for line in re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE, re.M) for src in line.split()[:-1]]
     assert sources and all((ROOT / src).exists() for src in sources), sources

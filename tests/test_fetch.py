@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from huggingface_hub.errors import LocalEntryNotFoundError
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from streamkv import fetch as F
+from streamkv import cli, fetch as F
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,11 +87,11 @@ def hub(tmp_path, monkeypatch):
 
 def run_fetch(data_dir: Path, *extra: str):
     args = ["--data-dir", str(data_dir), "--revision", REV, "--pg19-tokens", "95", "--wikitext-tokens", "40", *extra]
-    return CliRunner().invoke(F.fetch_command, args)
+    return CliRunner().invoke(cli.main, ["fetch", *args])
 
 
 def run_verify(data_dir: Path, *extra: str):
-    return CliRunner().invoke(F.verify_assets_command, ["--data-dir", str(data_dir), *extra])
+    return CliRunner().invoke(cli.main, ["verify-assets", "--data-dir", str(data_dir), *extra])
 
 
 def error_lines(result) -> list[str]:
@@ -148,7 +148,8 @@ def test_manifest_catches_a_flipped_byte_and_a_missing_file(hub, tmp_path, monke
     lines = error_lines(result)
     assert any(line.startswith("changed:") and "model.safetensors" in line for line in lines), lines
     assert any(line.startswith("missing:") and "long_context_40.json" in line for line in lines), lines
-    assert lines[-1].startswith("Error: 2 of 6 asset files") and "streamkv fetch" in lines[-1]
+    assert result.exit_code == 2
+    assert lines[-1].startswith("streamkv: error: 2 of 6 asset files") and "streamkv fetch" in lines[-1]
 
     # --quick (the health check) compares sizes: it sees the missing file, not the same-size flip.
     quick = error_lines(run_verify(data, "--quick"))
@@ -162,15 +163,16 @@ def test_no_network_is_one_line_naming_fetch(hub, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     result = run_fetch(tmp_path / "data")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert len(error_lines(result)) == 1, result.output
     assert "streamkv fetch" in result.output and "LocalEntryNotFoundError" in result.output
+    assert error_lines(result)[0].startswith("streamkv: error: ")
     assert "Traceback" not in result.output
 
 
 def test_no_assets_is_one_line_naming_fetch(hub, tmp_path, monkeypatch):
     result = run_verify(tmp_path / "nothing-here")
-    assert result.exit_code == 1 and len(error_lines(result)) == 1 and "streamkv fetch" in result.output
+    assert result.exit_code == 2 and len(error_lines(result)) == 1 and "streamkv fetch" in result.output
 
     # A manifest whose model snapshot is not in this machine's cache.
     data = tmp_path / "data"
@@ -178,7 +180,7 @@ def test_no_assets_is_one_line_naming_fetch(hub, tmp_path, monkeypatch):
     monkeypatch.setenv(F.REVISION_ENV, REV)
     shutil.rmtree(hub["snapshot"])
     result = run_verify(data)
-    assert result.exit_code == 1 and len(error_lines(result)) == 1, result.output
+    assert result.exit_code == 2 and len(error_lines(result)) == 1, result.output
     assert "not in the Hugging Face cache" in result.output and "streamkv fetch" in result.output
 
 
@@ -188,30 +190,30 @@ def test_real_hub_client_offline_gives_one_line(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "streamkv.fetch", "--data-dir", str(tmp_path / "data")],
                           env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: cannot download {F.PYTHIA_REPO}@2a259cd")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"streamkv: error: cannot download {F.PYTHIA_REPO}@2a259cd")
     assert "streamkv fetch" in proc.stderr
 
 
 def test_book_is_selected_by_title_or_refused(hub, tmp_path):
     result = run_fetch(tmp_path / "data", "--pg19-title", "The Missing Book")
-    assert result.exit_code == 1 and len(error_lines(result)) == 1
+    assert result.exit_code == 2 and len(error_lines(result)) == 1
     assert "no book titled 'The Missing Book'" in result.output
     result = run_fetch(tmp_path / "data", "--pg19-title", "Dragon's blood")
-    assert result.exit_code == 1 and "similar: ['Dragon\u2019s Blood by Henry Milner Rideout']" in result.output
+    assert result.exit_code == 2 and "similar: ['Dragon\u2019s Blood by Henry Milner Rideout']" in result.output
 
 
 def test_too_short_samples_and_bad_rows_are_refused(hub, tmp_path):
     result = run_fetch(tmp_path / "a", "--pg19-tokens", "100000")
-    assert result.exit_code == 1 and "fewer than 100000" in result.output
+    assert result.exit_code == 2 and "fewer than 100000" in result.output
     result = run_fetch(tmp_path / "b", "--wikitext-row", "500")
-    assert result.exit_code == 1 and "row 500 is out of range" in result.output
+    assert result.exit_code == 2 and "row 500 is out of range" in result.output
 
 
 def test_revision_must_be_a_commit(hub, tmp_path, monkeypatch):
-    result = CliRunner().invoke(F.fetch_command, ["--data-dir", str(tmp_path), "--revision", "main"])
-    assert result.exit_code == 1 and "40-hex commit" in result.output
+    result = CliRunner().invoke(cli.main, ["fetch", "--data-dir", str(tmp_path), "--revision", "main"])
+    assert result.exit_code == 2 and "40-hex commit" in result.output
     monkeypatch.setenv(F.REVISION_ENV, "v1.0")
     with pytest.raises(F.FetchError, match="40-hex"):
         F.pinned_revision()
@@ -221,7 +223,7 @@ def test_revision_must_be_a_commit(hub, tmp_path, monkeypatch):
 def test_weights_that_differ_from_the_published_sha256_are_refused(hub, tmp_path, monkeypatch):
     monkeypatch.setitem(F.PUBLISHED_SHA256, REV, {"model.safetensors": "0" * 64})
     result = run_fetch(tmp_path / "data")
-    assert result.exit_code == 1 and "published file has 000000000000" in result.output
+    assert result.exit_code == 2 and "published file has 000000000000" in result.output
     assert not (tmp_path / "data" / "manifest.json").exists()
 
 

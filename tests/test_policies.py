@@ -152,3 +152,19 @@ def test_bad_knobs(kwargs, msg):
 def test_view_slots():
     view = CacheView(n_sink=2, refresh=(5, 7), start=10, end=13)
     assert view.indices() == [0, 1, 5, 7, 10, 11, 12] and len(view) == 7 and not view.contiguous
+    assert [view.token_at(i) for i in range(len(view))] == view.indices()
+    with pytest.raises(IndexError):
+        view.token_at(len(view))
+
+
+def test_strict_schedule_shares_one_keep_tuple():
+    # The paper's strict schedule prunes after every token; identical prunes must not each hold C ints.
+    policy = PolicySpec.auto_cap(64, 4, compress_every=1)
+    sched, _ = _replay(policy, 400)
+    keeps = {id(s.keep) for s in sched.steps[1:]}
+    assert sched.n_prunes == len(sched.steps) - 1 and len(keeps) == 1
+
+
+def test_too_short_stream_is_a_spec_error():
+    with pytest.raises(SpecError, match="at least 2 tokens"):
+        build_schedule(PolicySpec.auto_cap(16, 4, compress_every=1), 1)

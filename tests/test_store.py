@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from streamkv import store as store_mod
+from streamkv import files as files_mod, store as store_mod
 from streamkv.schema import SCHEMA_VERSION
 from streamkv.store import Store, nll_bytes, read_nll
 
@@ -65,7 +65,7 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(store, monkeypatch):
     def crash(src, dst):
         raise KeyboardInterrupt  # what a kill looks like between write and rename
 
-    monkeypatch.setattr(store_mod.os, "replace", crash)
+    monkeypatch.setattr(files_mod.os, "replace", crash)  # store.atomic_write is files.atomic_write
     with pytest.raises(KeyboardInterrupt):
         store_mod.atomic_write(target, b"new")
     assert target.read_bytes() == b"old"
@@ -164,3 +164,8 @@ def test_atomic_write_leaves_a_world_readable_file(tmp_path):
     atomic_write(target, b"{}")
     assert target.read_bytes() == b"{}" and target.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]   # no temp file left behind
+
+
+def test_store_atomic_write_is_the_shared_writer():
+    # stages.py and mit.py import atomic_write from the store; there is one implementation (streamkv.files).
+    assert store_mod.atomic_write is files_mod.atomic_write

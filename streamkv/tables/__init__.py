@@ -6,11 +6,10 @@ applies the reuse and stale rules (see cells.py).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import atomic_write
 from . import ablations, main, negative, sweeps
 from .cells import Cell, Lookup
 from .meta import meta_tex
@@ -53,15 +52,6 @@ def build_tables(lookup: Lookup, spec: TablesSpec):
     return [generate(lookup, spec) for generate in GENERATORS]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A half-written .tex would break the LaTeX build in confusing ways; a rename never leaves one.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)   # mkstemp creates 0600; generated files are meant to be read by anyone
-    os.replace(tmp, path)
-
-
 def write_all(lookup: Lookup, spec: TablesSpec, out_dir: Path | str) -> list[Path]:
     """Rewrite tables.tex, ablations.tex, sweeps.tex, negative_results.tex and meta.tex in `out_dir`."""
     out = Path(out_dir)
@@ -69,9 +59,9 @@ def write_all(lookup: Lookup, spec: TablesSpec, out_dir: Path | str) -> list[Pat
     written = []
     for table in build_tables(lookup, spec):
         written.append(out / f"{table.name}.tex")
-        _write_atomic(written[-1], to_latex(table))
+        atomic_write(written[-1], to_latex(table).encode("utf-8"))
     written.append(out / "meta.tex")
-    _write_atomic(written[-1], meta_tex(spec))
+    atomic_write(written[-1], meta_tex(spec).encode("utf-8"))
     return written
 
 
