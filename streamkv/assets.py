@@ -66,6 +66,13 @@ def _local_dir(spec: ModelSpec) -> Path | None:
     return path if path.is_dir() else None
 
 
+def tokenizer_sha256(spec: ModelSpec) -> str | None:
+    """sha256 of a local checkpoint's tokenizer.json (a hub model's tokenizer is pinned by its revision)."""
+    local = _local_dir(spec)
+    file = None if local is None else local / "tokenizer.json"
+    return sha256_file(file) if file is not None and file.is_file() else None
+
+
 # ------------------------------------------------------------------------------------------------ models
 def demo_model_spec(dtype: str = "float32") -> ModelSpec:
     """The committed demo checkpoint; its revision is the sha256 recorded when it was trained."""

@@ -71,7 +71,9 @@ def _index_key(profile: Profile, dataset: Dataset) -> dict:
     holds results/ but not the paper's assets): `make tex` still finds the entry by path and model."""
     file = Path(dataset.path) if Path(dataset.path).is_absolute() else assets.REPO / dataset.path
     return {"path": dataset.path, "file_sha256": assets.sha256_file(file) if file.is_file() else None,
-            "max_tokens": dataset.max_tokens, "model": [profile.model.name, profile.model.revision]}
+            "max_tokens": dataset.max_tokens, "model": [profile.model.name, profile.model.revision],
+            # A local checkpoint's revision pins only its weights; the ids also depend on its tokenizer.
+            "tokenizer_sha256": assets.tokenizer_sha256(profile.model)}
 
 
 def _matches(stored: dict, key: dict) -> bool:

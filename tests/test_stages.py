@@ -389,3 +389,14 @@ def test_status_lists_every_planned_point(fakes, tmp_path):
     assert len(rows) == 2 + 4 + 6 + 3 and len(problems) == 1
     rows, _ = stages.status(settings(repeat_runs=3), profile=profile)
     assert dict((slot, s) for slot, s, _ in rows)["main/long/lazy"] == "stale"
+
+
+def test_a_changed_tokenizer_invalidates_the_stream_index(fakes, monkeypatch):
+    profile, settings = fakes
+    ctx, _ = points_of(profile, settings(), ["main"])
+    before = ctx.data[profile.long.name]
+    monkeypatch.setattr(assets, "tokenizer_sha256", lambda spec: "0" * 64)
+    calls = []
+    monkeypatch.setattr(assets, "load_stream", lambda *a: calls.append(a) or (None, before))
+    stages.context(settings(), tokenize=True, profile=profile)
+    assert calls, "the index entry made with the old tokenizer was reused"
