@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -74,13 +73,10 @@ def plan(profile: Profile, settings: Settings, store: Store, dataset: Dataset, m
     return BenchPlan(dataset, streaming, recompute)
 
 
-def _timing(r) -> dict:
-    return {"ttft_ms": r.ttft_ms, "tpot_ms": r.tpot_ms, "wall_s": r.wall_s, "peak_memory_mb": r.peak_memory_mb}
-
-
 def measure(model, ids, spec: RunSpec) -> tuple[dict, list[dict]]:
     """(metrics, per-repeat timings) of `spec` on `ids`: warm-up runs, then timed repeats."""
-    from .metrics import kv_cache_bytes  # torch: imported here so that `streamkv tables` never loads it
+    # torch comes with the runner: imported here so that `streamkv tables` never loads it
+    from .runner import cache_metrics, timing_metrics
 
     if spec.mode == "baseline":
         schedule, cap = None, spec.policy.cap_total
@@ -98,28 +94,10 @@ def measure(model, ids, spec: RunSpec) -> tuple[dict, list[dict]]:
                           loss_dtype=spec.loss_dtype)
     m = spec.measure
     runs = [once() for _ in range(m.warmup_runs + m.repeat_runs)][m.warmup_runs:]
-    tpots, ttfts = [r.tpot_ms for r in runs], [r.ttft_ms for r in runs]
-    peaks = [r.peak_memory_mb for r in runs if r.peak_memory_mb]
-    # Recompute keeps no cache between steps, but every step's forward holds the KV of a C-token window.
-    max_cached = cap if schedule is None else max(schedule.cache_len_after_step)
-    tpot = statistics.fmean(tpots)
-    out = {
-        "n_prefill_tokens": min(cap, len(ids)),
-        "n_decoded_tokens": len(ids) - 1 - min(cap, len(ids)),
-        "ttft_ms": statistics.fmean(ttfts),
-        "ttft_ms_std": statistics.pstdev(ttfts),
-        "tpot_ms": tpot,
-        "tpot_ms_std": statistics.pstdev(tpots),
-        "tokens_per_s": 1000.0 / tpot,
-        "wall_s": statistics.fmean(r.wall_s for r in runs),
-        # Per phase, the largest peak over the repeats; None on CPU, where no allocator statistics exist.
-        "peak_memory_mb": {phase: max(p[phase] for p in peaks) for phase in peaks[0]} if peaks else None,
-        "kv_cache_bytes": kv_cache_bytes(model.config, max_cached, spec.model.dtype),
-        "max_cached_tokens": max_cached,
-        "n_prunes": 0 if schedule is None else schedule.n_prunes,
-    }
-    timings = [_timing(r) for r in runs]
-    return {**out, "repeat_runs": timings}, timings
+    n_prefill = min(cap, len(ids))
+    out = {"n_prefill_tokens": n_prefill, "n_decoded_tokens": len(ids) - 1 - n_prefill,
+           **timing_metrics(runs), **cache_metrics(spec, model.config, schedule)}
+    return out, out["repeat_runs"]
 
 
 def _result(slot: str, config_hash: str, spec: dict, fp: dict, metrics_: dict, engines_: dict, **extra) -> dict:

@@ -77,7 +77,7 @@ class Runner:
             "engines": {"perplexity": quality.engine, "timing": timing_engine},
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        repeats = [_timing(r) for r in timed]
+        repeats = result["metrics"]["repeat_runs"]
         return self.store.write(result, nll=nll_bytes(quality.nll.float().tolist()),
                                 # recompute keeps no cache between steps, so it has no curve to record
                                 cache_len=list(quality.cache_len_after_step) or None, repeats=repeats, path=output)
@@ -111,11 +111,15 @@ class Runner:
 
 
 def _timing(r) -> dict:
-    return {"ttft_ms": r.ttft_ms, "tpot_ms": r.tpot_ms, "wall_s": r.wall_s}
+    return {"ttft_ms": r.ttft_ms, "tpot_ms": r.tpot_ms, "wall_s": r.wall_s, "peak_memory_mb": r.peak_memory_mb}
 
 
 def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def _std(values: list[float | None]) -> float | None:
+    return None if _mean(values) is None else statistics.pstdev(values)
 
 
 def _peak_memory(timed) -> dict | None:
@@ -126,29 +130,34 @@ def _peak_memory(timed) -> dict | None:
     return {phase: max(p[phase] for p in peaks if phase in p) for phase in peaks[0]}
 
 
-def _metrics(spec: RunSpec, config, schedule, quality, timed) -> dict:
-    ppl, nll_sum, n = metrics.perplexity(quality.nll)
+def timing_metrics(timed) -> dict:
+    """The timing columns over the timed repeats (EngineResults): means, population stds, peak memory."""
+    tpot = _mean([r.tpot_ms for r in timed])
+    return {
+        "ttft_ms": _mean([r.ttft_ms for r in timed]),
+        "ttft_ms_std": _std([r.ttft_ms for r in timed]),
+        "tpot_ms": tpot,
+        "tpot_ms_std": _std([r.tpot_ms for r in timed]),
+        "tokens_per_s": 1000.0 / tpot if tpot else None,
+        "wall_s": _mean([r.wall_s for r in timed]),
+        "peak_memory_mb": _peak_memory(timed),
+        "repeat_runs": [_timing(r) for r in timed],
+    }
+
+
+def cache_metrics(spec: RunSpec, config, schedule) -> dict:
+    """What the policy makes the cache hold: analytic KV bytes at its largest, visible keys, prunes."""
     if schedule is None:
         # The baseline keeps no cache between steps: each forward holds the KV of one cap-long window.
         max_cached, max_visible, n_prunes = spec.policy.cap_total, spec.policy.cap_total, 0
     else:
         max_cached, max_visible, n_prunes = (max(schedule.cache_len_after_step), schedule.max_visible,
                                              schedule.n_prunes)
-    tpots = [r.tpot_ms for r in timed]
-    out = {
-        "perplexity": ppl,
-        "nll_sum": nll_sum,
-        "n_predicted_tokens": n,
-        "ttft_ms": _mean([r.ttft_ms for r in timed]),
-        "tpot_ms": _mean(tpots),
-        "tpot_ms_std": None if _mean(tpots) is None else statistics.pstdev(tpots),
-        "wall_s": _mean([r.wall_s for r in timed]),
-        "peak_memory_mb": _peak_memory(timed),
-        "kv_cache_bytes": metrics.kv_cache_bytes(config, max_cached, spec.model.dtype),
-        "max_cached_tokens": max_cached,
-        "max_visible_tokens": max_visible,
-        "n_prunes": n_prunes,
-        "repeat_runs": [_timing(r) for r in timed],
-    }
-    out["tokens_per_s"] = 1000.0 / out["tpot_ms"] if out["tpot_ms"] else None
-    return out
+    return {"kv_cache_bytes": metrics.kv_cache_bytes(config, max_cached, spec.model.dtype),
+            "max_cached_tokens": max_cached, "max_visible_tokens": max_visible, "n_prunes": n_prunes}
+
+
+def _metrics(spec: RunSpec, config, schedule, quality, timed) -> dict:
+    ppl, nll_sum, n = metrics.perplexity(quality.nll)
+    return {"perplexity": ppl, "nll_sum": nll_sum, "n_predicted_tokens": n, **timing_metrics(timed),
+            **cache_metrics(spec, config, schedule)}

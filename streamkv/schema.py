@@ -16,6 +16,7 @@ class Metrics(TypedDict, total=False):
     ttft_ms: float               # time to first token: the prefill forward (mean over repeat runs)
     tpot_ms: float               # decode time per token after the prefill (mean over repeat runs)
     tpot_ms_std: float           # population std of tpot_ms over repeat runs (0 for one run)
+    ttft_ms_std: float           # population std of ttft_ms over repeat runs
     tokens_per_s: float          # decoded tokens per second, 1000 / tpot_ms
     wall_s: float                # wall time of the whole evaluation of one repeat (mean)
     peak_memory_mb: dict         # per phase ("prefill", "decode"): peak CUDA memory, reset between phases;
@@ -24,7 +25,7 @@ class Metrics(TypedDict, total=False):
     max_cached_tokens: int       # most tokens the cache held after any step (soft + R − 1 for lazy)
     max_visible_tokens: int      # most keys one query attended to, itself included
     n_prunes: int                # prune events over the stream
-    repeat_runs: list            # per-repeat {"ttft_ms", "tpot_ms", "wall_s"}
+    repeat_runs: list            # per-repeat {"ttft_ms", "tpot_ms", "wall_s", "peak_memory_mb"}
 
 
 class Result(TypedDict, total=False):
