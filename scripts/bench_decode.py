@@ -34,11 +34,7 @@ PYTHIA_CONFIG = Path(__file__).resolve().parents[1] / "streamkv" / "configs" / "
 
 
 def pythia_config() -> tuple[GPTNeoXConfig, str]:
-    if PYTHIA_CONFIG.exists():
-        return GPTNeoXConfig.from_json_file(str(PYTHIA_CONFIG)), str(PYTHIA_CONFIG.name)
-    return GPTNeoXConfig(vocab_size=50304, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
-                         intermediate_size=10240, rotary_pct=0.25, max_position_embeddings=2048,
-                         use_parallel_residual=True, tie_word_embeddings=False), "built-in pythia-2.8b"
+    return GPTNeoXConfig.from_json_file(str(PYTHIA_CONFIG)), str(PYTHIA_CONFIG.name)
 
 
 def tiny_config() -> tuple[GPTNeoXConfig, str]:

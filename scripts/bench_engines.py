@@ -44,6 +44,7 @@ from streamkv.policies import build_schedule  # noqa: E402
 from streamkv.spec import PolicySpec  # noqa: E402
 
 PYTHIA_CONFIG = REPO / "streamkv" / "configs" / "pythia-2.8b.json"
+DEMO_CONFIG = REPO / "data" / "demo" / "config.json"
 GPU_DEFAULTS = dict(tokens=20000, cap=2048, decode_steps=512, chunks="1024,2048,4096", lazy_r=64, dtype="float16")
 TINY_DEFAULTS = dict(tokens=4096, cap=256, decode_steps=256, chunks="128,256,512", lazy_r=16, dtype="float32")
 
@@ -72,15 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(args) -> GPTNeoXConfig:
-    if args.tiny:  # the demo profile's architecture (scripts/train_demo_model.py)
-        return GPTNeoXConfig(vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                             intermediate_size=512, rotary_pct=0.25, max_position_embeddings=args.cap,
-                             use_parallel_residual=True, tie_word_embeddings=False)
-    if PYTHIA_CONFIG.is_file():
-        return GPTNeoXConfig.from_json_file(str(PYTHIA_CONFIG))
-    return GPTNeoXConfig(vocab_size=50304, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
-                         intermediate_size=10240, rotary_pct=0.25, max_position_embeddings=2048,
-                         use_parallel_residual=True, tie_word_embeddings=False)
+    # --tiny: the committed demo model's architecture (scripts/train_demo_model.py), random weights
+    return GPTNeoXConfig.from_json_file(str(DEMO_CONFIG if args.tiny else PYTHIA_CONFIG))
 
 
 def build_model(args):
