@@ -1,5 +1,5 @@
-"""Stages: profiles and plans, reuse / stale / copy rules, baseline reuse, kill -9 resume, tables, status.
-The runner (one point on the real engines) is tested in test_runner.py."""
+"""Stages: plans, reuse / stale / copy rules, baseline reuse, kill -9 resume, tables, status.
+The runner (one point on the real engines) is tested in test_runner.py, the profiles in test_profiles.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamkv import assets, profiles, stages
+from streamkv import assets, stages
 from streamkv.engines import parallel
 from streamkv.policies import build_schedule
-from streamkv.settings import Settings, SettingsError
-from streamkv.spec import PolicySpec, SpecError
+from streamkv.spec import PolicySpec
 from streamkv.store import Store
 
 from conftest import FakeRunner
@@ -36,101 +35,6 @@ def run(profile, settings, names, runner_factory=FakeRunner, **kw):
     runner = runner_factory(ctx.store)
     outcome = stages.execute(ctx, stages.plan(ctx, names, **kw), runner=runner)
     return runner, outcome
-
-
-# ------------------------------------------------------------------------------------------- profiles
-def paper(**knobs):
-    return profiles.resolve(Settings(profile="paper", **knobs))
-
-
-def lazy(profile, label="lazy"):
-    return next(v for v in profile.ablations(quality=True) if v.label == label)
-
-
-def test_paper_profile_main_points_and_baseline():
-    p = paper()
-    strict, lazy_point = (p.policy(v) for v in p.main_variants())
-    assert (lazy_point.n_sink, lazy_point.window, lazy_point.compress_every) == (32, 2016, 64)
-    assert (strict.window, strict.compress_every) == (2016, 1) and strict.cap_total == lazy_point.cap_total == 2048
-    assert (p.baseline_policy().n_sink, p.baseline_policy().window) == (4, 2044)
-    assert (p.device, p.model.dtype, p.model.name) == ("cuda", "float16", "EleutherAI/pythia-2.8b")
-    assert (p.long.path, p.long.max_tokens) == ("data/pg19/long_context_50000.json", 20000)
-    assert (p.short.path, p.short.max_tokens) == ("data/wikitext/long_context_4096.json", 4096)
-    assert (p.sweep_r, p.sweep_sigma, p.sweep_delta) == ((1, 16, 32, 64, 128), (0, 16, 32), (0, 16, 32))
-
-
-def test_ablation_ladder():
-    p = paper()
-    assert [v.label for v in p.ablations(quality=False)] == [
-        "strict", "lazy", "lazy_window_matched", "lazy_absolute", "lazy_composed_fp16", "lazy_no_sink"]
-    assert p.policy(lazy(p, "lazy_window_matched")).window == 2016 - 63   # cache never above the budget
-    assert p.policy(lazy(p, "lazy_no_sink")).window == 2048                # auto-cap keeps the budget
-    assert lazy(p, "lazy_absolute").position_mode == "absolute"
-    assert lazy(p, "lazy_composed_fp16").rerotation == "composed_fp16"
-    slack, maxdrop = p.policy(lazy(p, "lazy_slack")), p.policy(lazy(p, "lazy_slack_maxdrop"))
-    assert (slack.cache_slack, slack.window, slack.cap_total) == (32, 1984, 2048)
-    assert (maxdrop.cache_slack, maxdrop.max_drop, maxdrop.window) == (64, 32, 1952)
-
-
-def test_sweeps_and_the_delta_sweep_runs_at_sigma_equal_r():
-    p = paper()
-    assert list(p.sweeps(quality=False)) == ["R"]
-    grids = p.sweeps(quality=True)
-    assert [v.label for v in grids["R"]] == ["R=1", "R=16", "R=32", "R=64", "R=128"]
-    sigma = [p.policy(v) for v in grids["sigma"]]
-    assert [(q.cache_slack, q.window) for q in sigma] == [(0, 2016), (16, 2000), (32, 1984)]
-    delta = [p.policy(v) for v in grids["delta"]]
-    assert [(q.compress_every, q.cache_slack, q.max_drop) for q in delta] == [(64, 64, 0), (64, 64, 16), (64, 64, 32)]
-
-
-def test_the_delta_sweep_moves_the_schedule_where_the_main_sigma_would_not(fakes):
-    profile, _ = fakes
-    grid = profile.sweeps(quality=True)["delta"]
-    curves = {tuple(build_schedule(profile.policy(v), 64).cache_len_after_step) for v in grid}
-    assert len(curves) == len(grid)
-    at_main_sigma = [dataclasses.replace(v, knobs=(("max_drop", d),)) for v, d in zip(grid, profile.sweep_delta)]
-    assert len({tuple(build_schedule(profile.policy(v), 64).cache_len_after_step) for v in at_main_sigma}) == 1
-
-
-def test_knobs_move_the_profile():
-    p = paper(cap_total=1024, sweep_r_values=(2, 8), pg19_sample_file="x/book.json", wikitext_sample_length=2048)
-    assert p.policy(p.main_variants()[1]).window == 1024 - 32
-    assert p.baseline_policy().window == 1020  # the baseline's cap follows CAP_TOTAL
-    assert p.sweep_r == (2, 8) and p.long.path == "x/book.json"
-    assert (p.short.path, p.short.max_tokens) == ("data/wikitext/long_context_2048.json", 2048)
-    assert paper(baseline_sink=0, baseline_window=100).baseline_policy().window == 100
-    assert paper(pg19_sample_length=30000).long.path == "data/pg19/long_context_30000.json"
-
-
-def test_model_name_must_be_pinned():
-    assert paper(model_name="EleutherAI/pythia-2.8b").model == paper().model
-    assert paper(model_name="org/model@abc123").model.name == "org/model"
-    assert paper(model_name="org/model@abc123").model.revision == "abc123"
-    with pytest.raises(SettingsError, match="pinned"):
-        paper(model_name="org/model")
-
-
-def test_unknown_profile_and_a_window_that_auto_cap_cannot_fit():
-    with pytest.raises(SettingsError, match="unknown profile 'huge'"):
-        profiles.resolve(Settings(profile="huge"))
-    p = paper(cap_total=40)
-    with pytest.raises(SpecError, match="auto-cap leaves window"):
-        p.policy(lazy(p, "lazy_slack_maxdrop"))
-
-
-def test_demo_profile_data():
-    d = profiles.DEMO
-    assert (d.device, d.dtype, d.cap_total, d.n_sink, d.strict_r, d.lazy_r) == ("cpu", "float32", 256, 4, 1, 16)
-    assert (d.baseline_sink, d.baseline_window) == (4, 252)
-    assert (d.long.path, d.long.max_tokens) == ("data/demo/streams/demo-long.json", 4096)
-    assert (d.short.path, d.short.max_tokens) == ("data/demo/streams/demo-short.json", 1024)
-    assert (d.sweep_r, d.sweep_sigma, d.sweep_delta) == ((1, 4, 8, 16, 32), (0, 8, 16), (0, 8, 16))
-
-
-def test_demo_profile_resolves_to_the_committed_checkpoint():
-    p = profiles.resolve(Settings(model_name="EleutherAI/pythia-2.8b", pg19_sample_file="x.json", cap_total=128))
-    assert p.model == assets.demo_model_spec("float32")   # the guide's paper knobs leave the demo alone
-    assert p.long.path == "data/demo/streams/demo-long.json" and p.baseline_policy().window == 124
 
 
 # ----------------------------------------------------------------------------------------------- plans
