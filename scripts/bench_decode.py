@@ -1,96 +1,156 @@
-"""Time the decode engine on the Pythia-2.8B architecture with random fp16 weights (speed only).
+"""Decode speed of the engines under the timing protocol (streamkv/timing.py), and fast-vs-decode agreement.
 
-    python scripts/bench_decode.py --out bench.json                  # on the GPU machine, cap 2048
-    python scripts/bench_decode.py --tiny                            # a shrunken model, runs on CPU
+    python3 scripts/bench_decode.py --out bench_decode.json --anchor anchor.json   # GPU, Pythia-2.8B shape
+    python3 scripts/bench_decode.py --tiny                                           # CPU, demo model shape
 
-Run it in the same call as ../shared/bench/hf_anchor.py so both share one card. Every variant runs one
-untimed warm-up pass (it pays for cuDNN/SDPA plans per key length and allocator growth), then --repeats
-timed passes over the same shapes, reported as mean and population std (HF decode at this size is bound
-by host-side Python, so passes vary with the host's load). Each pass prefills `cap` tokens, then decodes
-`--steps` tokens, one per forward, computing every token's loss as a real evaluation does.
-Figures, ms per decoded token:
-  decode_full_ms             no eviction, cache growing from cap (compare hf_dense_ms)
-  decode_strict_ms           Start+Recent, S=--sink, R=1, exact re-rotation in cache mode (hf_strict_ms)
-  decode_strict_absolute_ms  the same schedule in absolute mode: no re-rotation, so the difference to
-                             decode_strict_ms is what exact re-rotation costs
-  decode_lazy{R}_ms          lazy pruning, R=--lazy-every (hf_lazy64_ms for R=64)
-plus ttft_*_ms (the prefill step) and peak_memory_mb_* per phase on CUDA.
+Run it in the same call as ../shared/bench/hf_anchor.py (its JSON passed as --anchor), so the ratios
+compare numbers from one card. Model: random fp16 weights of the Pythia-2.8B architecture (they cost
+exactly what real ones do); stream: random token ids. Every run prefills `cap` tokens and decodes
+--steps tokens one per forward, computing every token's loss, as an evaluation does.
+
+Variants per engine: `dense` (R = 0, no eviction: the cache grows from cap), `strict` (S=--sink, R=1,
+Start+Recent) and `lazy{R}` (R=--lazy-r). Cache position mode, exact re-rotation.
+Protocol: per engine, --warmup untimed runs of every variant, then --repeats rounds that run the variants
+in turn; TPOT is the median over the rounds, ± half the range. The fast engine's protocol is run
+--stability-runs times in a row, to show how far its medians move from run to run.
+Reported: TPOT per engine and variant, eviction overhead (TPOT with eviction / TPOT of dense), and with
+--anchor: TPOT over the bandwidth floor and the plain-HF figures over ours. Agreement: the fast engine's
+per-token NLL against decode's on the same prefix (fp16: rounding differs, so this is a noise figure).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import sys
 from pathlib import Path
 
 import torch
-import transformers
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from streamkv.engines import decode
-from streamkv.policies import build_schedule
-from streamkv.spec import PolicySpec
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 
-PYTHIA_CONFIG = Path(__file__).resolve().parents[1] / "streamkv" / "configs" / "pythia-2.8b.json"
+import transformers  # noqa: E402
 
+from bench_engines import build_model, guarded  # noqa: E402  (same folder: one model builder)
+from streamkv import engines, timing  # noqa: E402
+from streamkv.metrics import perplexity  # noqa: E402
+from streamkv.policies import build_schedule  # noqa: E402
+from streamkv.spec import PolicySpec  # noqa: E402
 
-def pythia_config() -> tuple[GPTNeoXConfig, str]:
-    return GPTNeoXConfig.from_json_file(str(PYTHIA_CONFIG)), str(PYTHIA_CONFIG.name)
-
-
-def tiny_config() -> tuple[GPTNeoXConfig, str]:
-    """Pythia's shape rules (80-dim heads... shrunk to 32, 25% rotary, parallel residual) at toy size."""
-    return GPTNeoXConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=512, rotary_pct=0.25, max_position_embeddings=2048,
-                         use_parallel_residual=True, tie_word_embeddings=False), "tiny"
+GPU_DEFAULTS = dict(cap=2048, steps=512, lazy_r=64, dtype="float16", engines="fast,decode")
+TINY_DEFAULTS = dict(cap=256, steps=256, lazy_r=16, dtype="float32", engines="fast,decode")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=None, help="decode steps after the prefill (256; tiny: 64)")
-    p.add_argument("--cap", type=int, default=None, help="CAP_TOTAL (2048; tiny: 64)")
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="demo-size model on the CPU")
+    p.add_argument("--cap", type=int)
     p.add_argument("--sink", type=int, default=4)
-    p.add_argument("--lazy-every", type=int, default=64, help="R of the lazy variant")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up (mean ± std)")
-    p.add_argument("--tiny", action="store_true", help="a shrunken config (CPU check of the script)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    a = p.parse_args()
-    if not a.tiny and a.device != "cuda":
-        p.error("the full-size benchmark needs CUDA; use --tiny to check the script on CPU")
-    steps = a.steps or (64 if a.tiny else 256)
-    cap = a.cap or (64 if a.tiny else 2048)
-    config, source = tiny_config() if a.tiny else pythia_config()
-    dtype = torch.float16 if a.device == "cuda" else torch.float32   # CPU fp16 matmuls are emulated, slow
+    p.add_argument("--lazy-r", type=int)
+    p.add_argument("--steps", type=int, help="decoded tokens per run")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stability-runs", type=int, default=2, help="protocol runs of the first engine")
+    p.add_argument("--engines", help="comma-separated; the first is the one checked for stability")
+    p.add_argument("--dtype")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded)")
+    p.add_argument("--anchor", type=Path, help="hf_anchor.py's JSON from the same call")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    for key, value in (TINY_DEFAULTS if args.tiny else GPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.engines = args.engines.split(",")
+    args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    return args
 
-    torch.manual_seed(0)
-    with torch.device(a.device):
-        model = GPTNeoXForCausalLM(config).to(dtype).eval()
-    n_tokens = cap + steps + 1   # prefill `cap`, then `steps` single-token steps; the last token is not fed
-    ids = torch.randint(0, config.vocab_size, (n_tokens,), device=a.device)
-    variants = {
-        "full": (PolicySpec.auto_cap(cap, a.sink, compress_every=0), "cache"),
-        "strict": (PolicySpec.auto_cap(cap, a.sink, compress_every=1), "cache"),
-        "strict_absolute": (PolicySpec.auto_cap(cap, a.sink, compress_every=1), "absolute"),
-        f"lazy{a.lazy_every}": (PolicySpec.auto_cap(cap, a.sink, compress_every=a.lazy_every), "cache"),
-    }
-    out = {"device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu", "torch": torch.__version__,
-           "transformers": transformers.__version__, "config": source, "dtype": str(dtype).removeprefix("torch."),
-           "cap": cap, "steps": steps, "sink": a.sink}
-    for name, (policy, mode) in variants.items():
-        schedule = build_schedule(policy, n_tokens)
-        decode.evaluate(model, ids, schedule, position_mode=mode)   # warm-up pass
-        runs = [decode.evaluate(model, ids, schedule, position_mode=mode) for _ in range(a.repeats)]
-        tpot = torch.tensor([r.tpot_ms for r in runs], dtype=torch.float64)
-        out[f"decode_{name}_ms"] = round(tpot.mean().item(), 3)
-        out[f"decode_{name}_ms_std"] = round(tpot.std(correction=0).item(), 3)
-        out[f"ttft_{name}_ms"] = round(sum(r.ttft_ms for r in runs) / a.repeats, 3)
-        out[f"n_prunes_{name}"] = schedule.n_prunes
-        if runs[-1].peak_memory_mb is not None:
-            out[f"peak_memory_mb_{name}"] = {k: round(v, 1) for k, v in runs[-1].peak_memory_mb.items()}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+
+def variants(args) -> dict[str, PolicySpec]:
+    window = args.cap - args.sink
+    return {"dense": PolicySpec(n_sink=args.sink, window=window, compress_every=0),
+            "strict": PolicySpec(n_sink=args.sink, window=window, compress_every=1),
+            f"lazy{args.lazy_r}": PolicySpec(n_sink=args.sink, window=window, compress_every=args.lazy_r)}
+
+
+def protocol(args, engine: str, model, ids) -> tuple[dict, dict]:
+    """One run of the protocol for one engine: ({variant: TPOT/TTFT summaries}, {variant: NLL of the last run})."""
+    evaluate = engines.get(engine)
+    schedules = {name: build_schedule(policy, ids.numel()) for name, policy in variants(args).items()}
+    jobs = {name: (lambda s=s: evaluate(model, ids, s, position_mode="cache")) for name, s in schedules.items()}
+    runs = timing.interleaved(jobs, warmup=args.warmup, repeats=args.repeats,
+                              progress=lambda label, k: print(f"[{engine}] round {k + 1} {label}", file=sys.stderr,
+                                                              flush=True))
+    rows = {name: {"tpot_ms": timing.summary(r.tpot_ms for r in results),
+                   "ttft_ms": timing.summary(r.ttft_ms for r in results),
+                   "peak_memory_mb": results[-1].peak_memory_mb}
+            for name, results in runs.items()}
+    dense = rows["dense"]["tpot_ms"]["median"]
+    for row in rows.values():
+        row["eviction_overhead"] = row["tpot_ms"]["median"] / dense
+    return rows, {name: results[-1].nll for name, results in runs.items()}
+
+
+def agreement(fast_nll: torch.Tensor, decode_nll: torch.Tensor) -> dict:
+    diff = (fast_nll.double() - decode_nll.double()).abs()
+    ppl_f, ppl_d = perplexity(fast_nll)[0], perplexity(decode_nll)[0]
+    return {"tokens": diff.numel(), "max_abs_nll_diff": diff.max().item(), "mean_abs_nll_diff": diff.mean().item(),
+            "ppl_rel_diff": abs(ppl_f - ppl_d) / ppl_d}
+
+
+def ratios(summary: dict, anchor: dict) -> dict:
+    out = {}
+    for engine, run in summary["engines"].items():
+        for name, row in (run["runs"][0] if run["runs"] else {}).items():
+            tpot = row["tpot_ms"]["median"]
+            out[f"{engine}_{name}_over_floor"] = tpot / anchor["floor_ms"]
+            for hf in ("hf_dense_ms", "hf_strict_ms", "hf_lazy64_ms"):
+                out[f"{hf}_over_{engine}_{name}"] = anchor[hf] / tpot
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    summary = {"device": torch.cuda.get_device_name() if args.device == "cuda" else
+               f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "engines": {}}
+    model = build_model(argparse.Namespace(tiny=args.tiny, device=args.device, dtype=args.dtype))
+    n = args.cap + args.steps + 1
+    ids = torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+    nll = {}
+
+    def write() -> None:
+        if args.out:
+            args.out.write_text(json.dumps(summary, indent=1) + "\n")
+
+    for k, engine in enumerate(args.engines):
+        record = summary["engines"][engine] = {"runs": []}
+        for _ in range(args.stability_runs if k == 0 else 1):
+            holder = {}
+            guarded(holder, "run", lambda: protocol(args, engine, model, ids))
+            if isinstance(holder["run"], dict):   # the error record of a failed section
+                record["error"] = holder["run"]["error"]
+                break
+            rows, nll[engine] = holder["run"]
+            record["runs"].append(rows)
+            write()
+        runs = record["runs"]
+        if len(runs) > 1:
+            record["run_to_run_rel_diff"] = {
+                name: abs(runs[1][name]["tpot_ms"]["median"] / runs[0][name]["tpot_ms"]["median"] - 1)
+                for name in runs[0]}
+    if {"fast", "decode"} <= nll.keys():
+        summary["agreement_fast_vs_decode"] = {name: agreement(nll["fast"][name], nll["decode"][name])
+                                               for name in nll["fast"] if name != "dense"}
+    if args.anchor and args.anchor.is_file():
+        summary["anchor"] = json.loads(args.anchor.read_text())
+        summary["ratios"] = ratios(summary, summary["anchor"])
+    write()
+    print(json.dumps({k: v for k, v in summary.items() if k != "anchor"}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

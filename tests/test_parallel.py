@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamkv import engines
-from streamkv.engines import parallel, reference
+from streamkv.engines import contiguous, parallel, reference
+from streamkv.engines.contiguous import Unsupported
 from streamkv.policies import build_schedule
 from streamkv.spec import PolicySpec
 from tiny_models import MODELS, cached_model, cached_stream, dense_nll, token_stream
@@ -91,7 +92,7 @@ def _slot_shifted(by: int):
 def test_wrong_sink_distance_is_caught(model_name, broken_slot, monkeypatch):
     """Queries and recent keys are turned back to their true distance whatever their slot, so a wrong
     slot is exactly a wrong sink distance P(t) − i."""
-    monkeypatch.setattr(parallel, "cache_slot", broken_slot)
+    monkeypatch.setattr(contiguous, "cache_slot", broken_slot)
     broken = run_parallel(model_name, "strict", "cache").nll
     assert max_diff(broken, reference_nll(model_name, "strict", "cache")) > BROKEN
 
@@ -168,13 +169,13 @@ def test_kept_keys_do_not_grow_with_the_stream(monkeypatch):
     PolicySpec(n_sink=1, window=8, refresh_budget=3, refresh_policy="middle", compress_every=3),
 ])
 def test_refresh_schedules_are_refused(policy):
-    with pytest.raises(parallel.ParallelUnsupported, match="decode engine"):
+    with pytest.raises(Unsupported, match="decode engine"):
         parallel.evaluate(model("gpt_neox"), stream(), build_schedule(policy, N_TOKENS))
-    assert issubclass(parallel.ParallelUnsupported, NotImplementedError)
+    assert issubclass(Unsupported, NotImplementedError)
 
 
 def test_composed_fp16_ablation_is_refused():
-    with pytest.raises(parallel.ParallelUnsupported, match="decode engine"):
+    with pytest.raises(Unsupported, match="decode engine"):
         parallel.evaluate(model("gpt_neox"), stream(), build_schedule(CASES["strict"], N_TOKENS),
                           rerotation="composed_fp16")
 
@@ -207,7 +208,7 @@ def test_model_that_cannot_switch_attention_is_refused(monkeypatch):
     silently ignore the schedule."""
     m = model("gpt_neox")
     monkeypatch.setattr(m, "set_attn_implementation", lambda name: None)
-    with pytest.raises(parallel.ParallelUnsupported, match="decode engine"):
+    with pytest.raises(Unsupported, match="decode engine"):
         parallel.evaluate(m, stream(), build_schedule(CASES["strict"], N_TOKENS))
 
 

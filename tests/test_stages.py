@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from streamkv.engines.contiguous import Unsupported
 from streamkv import assets, stages
 from streamkv.engines import parallel
 from streamkv.policies import build_schedule
@@ -89,7 +90,7 @@ def test_parallel_realises_matches_the_parallel_engine():
                 raised = None
                 try:
                     parallel.evaluate(None, torch.arange(24), schedule, position_mode=mode, rerotation=rerotation)
-                except parallel.ParallelUnsupported:
+                except Unsupported:
                     raised = True
                 except AttributeError:
                     raised = False

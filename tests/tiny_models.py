@@ -52,15 +52,44 @@ def tiny_llama(*, seed: int = 0, dtype: torch.dtype = torch.float64, **overrides
 MODELS = {"gpt_neox": tiny_gpt_neox, "llama": tiny_llama}
 
 
+class Float64Rotary(torch.nn.Module):
+    """HF's default rotary embedding with its angles and cos/sin computed in float64.
+
+    HF computes rotary angles and cos/sin in fp32 even for a float64 model, so two engines that place the
+    same token at different positions (decode at its cache slot, `fast` at its original index, with the
+    same distances) differ by fp32 rounding (~1e-6 in per-token NLL at 60 tokens). With this module every
+    engine sees float64 rotary and agreement is checked at float64 precision.
+    """
+
+    rope_type = "default"
+    attention_scaling = 1.0
+
+    def __init__(self, inv_freq: torch.Tensor):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.double(), persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        angle = position_ids[..., None].double() * self.inv_freq
+        angle = torch.cat((angle, angle), dim=-1)
+        return angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+
+
+def with_float64_rotary(model):
+    """The model (built here, not a user's) with its rotary embedding computed in float64."""
+    model.base_model.rotary_emb = Float64Rotary(model.base_model.rotary_emb.inv_freq)
+    return model
+
+
 def token_stream(n_tokens: int, *, seed: int = 1, vocab: int = VOCAB) -> torch.Tensor:
     """A fixed random LongTensor [n_tokens]."""
     return torch.randint(0, vocab, (n_tokens,), generator=torch.Generator().manual_seed(seed))
 
 
 @functools.cache
-def cached_model(name: str):
+def cached_model(name: str, float64_rotary: bool = False):
     """One shared instance per tiny model: building them dominates the engine tests' time otherwise."""
-    return MODELS[name]()
+    model = MODELS[name]()
+    return with_float64_rotary(model) if float64_rotary else model
 
 
 cached_stream = functools.cache(token_stream)

@@ -14,6 +14,7 @@ _REGISTRY = {
     "decode": "decode:evaluate",
     "recompute": "recompute:evaluate_recompute",
     "parallel": "parallel:evaluate",
+    "fast": "fast:evaluate",
 }
 
 

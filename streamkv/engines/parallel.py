@@ -28,16 +28,13 @@ each query and each key comes out of the model's own rotary bit for bit as in th
   positions ~20k differ from decoding's at positions ~2k by far more than rounding (tiny test models at
   60 tokens already miss the reference by 5e-6).
 
-Plumbing: the attention function is registered once with transformers' AttentionInterface and selected
-with `model.set_attn_implementation` (4.56+ and 5.x both dispatch through `config._attn_implementation`,
-and both skip mask creation for an implementation without a registered mask function, so no T×T mask is
-ever built). The per-chunk plan reaches it through a ContextVar that only `evaluate` sets; the model's
+Plumbing: the attention function is registered with transformers' AttentionInterface and swapped in for
+the evaluation (engines/attention.py). The per-chunk plan reaches it through a ContextVar that only `evaluate` sets; the model's
 previous attention implementation is restored on exit. Earlier chunks' keys live in the model's own
 DynamicCache (at their computed angles), trimmed after every chunk.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from contextvars import ContextVar
@@ -52,57 +49,13 @@ from .. import compat
 from ..metrics import PhaseTimer, nll_from_logits
 from ..policies import Schedule
 from ..positions import rotate
-from ..spec import POSITION_MODES
 from ..spec import REROTATIONS
+from .attention import swapped_attention
 from .base import EngineResult
+from .contiguous import StreamPlan, Unsupported, stream_plan
 
 ATTN_IMPLEMENTATION = "streamkv_parallel"
 MAX_CHUNK = 2048
-
-
-class ParallelUnsupported(NotImplementedError):
-    """This run cannot be evaluated in parallel (refresh tokens, or the composed_fp16 ablation): the
-    caller falls back to the decode engine."""
-
-
-def cache_slot(n_sink: torch.Tensor, start: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Cache-mode position of token t fed into sinks [0, n_sink) + recent run [start, t): its slot."""
-    return n_sink + (t - start)
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    """For every fed token x in [0, T−1): it sees keys [0, n_sink[x]) ∪ [start[x], x] and is fed at
-    position[x]; offset[x] = x − position[x]. All int64 CPU tensors [T−1]."""
-
-    n_sink: torch.Tensor
-    start: torch.Tensor
-    position: torch.Tensor
-    offset: torch.Tensor
-    max_sinks: int         # sink tokens that must stay cached for the whole stream
-
-
-def stream_plan(schedule: Schedule, position_mode: str) -> StreamPlan:
-    if not schedule.contiguous:
-        raise ParallelUnsupported(
-            "the parallel engine needs a contiguous schedule (sinks + one recent run); refresh tokens "
-            "(refresh_budget > 0) make it non-contiguous: use the decode engine")
-    if position_mode not in POSITION_MODES:
-        raise ValueError(f"unknown position_mode {position_mode!r}; choose one of {POSITION_MODES}")
-    n_fed = schedule.n_tokens - 1
-    n_sink = torch.zeros(n_fed, dtype=torch.long)
-    start = torch.zeros(n_fed, dtype=torch.long)   # prefill tokens: no sinks, the run starts at 0
-    for step in schedule.steps[1:]:
-        t = step.fed_start
-        assert step.before.end == t, "a decode step feeds the token right after its cache"
-        # Sinks only exist after a prune, which always evicts the token right after them; so a key below
-        # n_sink is never also in the recent run, and each visible key has exactly one form.
-        assert step.before.n_sink == 0 or step.before.start > step.before.n_sink
-        n_sink[t], start[t] = step.before.n_sink, step.before.start
-    index = torch.arange(n_fed)
-    position = cache_slot(n_sink, start, index) if position_mode == "cache" else index
-    return StreamPlan(n_sink=n_sink, start=start, position=position, offset=index - position,
-                      max_sinks=int(n_sink.max()))
 
 
 def auto_chunk(schedule: Schedule) -> int:
@@ -181,20 +134,6 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
 
 
-@contextlib.contextmanager
-def _parallel_attention(model):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    try:
-        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            # transformers only warns for models whose attention does not go through AttentionInterface.
-            raise ParallelUnsupported(f"{type(model).__name__} cannot switch to a custom attention function: "
-                                      "use the decode engine")
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
 def _chunk_plan(plan: StreamPlan, key_idx: torch.Tensor, c0: int, c1: int, rotary: compat.Rotary,
                 device) -> _Chunk:
     """Mask and offsets for queries [c0, c1) over the key columns whose original indices are key_idx."""
@@ -239,9 +178,9 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     if rerotation not in REROTATIONS:
         raise ValueError(f"unknown rerotation {rerotation!r}; choose one of {REROTATIONS}")
     if position_mode == "cache" and rerotation != "exact":
-        raise ParallelUnsupported(f"rerotation={rerotation!r} replays the rounding drift of each prune, "
+        raise Unsupported(f"rerotation={rerotation!r} replays the rounding drift of each prune, "
                                   "which only the decode engine reproduces")
-    plan = stream_plan(schedule, position_mode)
+    plan = stream_plan(schedule, position_mode, "parallel")
     chunk_size = auto_chunk(schedule) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -258,7 +197,7 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     timer.phase("parallel")
     began = time.perf_counter()
     bar = tqdm(total=n_fed, disable=not progress, desc="parallel", unit="tok")
-    with _parallel_attention(model):
+    with swapped_attention(model, ATTN_IMPLEMENTATION, "parallel"):
         for c0 in range(0, n_fed, chunk_size):
             c1 = min(c0 + chunk_size, n_fed)
             key_idx = torch.cat((key_idx, torch.arange(c0, c1)))

@@ -1,0 +1,268 @@
+"""Fast exact decode engine: a static ring KV buffer, eviction as index arithmetic, one captured step.
+
+It decodes token by token like `decode` and computes the same function (contiguous schedules: sinks plus
+one recent run), but nothing changes shape between tokens, so on CUDA the whole one-token step is
+captured once as a CUDA graph and replayed with no host work.
+
+Buffer. S sink slots (S = the most sinks the schedule ever keeps) hold tokens [0, S) for the whole stream;
+a ring of `ring` slots holds every later token j at slot S + (j − S) mod ring. `ring` is the longest
+recent run any query sees (soft + R − S for lazy R), so a token is overwritten only once no query can see
+it. A prune writes nothing: query t sees the slots whose token lies in [start(t), t] plus the sink slots
+below n_sink(t), where start and n_sink are the schedule's per-token counters (engines/contiguous.py),
+kept on the device and read by the step index t, itself a device tensor incremented inside the graph.
+
+Positions. Attention scores depend on position differences only.
+- Recent keys: in `cache` mode query t sits at P(t) = n_sink + t − start and recent key j at slot
+  n_sink + j − start, a distance of t − j, the distance of their original indices. So every query and
+  every key is rotated once, at its ORIGINAL index, when it is computed, and never again.
+- Sinks: sink i sits at slot i, a distance of P(t) − i = t − (i + o(t)) with o(t) = t − P(t) = start −
+  n_sink. So before every step the S sink keys are rotated to i + o(t) from a raw (unrotated) copy, all
+  layers in one batched op. In `absolute` mode o = 0 and the sinks never move.
+- Angles at original indices reach the stream length (~20k), where HF's fp32 angles are off by up to
+  ~1e-3 rad; so this engine builds its own cos/sin tables in float64 and casts them once. HF's own rotary
+  runs at position 0 (cos = 1, sin = 0: an exact identity) and our attention function applies ours.
+The reference engine places every key at its slot instead; tests/test_fast.py checks that both agree.
+
+Refused up front (Unsupported): refresh tokens (not one contiguous run) and the composed_fp16 ablation
+(its drift comes from re-rotating the cache at every prune, which this engine never does).
+"""
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AttentionInterface
+
+from .. import compat
+from ..metrics import PhaseTimer, as_dtype, nll_from_logits
+from ..policies import Schedule
+from ..spec import REROTATIONS
+from .attention import swapped_attention
+from .base import EngineResult
+from .contiguous import StreamPlan, Unsupported, stream_plan
+
+ATTN_IMPLEMENTATION = "streamkv_fast"
+GRAPH_WARMUP_STEPS = 3          # eager steps on a side stream before capture (CUDA's graph recipe)
+PROGRESS_EVERY = 256            # replays between progress-bar updates
+
+
+def ring_layout(plan: StreamPlan) -> tuple[int, int]:
+    """(sink slots S, ring slots): the smallest buffer in which no visible token is ever overwritten.
+    Query t sees ring tokens [max(start(t), S), t]; they must fall into distinct slots mod ring."""
+    sinks = plan.max_sinks
+    t = torch.arange(plan.start.numel())
+    ring = int((t + 1 - plan.start.clamp(min=sinks)).max())
+    return sinks, max(ring, 1)
+
+
+def slot_of(tokens: torch.Tensor, sinks: int, ring: int) -> torch.Tensor:
+    """Buffer slot of each token index: sinks stay put, later tokens go round the ring."""
+    return torch.where(tokens < sinks, tokens, sinks + (tokens - sinks) % ring)
+
+
+def sink_offset(plan: StreamPlan, position_mode: str) -> torch.Tensor:
+    """o(t) per fed token: sink i is rotated to position i + o(t) for query t (module doc)."""
+    return plan.offset if position_mode == "cache" else torch.zeros_like(plan.offset)
+
+
+def rotary_tables(rotary: compat.Rotary, n_positions: int, dtype: torch.dtype, device):
+    """cos, sin [n_positions, rot_dims] (rotate_half layout), angles computed in float64, then cast."""
+    angle = torch.arange(n_positions, dtype=torch.float64)[:, None] * rotary.inv_freq.double()[None, :]
+    angle = torch.cat((angle, angle), dim=-1)
+    return angle.cos().to(device, dtype), angle.sin().to(device, dtype)
+
+
+def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., n, head_dim] with its first rot_dims rotated by the angles of cos/sin [n, rot_dims],
+    computed in cos's dtype (fp32, or float64 for float64 models) and returned in x's dtype."""
+    rd = cos.shape[-1]
+    r = x[..., :rd].to(cos.dtype)
+    rotated_half = torch.cat((-r[..., rd // 2:], r[..., :rd // 2]), dim=-1)
+    return torch.cat(((r * cos + rotated_half * sin).to(x.dtype), x[..., rd:]), dim=-1)
+
+
+class _Ring:
+    """The ring KV buffer and the device-side state of one stream; serves the attention function."""
+
+    def __init__(self, model, ids: torch.Tensor, plan: StreamPlan, position_mode: str):
+        cfg, param = model.config, next(model.parameters())
+        device, dtype = param.device, param.dtype
+        rotary = compat.rotary(model)
+        self.sinks, self.ring = ring_layout(plan)
+        capacity = self.sinks + self.ring
+        n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        shape = (n_layers, 1, kv_heads, capacity, rotary.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.sink_raw = torch.zeros(shape[:3] + (self.sinks, rotary.rot_dims), dtype=dtype, device=device)
+        self.gqa = kv_heads != heads
+        work = torch.float64 if dtype == torch.float64 else torch.float32
+        self.cos_table, self.sin_table = rotary_tables(rotary, ids.numel(), work, device)
+        # Per-token counters of the schedule, on the device: the step reads them at index t.
+        self.ids = ids.to(device)
+        self.start, self.n_sink = plan.start.to(device), plan.n_sink.to(device)
+        self.sink_shift = sink_offset(plan, position_mode).to(device)
+        self.slot = slot_of(torch.arange(plan.start.numel()), self.sinks, self.ring).to(device)
+        self.slot_index = torch.arange(capacity, device=device)
+        self.sink_index = torch.arange(self.sinks, device=device)
+        self.slot_token = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        # What `prepare` sets for the forward that follows: the write slots, mask and angles of its tokens.
+        self.write: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.cos = self.sin = None
+        self.prefill = False
+        self.calls = 0
+
+    def prepare(self, t: torch.Tensor, *, prefill: bool) -> None:
+        """Device work before the forward of tokens t [Q]: claim their slots, build the mask, move sinks."""
+        self.prefill = prefill
+        self.write = self.slot.index_select(0, t)
+        self.slot_token.index_copy_(0, self.write, t)
+        start, n_sink = self.start.index_select(0, t), self.n_sink.index_select(0, t)
+        held = self.slot_token[None, :]
+        self.mask = ((held >= start[:, None]) & (held <= t[:, None])) | (self.slot_index[None, :] < n_sink[:, None])
+        self.cos, self.sin = self.cos_table.index_select(0, t), self.sin_table.index_select(0, t)
+        if self.sinks and not prefill:
+            # One token per decode step, so one offset: sinks to positions i + o(t), from their raw keys.
+            at = self.sink_index + self.sink_shift.index_select(0, t)
+            rd = self.sink_raw.shape[-1]
+            self.k[..., :self.sinks, :rd] = turn(self.sink_raw, self.cos_table.index_select(0, at),
+                                                  self.sin_table.index_select(0, at))
+
+    def attend(self, layer: int, query, key, value, scaling):
+        self.calls += 1
+        if self.prefill and self.sinks:
+            self.sink_raw[layer] = key[..., :self.sinks, :self.sink_raw.shape[-1]]
+        query, key = turn(query, self.cos, self.sin), turn(key, self.cos, self.sin)
+        self.k[layer].index_copy_(2, self.write, key)
+        self.v[layer].index_copy_(2, self.write, value)
+        out = F.scaled_dot_product_attention(query, self.k[layer], self.v[layer], attn_mask=self.mask,
+                                             scale=scaling, enable_gqa=self.gqa)
+        return out.transpose(1, 2).contiguous()
+
+
+_ACTIVE: ContextVar[_Ring | None] = ContextVar("streamkv_fast_ring", default=None)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry: query [B, H, Q, D], key/value [B, Hkv, Q, D] (HF's rotary at position 0,
+    the identity); returns ([B, Q, H, D], no weights)."""
+    ring = _ACTIVE.get()
+    if ring is None:
+        raise RuntimeError(f"attention implementation {ATTN_IMPLEMENTATION!r} only runs inside "
+                           "streamkv.engines.fast.evaluate")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return ring.attend(module.layer_idx, query, key, value, scaling), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+
+
+class _Stream:
+    """Prefill and the one-token step of one evaluation; the step is what a CUDA graph captures."""
+
+    def __init__(self, model, ring: _Ring, prefill_len: int, nll: torch.Tensor, loss_dtype):
+        self.model, self.ring, self.prefill_len = model, ring, prefill_len
+        self.nll, self.loss_dtype = nll, loss_dtype
+        device = ring.ids.device
+        self.t = torch.tensor([prefill_len], device=device)    # the next token to feed
+        self.zero_position = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.n_layers = model.config.num_hidden_layers
+
+    def _forward(self, t: torch.Tensor, *, prefill: bool) -> None:
+        ring = self.ring
+        ring.prepare(t, prefill=prefill)
+        ring.calls = 0
+        logits, _ = compat.forward(self.model, ring.ids.index_select(0, t)[None],
+                                   position_ids=self.zero_position.expand(1, t.numel()))
+        if ring.calls != self.n_layers:
+            raise RuntimeError(f"{ring.calls} of {self.n_layers} attention layers used the fast attention "
+                               "function; the others would ignore the ring buffer")
+        # Only tokens that predict one are fed (t <= T − 2), so every logit row is scored.
+        self.nll.index_copy_(0, t, nll_from_logits(logits[0], ring.ids.index_select(0, t + 1), self.loss_dtype))
+
+    def prefill(self) -> None:
+        """From an empty buffer: forget every slot, feed tokens [0, prefill_len), rewind t."""
+        self.ring.slot_token.fill_(-1)
+        self.t.fill_(self.prefill_len)
+        self._forward(torch.arange(self.prefill_len, device=self.t.device), prefill=True)
+
+    def step(self) -> None:
+        """Feed token t, score it, t += 1: device work only, so CUDA can capture it."""
+        self._forward(self.t, prefill=False)
+        self.t += 1
+
+
+def _capture(stream: _Stream) -> torch.cuda.CUDAGraph:
+    """CUDA's recipe: a few eager steps on a side stream (allocator and kernel choices settle), then
+    capture one step. The eager steps move the state on; the caller runs the prefill again afterwards."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_STEPS):
+            stream.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        stream.step()
+    return graph
+
+
+def check_supported(schedule: Schedule, position_mode: str, rerotation: str) -> StreamPlan:
+    if rerotation not in REROTATIONS:
+        raise ValueError(f"unknown rerotation {rerotation!r}; choose one of {REROTATIONS}")
+    if position_mode == "cache" and rerotation != "exact":
+        raise Unsupported(f"rerotation={rerotation!r} replays the rounding drift of re-rotating the cache at "
+                          "every prune, which only the decode engine does")
+    return stream_plan(schedule, position_mode, "fast")
+
+
+@torch.inference_mode()
+def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
+             rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32", progress: bool = False,
+             graph: bool | None = None) -> EngineResult:
+    """Per-token NLL and timings of `schedule` on `ids` [T], equal to the reference engine's (module doc).
+
+    graph: capture the step as a CUDA graph (default: on CUDA). TTFT is the prefill forward; TPOT the
+    mean decode step, CUDA-graph warm-up and capture excluded (they run before the timed prefill)."""
+    plan = check_supported(schedule, position_mode, rerotation)
+    device = next(model.parameters()).device
+    graph = device.type == "cuda" if graph is None else graph
+    began = time.perf_counter()
+    n_fed = schedule.n_tokens - 1
+    # The schedule's prefill may include the stream's last token, which predicts nothing: not fed here.
+    n_prefill = min(schedule.prefill_len, n_fed)
+    n_decode = n_fed - n_prefill
+    ring = _Ring(model, ids, plan, position_mode)
+    nll = torch.zeros(n_fed, dtype=as_dtype(loss_dtype), device=device)
+    stream = _Stream(model, ring, n_prefill, nll, as_dtype(loss_dtype))
+    token = _ACTIVE.set(ring)
+    try:
+        with swapped_attention(model, ATTN_IMPLEMENTATION, "fast"):
+            captured = None
+            if graph and n_decode > GRAPH_WARMUP_STEPS:
+                stream.prefill()
+                captured = _capture(stream)
+            timer = PhaseTimer(device)
+            timer.phase("prefill")
+            stream.prefill()
+            timer.phase("decode")
+            bar = tqdm(total=n_fed, initial=n_prefill, disable=not progress, desc="fast",
+                       unit="tok")
+            for k in range(n_decode):
+                captured.replay() if captured is not None else stream.step()
+                if progress and (k + 1) % PROGRESS_EVERY == 0:
+                    bar.update(PROGRESS_EVERY)
+            bar.close()
+            ms = timer.stop()
+    finally:
+        _ACTIVE.reset(token)
+    return EngineResult(nll=nll.cpu(), cache_len_after_step=schedule.cache_len_after_step,
+                        ttft_ms=ms["prefill"], tpot_ms=ms["decode"] / n_decode if n_decode else None,
+                        wall_s=time.perf_counter() - began, peak_memory_mb=timer.peak_mb, engine="fast")

@@ -1,0 +1,142 @@
+"""The fast engine (ring buffer, sinks-only re-rotation, CUDA graph) against the float64 reference engine.
+
+The tiny models here compute their rotary in float64 (tiny_models.Float64Rotary): the fast engine places
+tokens at their original indices, the reference at their cache slots, with equal distances, so with HF's
+fp32 rotary the two would differ by fp32 angle rounding (~1e-6) and the comparison could not resolve a
+real bug from it. With float64 rotary they agree to ~1e-14; the mutations below miss by far more than 1e-3.
+GPU tests (CUDA graph path) run on a CUDA machine: `python -m pytest tests/test_fast.py -k cuda`.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamkv.engines import fast, reference
+from streamkv.engines.contiguous import Unsupported, stream_plan
+from streamkv.policies import build_schedule
+from streamkv.spec import PolicySpec
+from test_engines import BROKEN, CASES, MODES, N_TOKENS, TOL, max_diff
+from tiny_models import MODELS, cached_model, cached_stream
+
+CONTIGUOUS = sorted(c for c in CASES if CASES[c].refresh_budget == 0)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph path: needs a GPU")
+
+
+def model(name: str):
+    return cached_model(name, float64_rotary=True)
+
+
+@functools.cache
+def run_reference(model_name: str, case: str, mode: str):
+    schedule = build_schedule(CASES[case], N_TOKENS)
+    return reference.evaluate(model(model_name), cached_stream(N_TOKENS), schedule, position_mode=mode,
+                              loss_dtype="float64")
+
+
+def run_fast(model_name: str, case: str, mode: str, **kwargs):
+    schedule = build_schedule(CASES[case], N_TOKENS)
+    return fast.evaluate(model(model_name), cached_stream(N_TOKENS), schedule, position_mode=mode,
+                         loss_dtype="float64", **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CONTIGUOUS)
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_fast_matches_reference(model_name, case, mode):
+    ref, got = run_reference(model_name, case, mode), run_fast(model_name, case, mode)
+    assert got.nll.shape == ref.nll.shape and got.nll.dtype == torch.float64
+    assert got.cache_len_after_step == ref.cache_len_after_step
+    assert max_diff(got.nll, ref.nll) <= TOL
+    assert got.engine == "fast" and got.tpot_ms is not None and got.ttft_ms is not None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sink_offset_off_by_one_fails(monkeypatch, mode):
+    """Sinks turned one position too far: the very mutation the module doc's derivation rules out."""
+    real = fast.sink_offset
+    monkeypatch.setattr(fast, "sink_offset", lambda plan, position_mode: real(plan, position_mode) + 1)
+    got, ref = run_fast("gpt_neox", "strict", mode), run_reference("gpt_neox", "strict", mode)
+    assert max_diff(got.nll, ref.nll) > BROKEN
+
+
+def test_ring_one_slot_short_fails(monkeypatch):
+    """A ring one slot shorter than ring_layout's overwrites a token some query still sees."""
+    real = fast.ring_layout
+    monkeypatch.setattr(fast, "ring_layout", lambda plan: (real(plan)[0], real(plan)[1] - 1))
+    got, ref = run_fast("llama", "lazy_r4", "cache"), run_reference("llama", "lazy_r4", "cache")
+    assert max_diff(got.nll, ref.nll) > BROKEN
+
+
+@pytest.mark.parametrize("case", sorted(c for c in CASES if CASES[c].refresh_budget))
+def test_refresh_schedules_are_refused(case):
+    with pytest.raises(Unsupported, match="decode engine"):
+        run_fast("gpt_neox", case, "cache")
+
+
+def test_composed_fp16_is_refused():
+    with pytest.raises(Unsupported, match="decode engine"):
+        run_fast("gpt_neox", "strict", "cache", rerotation="composed_fp16")
+
+
+policies = st.builds(
+    lambda s, w, r, sigma, delta: PolicySpec(n_sink=s, window=w, compress_every=r, cache_slack=sigma, max_drop=delta),
+    st.integers(0, 4), st.integers(1, 12), st.integers(0, 9), st.integers(0, 10), st.integers(0, 6))
+
+
+@settings(max_examples=150, deadline=None)
+@given(policies, st.integers(2, 80), st.sampled_from(MODES))
+def test_ring_shows_each_query_exactly_its_schedule(policy, n_tokens, mode):
+    """Pure slot arithmetic, replayed on the host: after token t takes its slot, the slots the mask opens
+    for query t hold exactly the tokens the schedule lets it see, and the buffer is no larger than the
+    most keys any query sees."""
+    schedule = build_schedule(policy, n_tokens)
+    plan = stream_plan(schedule, mode, "fast")
+    sinks, ring = fast.ring_layout(plan)
+    assert sinks + ring <= max(schedule.max_visible, 1)
+    n_fed = n_tokens - 1
+    slot = fast.slot_of(torch.arange(n_fed), sinks, ring).tolist()
+    held = [-1] * (sinks + ring)
+    for t in range(n_fed):
+        held[slot[t]] = t
+        start, n_sink = int(plan.start[t]), int(plan.n_sink[t])
+        opened = {held[s] for s in range(sinks + ring) if start <= held[s] <= t or s < n_sink}
+        assert opened == set(range(n_sink)) | set(range(start, t + 1))
+
+
+def test_rotary_tables_are_float64_angles():
+    """At index 20000 an fp32 angle is off by ~1e-3 rad; the tables must match float64 to fp32 rounding."""
+    rotary = fast.compat.rotary(MODELS["gpt_neox"]())
+    cos, _ = fast.rotary_tables(rotary, 20001, torch.float32, "cpu")
+    f = rotary.inv_freq[1]   # 0.1 in fp32: 20000 · f is not exact in fp32 (1 would be)
+    exact = torch.cos(torch.tensor(20000.0, dtype=torch.float64) * f.double())
+    assert abs(cos[20000, 1].double() - exact) < 1e-7
+    fp32 = torch.cos(torch.tensor(20000.0) * f)   # what HF's fp32 angle gives
+    assert abs(fp32.double() - exact) > 1e-5
+
+
+@cuda
+@pytest.mark.parametrize("case", ["strict", "lazy_drop", "full"])
+def test_cuda_graph_matches_reference(case):
+    """The captured step on the GPU, float64 model, against the CPU reference."""
+    m = model("gpt_neox")
+    try:
+        m.to("cuda")
+        got = run_fast("gpt_neox", case, "cache", graph=True)
+    finally:
+        m.to("cpu")
+    assert max_diff(got.nll, run_reference("gpt_neox", case, "cache")) <= TOL
+
+
+@cuda
+def test_cuda_graph_equals_eager_in_fp16():
+    torch.manual_seed(0)
+    m = MODELS["llama"]().to("cuda", torch.float16)
+    schedule = build_schedule(CASES["lazy_r4"], N_TOKENS)
+    ids = cached_stream(N_TOKENS)
+    eager = fast.evaluate(m, ids, schedule, graph=False)
+    graphed = fast.evaluate(m, ids, schedule, graph=True)
+    assert torch.equal(eager.nll, graphed.nll)
