@@ -73,9 +73,17 @@ def variants(args) -> dict[str, PolicySpec]:
             f"lazy{args.lazy_r}": PolicySpec(n_sink=args.sink, window=window, compress_every=args.lazy_r)}
 
 
+def engine_call(name: str):
+    """`fast` or `fast:compile=0,graph=1`: an engine with integer keyword options."""
+    engine, _, options = name.partition(":")
+    kwargs = {k: bool(int(v)) for k, v in (o.split("=") for o in options.split(",") if o)}
+    evaluate = engines.get(engine)
+    return lambda *a, **kw: evaluate(*a, **kw, **kwargs)
+
+
 def protocol(args, engine: str, model, ids) -> tuple[dict, dict]:
     """One run of the protocol for one engine: ({variant: TPOT/TTFT summaries}, {variant: NLL of the last run})."""
-    evaluate = engines.get(engine)
+    evaluate = engine_call(engine)
     schedules = {name: build_schedule(policy, ids.numel()) for name, policy in variants(args).items()}
     jobs = {name: (lambda s=s: evaluate(model, ids, s, position_mode="cache")) for name, s in schedules.items()}
     runs = timing.interleaved(jobs, warmup=args.warmup, repeats=args.repeats,

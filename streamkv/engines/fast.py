@@ -29,7 +29,6 @@ Refused up front (Unsupported): refresh tokens (not one contiguous run) and the 
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -135,7 +134,8 @@ class _Ring:
                                                   self.sin_table.index_select(0, at))
 
     def attend(self, layer: int, query, key, value, scaling):
-        self.calls += 1
+        if self.prefill:
+            self.calls += 1
         if self.prefill and self.sinks:
             self.sink_raw[layer] = key[..., :self.sinks, :self.sink_raw.shape[-1]]
         query, key = turn(query, self.cos, self.sin), turn(key, self.cos, self.sin)
@@ -146,13 +146,17 @@ class _Ring:
         return out.transpose(1, 2).contiguous()
 
 
-_ACTIVE: ContextVar[_Ring | None] = ContextVar("streamkv_fast_ring", default=None)
+class _Active:
+    """The ring of the evaluation in progress. A plain attribute, not a ContextVar: torch.compile traces
+    through an attribute read but breaks its graph at a ContextVar. `evaluate` sets and clears it."""
+
+    ring: _Ring | None = None
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface entry: query [B, H, Q, D], key/value [B, Hkv, Q, D] (HF's rotary at position 0,
     the identity); returns ([B, Q, H, D], no weights)."""
-    ring = _ACTIVE.get()
+    ring = _Active.ring
     if ring is None:
         raise RuntimeError(f"attention implementation {ATTN_IMPLEMENTATION!r} only runs inside "
                            "streamkv.engines.fast.evaluate")
@@ -178,20 +182,22 @@ class _Stream:
     def _forward(self, t: torch.Tensor, *, prefill: bool) -> None:
         ring = self.ring
         ring.prepare(t, prefill=prefill)
-        ring.calls = 0
         logits, _ = compat.forward(self.model, ring.ids.index_select(0, t)[None],
                                    position_ids=self.zero_position.expand(1, t.numel()))
-        if ring.calls != self.n_layers:
-            raise RuntimeError(f"{ring.calls} of {self.n_layers} attention layers used the fast attention "
-                               "function; the others would ignore the ring buffer")
         # Only tokens that predict one are fed (t <= T − 2), so every logit row is scored.
         self.nll.index_copy_(0, t, nll_from_logits(logits[0], ring.ids.index_select(0, t + 1), self.loss_dtype))
 
     def prefill(self) -> None:
-        """From an empty buffer: forget every slot, feed tokens [0, prefill_len), rewind t."""
-        self.ring.slot_token.fill_(-1)
+        """From an empty buffer: forget every slot, feed tokens [0, prefill_len), rewind t. The prefill runs
+        eagerly and counts the layers that reach the ring (decode steps reuse the same route)."""
+        ring = self.ring
+        ring.slot_token.fill_(-1)
         self.t.fill_(self.prefill_len)
+        ring.calls = 0
         self._forward(torch.arange(self.prefill_len, device=self.t.device), prefill=True)
+        if ring.calls != self.n_layers:
+            raise RuntimeError(f"{ring.calls} of {self.n_layers} attention layers used the fast attention "
+                               "function; the others would ignore the ring buffer")
 
     def step(self) -> None:
         """Feed token t, score it, t += 1: device work only, so CUDA can capture it."""
@@ -199,18 +205,18 @@ class _Stream:
         self.t += 1
 
 
-def _capture(stream: _Stream) -> torch.cuda.CUDAGraph:
-    """CUDA's recipe: a few eager steps on a side stream (allocator and kernel choices settle), then
-    capture one step. The eager steps move the state on; the caller runs the prefill again afterwards."""
+def _capture(step) -> torch.cuda.CUDAGraph:
+    """CUDA's recipe: a few steps on a side stream (compilation, allocator and kernel choices settle),
+    then capture one step. Those steps move the state on; the caller runs the prefill again afterwards."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(GRAPH_WARMUP_STEPS):
-            stream.step()
+            step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        stream.step()
+        step()
     return graph
 
 
@@ -226,14 +232,17 @@ def check_supported(schedule: Schedule, position_mode: str, rerotation: str) -> 
 @torch.inference_mode()
 def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32", progress: bool = False,
-             graph: bool | None = None) -> EngineResult:
+             graph: bool | None = None, compile: bool | None = None) -> EngineResult:
     """Per-token NLL and timings of `schedule` on `ids` [T], equal to the reference engine's (module doc).
 
-    graph: capture the step as a CUDA graph (default: on CUDA). TTFT is the prefill forward; TPOT the
-    mean decode step, CUDA-graph warm-up and capture excluded (they run before the timed prefill)."""
+    graph: capture the step as a CUDA graph (default: on CUDA). compile: torch.compile the step before
+    capturing it (default: with graph), which fuses the many small element-wise kernels of a one-token
+    forward (layer norms, both rotaries, residual adds). TTFT is the prefill forward; TPOT the mean decode
+    step; compilation, warm-up and capture run before the timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
     device = next(model.parameters()).device
     graph = device.type == "cuda" if graph is None else graph
+    compile = graph if compile is None else compile
     began = time.perf_counter()
     n_fed = schedule.n_tokens - 1
     # The schedule's prefill may include the stream's last token, which predicts nothing: not fed here.
@@ -242,13 +251,13 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     ring = _Ring(model, ids, plan, position_mode)
     nll = torch.zeros(n_fed, dtype=as_dtype(loss_dtype), device=device)
     stream = _Stream(model, ring, n_prefill, nll, as_dtype(loss_dtype))
-    token = _ACTIVE.set(ring)
+    _Active.ring = ring
     try:
         with swapped_attention(model, ATTN_IMPLEMENTATION, "fast"):
             captured = None
             if graph and n_decode > GRAPH_WARMUP_STEPS:
                 stream.prefill()
-                captured = _capture(stream)
+                captured = _capture(torch.compile(stream.step, dynamic=False) if compile else stream.step)
             timer = PhaseTimer(device)
             timer.phase("prefill")
             stream.prefill()
@@ -262,7 +271,7 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
             bar.close()
             ms = timer.stop()
     finally:
-        _ACTIVE.reset(token)
+        _Active.ring = None
     return EngineResult(nll=nll.cpu(), cache_len_after_step=schedule.cache_len_after_step,
                         ttft_ms=ms["prefill"], tpot_ms=ms["decode"] / n_decode if n_decode else None,
                         wall_s=time.perf_counter() - began, peak_memory_mb=timer.peak_mb, engine="fast")
