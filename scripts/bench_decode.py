@@ -14,7 +14,7 @@ Protocol: per engine, --warmup untimed runs of every variant, then --repeats rou
 in turn; TPOT is the median over the rounds, ± half the range. The fast engine's protocol is run
 --stability-runs times in a row, to show how far its medians move from run to run.
 Reported: TPOT per engine and variant, eviction overhead (TPOT with eviction / TPOT of dense), and with
---anchor: TPOT over the bandwidth floor and the plain-HF figures over ours. Agreement: the fast engine's
+--anchor: TPOT over the bandwidth floor and the plain-HF figures over ours. Agreement: the first engine's
 per-token NLL against decode's on the same prefix (fp16: rounding differs, so this is a noise figure).
 """
 from __future__ import annotations
@@ -149,9 +149,10 @@ def main(argv=None) -> int:
             record["run_to_run_rel_diff"] = {
                 name: abs(runs[1][name]["tpot_ms"]["median"] / runs[0][name]["tpot_ms"]["median"] - 1)
                 for name in runs[0]}
-    if {"fast", "decode"} <= nll.keys():
-        summary["agreement_fast_vs_decode"] = {name: agreement(nll["fast"][name], nll["decode"][name])
-                                               for name in nll["fast"] if name != "dense"}
+    first = args.engines[0]
+    if first != "decode" and {first, "decode"} <= nll.keys():
+        summary[f"agreement_{first}_vs_decode"] = {name: agreement(nll[first][name], nll["decode"][name])
+                                                   for name in nll[first] if name != "dense"}
     if args.anchor and args.anchor.is_file():
         summary["anchor"] = json.loads(args.anchor.read_text())
         summary["ratios"] = ratios(summary, summary["anchor"])
