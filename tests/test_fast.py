@@ -66,7 +66,7 @@ def test_sink_offset_off_by_one_fails(monkeypatch, mode):
 def test_ring_one_slot_short_fails(monkeypatch):
     """A ring one slot shorter than ring_layout's overwrites a token some query still sees."""
     real = fast.ring_layout
-    monkeypatch.setattr(fast, "ring_layout", lambda plan: (real(plan)[0], real(plan)[1] - 1))
+    monkeypatch.setattr(fast, "ring_layout", lambda plan: (real(plan, 1)[0], real(plan, 1)[1] - 1))
     got, ref = run_fast("llama", "lazy_r4", "cache"), run_reference("llama", "lazy_r4", "cache")
     assert max_diff(got.nll, ref.nll) > BROKEN
 
@@ -88,15 +88,18 @@ policies = st.builds(
 
 
 @settings(max_examples=150, deadline=None)
-@given(policies, st.integers(2, 80), st.sampled_from(MODES))
-def test_ring_shows_each_query_exactly_its_schedule(policy, n_tokens, mode):
+@given(policies, st.integers(2, 80), st.sampled_from(MODES), st.sampled_from([1, 8, None]))
+def test_ring_shows_each_query_exactly_its_schedule(policy, n_tokens, mode, multiple):
     """Pure slot arithmetic, replayed on the host: after token t takes its slot, the slots the mask opens
-    for query t hold exactly the tokens the schedule lets it see, and the buffer is no larger than the
-    most keys any query sees."""
+    for query t hold exactly the tokens the schedule lets it see; unrounded, the buffer is no larger than
+    the most keys any query sees."""
     schedule = build_schedule(policy, n_tokens)
     plan = stream_plan(schedule, mode, "fast")
-    sinks, ring = fast.ring_layout(plan)
-    assert sinks + ring <= max(schedule.max_visible, 1)
+    sinks, ring = fast.ring_layout(plan, multiple)
+    if multiple == 1:
+        assert sinks + ring <= max(schedule.max_visible, 1)
+    else:
+        assert (sinks + ring) % (multiple or fast.CAPACITY_MULTIPLE) == 0
     n_fed = n_tokens - 1
     slot = fast.slot_of(torch.arange(n_fed), sinks, ring).tolist()
     held = [-1] * (sinks + ring)

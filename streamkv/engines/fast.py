@@ -45,17 +45,21 @@ from .base import EngineResult
 from .contiguous import StreamPlan, Unsupported, stream_plan
 
 ATTN_IMPLEMENTATION = "streamkv_fast"
+CAPACITY_MULTIPLE = 128        # buffer slots are rounded up to this (ring_layout)
 GRAPH_WARMUP_STEPS = 3          # eager steps on a side stream before capture (CUDA's graph recipe)
 PROGRESS_EVERY = 256            # replays between progress-bar updates
 
 
-def ring_layout(plan: StreamPlan) -> tuple[int, int]:
-    """(sink slots S, ring slots): the smallest buffer in which no visible token is ever overwritten.
-    Query t sees ring tokens [max(start(t), S), t]; they must fall into distinct slots mod ring."""
+def ring_layout(plan: StreamPlan, multiple: int | None = None) -> tuple[int, int]:
+    """(sink slots S, ring slots): a buffer in which no visible token is ever overwritten. Query t sees
+    ring tokens [max(start(t), S), t]; they must fall into distinct slots mod ring. The smallest such
+    ring is widened until S + ring is a multiple of `multiple` (CAPACITY_MULTIPLE), so that the schedules
+    of one comparison (strict, lazy R <= 128 at one cap) share buffer shapes and so one compiled step."""
+    multiple = CAPACITY_MULTIPLE if multiple is None else multiple
     sinks = plan.max_sinks
     t = torch.arange(plan.start.numel())
-    ring = int((t + 1 - plan.start.clamp(min=sinks)).max())
-    return sinks, max(ring, 1)
+    capacity = sinks + max(int((t + 1 - plan.start.clamp(min=sinks)).max()), 1)
+    return sinks, -(-capacity // multiple) * multiple - sinks
 
 
 def slot_of(tokens: torch.Tensor, sinks: int, ring: int) -> torch.Tensor:
@@ -85,7 +89,11 @@ def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 class _Ring:
-    """The ring KV buffer and the device-side state of one stream; serves the attention function."""
+    """The ring KV buffer and the device-side state of one stream; serves the attention function.
+
+    K/V are one tensor per layer, written in place with index_copy_ (the pattern of HF's StaticCache):
+    torch.compile keeps such writes in place, while a write into a slice of one all-layer tensor makes it
+    copy the whole buffer at every layer."""
 
     def __init__(self, model, ids: torch.Tensor, plan: StreamPlan, position_mode: str):
         cfg, param = model.config, next(model.parameters())
@@ -93,12 +101,14 @@ class _Ring:
         rotary = compat.rotary(model)
         self.sinks, self.ring = ring_layout(plan)
         capacity = self.sinks + self.ring
-        n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        shape = (n_layers, 1, kv_heads, capacity, rotary.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.sink_raw = torch.zeros(shape[:3] + (self.sinks, rotary.rot_dims), dtype=dtype, device=device)
+        shape = (1, kv_heads, capacity, rotary.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        # Sink keys as computed (unrotated): each decode step turns them to their current position.
+        self.sink_raw = [torch.zeros(shape[:2] + (self.sinks, shape[3]), dtype=dtype, device=device)
+                         for _ in range(cfg.num_hidden_layers)]
         self.gqa = kv_heads != heads
         work = torch.float64 if dtype == torch.float64 else torch.float32
         self.cos_table, self.sin_table = rotary_tables(rotary, ids.numel(), work, device)
@@ -110,39 +120,43 @@ class _Ring:
         self.slot_index = torch.arange(capacity, device=device)
         self.sink_index = torch.arange(self.sinks, device=device)
         self.slot_token = torch.full((capacity,), -1, dtype=torch.long, device=device)
-        # What `prepare` sets for the forward that follows: the write slots, mask and angles of its tokens.
+        # What `prepare` sets for the forward that follows: write slots, additive mask and angles of its
+        # tokens, and the sinks' angles.
         self.write: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
-        self.cos = self.sin = None
+        self.cos = self.sin = self.sink_cos = self.sink_sin = None
         self.prefill = False
         self.calls = 0
 
     def prepare(self, t: torch.Tensor, *, prefill: bool) -> None:
-        """Device work before the forward of tokens t [Q]: claim their slots, build the mask, move sinks."""
+        """Device work before the forward of tokens t [Q]: claim their slots, build the mask, sink angles."""
         self.prefill = prefill
         self.write = self.slot.index_select(0, t)
         self.slot_token.index_copy_(0, self.write, t)
         start, n_sink = self.start.index_select(0, t), self.n_sink.index_select(0, t)
         held = self.slot_token[None, :]
-        self.mask = ((held >= start[:, None]) & (held <= t[:, None])) | (self.slot_index[None, :] < n_sink[:, None])
+        seen = ((held >= start[:, None]) & (held <= t[:, None])) | (self.slot_index[None, :] < n_sink[:, None])
+        # Additive, in the model's dtype, built once per step: a boolean mask would be converted per layer.
+        dtype = self.k[0].dtype
+        self.mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, float("-inf"))
         self.cos, self.sin = self.cos_table.index_select(0, t), self.sin_table.index_select(0, t)
         if self.sinks and not prefill:
-            # One token per decode step, so one offset: sinks to positions i + o(t), from their raw keys.
+            # One token per decode step, so one offset: sink i goes to position i + o(t).
             at = self.sink_index + self.sink_shift.index_select(0, t)
-            rd = self.sink_raw.shape[-1]
-            self.k[..., :self.sinks, :rd] = turn(self.sink_raw, self.cos_table.index_select(0, at),
-                                                  self.sin_table.index_select(0, at))
+            self.sink_cos, self.sink_sin = self.cos_table.index_select(0, at), self.sin_table.index_select(0, at)
 
     def attend(self, layer: int, query, key, value, scaling):
+        k, v = self.k[layer], self.v[layer]
         if self.prefill:
             self.calls += 1
-        if self.prefill and self.sinks:
-            self.sink_raw[layer] = key[..., :self.sinks, :self.sink_raw.shape[-1]]
+            if self.sinks:
+                self.sink_raw[layer].copy_(key[..., :self.sinks, :])
+        elif self.sinks:
+            k.index_copy_(2, self.sink_index, turn(self.sink_raw[layer], self.sink_cos, self.sink_sin))
         query, key = turn(query, self.cos, self.sin), turn(key, self.cos, self.sin)
-        self.k[layer].index_copy_(2, self.write, key)
-        self.v[layer].index_copy_(2, self.write, value)
-        out = F.scaled_dot_product_attention(query, self.k[layer], self.v[layer], attn_mask=self.mask,
-                                             scale=scaling, enable_gqa=self.gqa)
+        k.index_copy_(2, self.write, key)
+        v.index_copy_(2, self.write, value)
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=self.gqa)
         return out.transpose(1, 2).contiguous()
 
 
