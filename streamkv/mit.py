@@ -339,8 +339,10 @@ def run_mit_reference(settings: Settings, *, profile: Profile | None = None) -> 
             _say(f"{slot}: running {SCRIPT} (start_size={ref.start_size}, recent_size={ref.recent_size}, "
                  f"{inv.spec['num_eval_tokens']} tokens)")
             try:
-                path = run_reference(store, slot, repo, python, inv, matches=matches, packages=packages, fp=fp,
-                                     expected_predictions=dataset.max_tokens - 1)
+                # The slot's lock covers the log as well as the JSON: Store.sweep never takes its temp files.
+                with store.lock(store.path(slot)):
+                    path = run_reference(store, slot, repo, python, inv, matches=matches, packages=packages,
+                                         fp=fp, expected_predictions=dataset.max_tokens - 1)
             except MitFailure as failure:
                 _say(str(failure))
                 failures += 1
