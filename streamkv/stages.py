@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import assets, engines, figures, fingerprint, profiles, tables
 from .profiles import SELF_TIMED_ENGINES, Dataset, Profile, Variant
-from .settings import Settings
+from .settings import Settings, default_results_dir
 from .spec import DataSpec, MeasureSpec, RunSpec
 from .store import Store, atomic_write
 
@@ -91,8 +91,14 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
         for entry in reversed(entries):
             if _matches(entry["key"], key):
                 return DataSpec(**entry["data"])
-    except (OSError, ValueError, KeyError, TypeError):
-        entries = []  # absent or unreadable: the index is a cache, never a source of truth
+    except FileNotFoundError:
+        entries = []
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # The index is a cache, never a source of truth, but without it `tables` and `status` cannot tell
+        # current results from stale ones: say which file is broken (a stage run rewrites it).
+        _say(f"warning: stream index {index} is unreadable ({type(err).__name__}: {err}); "
+             f"{dataset.name} results cannot be matched until a stage re-tokenizes the stream")
+        entries = []
     if not tokenize:
         return None
     synthetic = dataset.path.startswith(assets.SYNTHETIC_PREFIX)  # random ids: no tokenizer to load
@@ -277,7 +283,6 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
     hash's claim (Store.claim). A run first takes the points nobody holds, then waits for the others and
     finds them written (or copies them, or computes what a killed holder left undone)."""
     s, store, out = ctx.settings, ctx.store, Outcome()
-    store.check_writable()
     for leftover in store.sweep():
         _say(f"removed what a killed write left: {leftover}")
     scan = store.scan()
@@ -351,6 +356,7 @@ def _report(out: Outcome, total: int, label: str) -> None:
 
 
 def run_stages(settings: Settings, names, *, runs: int | None = None, profile: Profile | None = None) -> Outcome:
+    Store(settings.results_dir).check_writable()   # before anything is tokenized, indexed or computed
     ctx = context(settings, tokenize=True, profile=profile)
     return execute(ctx, plan(ctx, names, runs=runs), label="+".join(names))
 
@@ -379,9 +385,18 @@ class TablesReport:
     problems: list[str]       # unreadable result files, skipped
 
 
+def _reading_context(settings: Settings, profile: Profile | None) -> Context:
+    """The context of `tables` and `status`, which only read results: a results directory named explicitly
+    must exist (a typo would otherwise read as "nothing computed yet"); the default may be absent."""
+    ctx = context(settings, tokenize=False, profile=profile)
+    if not ctx.store.check_readable(must_exist=Path(settings.results_dir) != default_results_dir()):
+        _say(f"note: results directory {ctx.store.root} does not exist yet: no point has been computed")
+    return ctx
+
+
 def write_tables(settings: Settings, out_dir: Path, *, profile: Profile | None = None) -> TablesReport:
     """Rewrite NeurIPS/generated/*.tex and the figures from the results; never loads a model."""
-    ctx = context(settings, tokenize=False, profile=profile)
+    ctx = _reading_context(settings, profile)
     expected = {p.slot: p.spec and p.spec.config_hash() for p in plan(ctx, paper_stages(settings))}
 
     def lookup(slot: str):
@@ -395,7 +410,7 @@ def write_tables(settings: Settings, out_dir: Path, *, profile: Profile | None =
 
 def status(settings: Settings, *, profile: Profile | None = None) -> tuple[list[tuple[str, str, str]], list[str]]:
     """([(slot, state, engine)] for every planned point, problems found in the results directory)."""
-    ctx = context(settings, tokenize=False, profile=profile)
+    ctx = _reading_context(settings, profile)
     names = paper_stages(settings)
     rows = [(p.slot, classify(ctx, p), p.spec.engine if p.spec else "?") for p in plan(ctx, names)]
     return rows, ctx.store.scan().problems

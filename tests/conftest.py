@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streamkv import assets, fingerprint, stages
+from streamkv import assets, fingerprint, settings as settings_mod, stages
 from streamkv.profiles import Dataset, Profile
 from streamkv.settings import Settings
 from streamkv.spec import DataSpec, ModelSpec
@@ -69,6 +69,13 @@ class FakeRunner:
         if self.announce:
             print(f"computed {slot}", flush=True)
         return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_root(tmp_path, monkeypatch):
+    """The repository root the commands resolve .env, results/ and NeurIPS/ against: a fresh directory, so
+    no test reads the checkout's .env or writes into its results/."""
+    monkeypatch.setattr(settings_mod, "ROOT", tmp_path)
 
 
 @pytest.fixture

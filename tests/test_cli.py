@@ -115,7 +115,7 @@ def test_run_writes_one_result_with_the_flags_in_its_spec(invoke, faked, tmp_pat
     doc = json.loads((tmp_path / "out" / "x.json").read_text())
     policy = doc["spec"]["policy"]
     assert (policy["compress_every"], policy["cache_slack"], policy["window"]) == (2, 2, 16 - 2 - 2)
-    assert doc["slot"] == f"runs/long/{doc['config_hash'][:12]}" and (tmp_path / "out" / "x.nll.f32").is_file()
+    assert doc["slot"] == f"runs/long/{doc['config_hash'][:12]}" and (tmp_path / "out" / doc["artifacts"]["nll"]).is_file()
     result = invoke("run", "--mode", "baseline", "--random-weights")
     doc = json.loads(Path(result.stdout.strip()).read_text())
     assert doc["spec"]["engine"] == "recompute" and doc["spec"]["model"]["random_weights"] is True
