@@ -37,14 +37,14 @@ def build_pdf(neurips_dir: Path | str | None = None, *, use_generated: bool = Tr
               use_appendix: bool = True) -> Path:
     """Compile the paper in `neurips_dir` (default: the repository's NeurIPS/; build files in its build/);
     returns the copied PDF's path."""
+    src = Path(neurips_dir) if neurips_dir is not None else under_root("NeurIPS")
+    if not (src / f"{PAPER}.tex").is_file():
+        raise PaperError(f"{src / f'{PAPER}.tex'} not found: --neurips-dir must name the paper's directory")
     latexmk = shutil.which("latexmk")
     if latexmk is None:
         # scripts/ensure_tex.sh owns the list of Debian packages; point there rather than repeat it.
         raise PaperError("latexmk not found: run scripts/ensure_tex.sh (installs TeX Live from Debian when "
                          "root, else prints the packages to install), or `make pdf`")
-    src = Path(neurips_dir) if neurips_dir is not None else under_root("NeurIPS")
-    if not (src / f"{PAPER}.tex").is_file():
-        raise PaperError(f"{src / f'{PAPER}.tex'} not found: --neurips-dir must name the paper's directory")
     pretex = (rf"\def\streamkvusegenerated{{{int(use_generated)}}}"
               rf"\def\streamkvuseappendix{{{int(use_appendix)}}}")
     # -g: the switches are not files latexmk watches, so force a full run rather than trust its cache.

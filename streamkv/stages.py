@@ -388,8 +388,9 @@ class TablesReport:
 def _reading_context(settings: Settings, profile: Profile | None) -> Context:
     """The context of `tables` and `status`, which only read results: a results directory named explicitly
     must exist (a typo would otherwise read as "nothing computed yet"); the default may be absent."""
+    present = Store(settings.results_dir).check_readable(must_exist=Path(settings.results_dir) != default_results_dir())
     ctx = context(settings, tokenize=False, profile=profile)
-    if not ctx.store.check_readable(must_exist=Path(settings.results_dir) != default_results_dir()):
+    if not present:
         _say(f"note: results directory {ctx.store.root} does not exist yet: no point has been computed")
     return ctx
 

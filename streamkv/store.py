@@ -203,10 +203,12 @@ class Store:
 
     def check_writable(self) -> None:
         """Before a stage computes anything: the results directory exists (or is created) and takes files."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"results directory {self.root} is not a directory")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-probe.{os.getpid()}"
-            probe.write_bytes(b"")
+            probe.write_bytes(b"\0")   # one byte takes a block: a full disk fails here, not after a run
             probe.unlink()
         except OSError as err:
             raise StoreError(f"results directory {self.root} cannot be written: {_problem(err)}") from None

@@ -8,33 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from streamkv import cli, profiles, runner as runner_mod
-
-from conftest import FakeRunner, fake_profile, install_fakes
+from conftest import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def invoke(tmp_path, monkeypatch):
-    """Run the CLI in tmp_path (its .env, its results/), with no knob inherited from the environment."""
-    monkeypatch.chdir(tmp_path)
-    for knob in cli.settings_mod.KNOBS:
-        monkeypatch.delenv(knob, raising=False)
-
-    def call(*args, env=None):
-        return CliRunner().invoke(cli.main, list(args), env=env or {})
-
-    return call
-
-
-def assert_one_line_error(result, message: str, tmp_path: Path) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("streamkv: error: ") and message in lines[0], result.stderr
-    assert not list(tmp_path.rglob("*.json")) or all("streams" in p.parts for p in tmp_path.rglob("*.json"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -91,22 +68,6 @@ def test_tables_without_results_write_placeholders(invoke, tmp_path):
 def test_fingerprint_prints_json(invoke):
     result = invoke("fingerprint")
     assert result.exit_code == 0 and "torch" in json.loads(result.stdout)
-
-
-@pytest.fixture
-def faked(tmp_path, monkeypatch):
-    """The CLI on the fake profile, with the fake runner in place of the real one."""
-    install_fakes(monkeypatch)
-    profile = fake_profile(tmp_path)
-    monkeypatch.setattr(profiles, "resolve", lambda settings: profile)
-    made = []
-
-    def runner(store, **kw):
-        made.append(FakeRunner(store))
-        return made[-1]
-
-    monkeypatch.setattr(runner_mod, "Runner", runner)
-    return made
 
 
 def test_run_writes_one_result_with_the_flags_in_its_spec(invoke, faked, tmp_path):
