@@ -9,6 +9,11 @@ Model names: an existing directory (absolute, or relative to the repository root
 whose revision is the sha256 of its model.safetensors, checked on load; anything else is a hub id at a
 pinned revision.
 
+No checkpoint code ever runs: every transformers loader gets trust_remote_code=False, and before any of
+them is called `refuse_remote_code` rejects a checkpoint whose config or tokenizer config maps classes to
+its own Python files (`auto_map`), in one line. (Left unset, transformers asks on a terminal and runs the
+checkpoint's configuration, tokenizer and modelling code on "y".)
+
 torch and transformers are imported inside the loaders only: the CLI, the stage planner and the table
 generators use this module's paths and errors and must not pay for (or require) torch.
 """
@@ -73,6 +78,45 @@ def tokenizer_sha256(spec: ModelSpec) -> str | None:
     return sha256_file(file) if file is not None and file.is_file() else None
 
 
+# ------------------------------------------------------------------------------------------- remote code
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json")
+
+
+def _cached_snapshot(spec: ModelSpec) -> Path | None:
+    """The local hub cache's snapshot folder of a hub model, if its config is there (no network)."""
+    import huggingface_hub
+
+    found = huggingface_hub.try_to_load_from_cache(spec.name, "config.json", revision=spec.revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def refuse_remote_code(folder: Path | None, name: str) -> None:
+    """AssetError when the checkpoint in `folder` declares code of its own (`auto_map`)."""
+    for file in (_CODE_CONFIGS if folder is not None else ()):
+        try:
+            doc = json.loads((folder / file).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            raise AssetError(f"{folder / file} is unreadable ({_first_line(exc)}); {FETCH_HINT}") from None
+        if isinstance(doc, dict) and "auto_map" in doc:
+            classes = ", ".join(sorted(map(str, doc["auto_map"])) if isinstance(doc["auto_map"], dict) else [])
+            raise AssetError(f"checkpoint {name} ships its own Python code ({file} auto_map: {classes or '?'}); "
+                             "streamkv never runs checkpoint code (trust_remote_code=False): use a checkpoint "
+                             "of an architecture transformers implements")
+
+
+def _checked_source(spec: ModelSpec) -> tuple[str, dict]:
+    """(from_pretrained source, kwargs) of a local checkpoint or a cached hub model, after
+    refuse_remote_code."""
+    local = _local_dir(spec)
+    if local is not None:
+        refuse_remote_code(local, spec.name)
+        return str(local), {"trust_remote_code": False}
+    refuse_remote_code(_cached_snapshot(spec), spec.name)
+    return spec.name, {"revision": spec.revision, "trust_remote_code": False}
+
+
 # ------------------------------------------------------------------------------------------------ models
 def demo_model_spec(dtype: str = "float32") -> ModelSpec:
     """The committed demo checkpoint; its revision is the sha256 recorded when it was trained."""
@@ -88,14 +132,11 @@ def load_config(spec: ModelSpec):
     streamkv/configs/ for known hub models (e.g. pythia-2.8b.json), else the local hub cache."""
     from transformers import AutoConfig
 
-    local = _local_dir(spec)
     bundled = CONFIG_DIR / f"{spec.name.rsplit('/', 1)[-1].lower()}.json"
-    if local is not None:
-        source, kwargs = local, {}
-    elif bundled.is_file():
-        source, kwargs = bundled, {}
+    if _local_dir(spec) is None and bundled.is_file():
+        source, kwargs = bundled, {"trust_remote_code": False}
     else:
-        source, kwargs = spec.name, {"revision": spec.revision}
+        source, kwargs = _checked_source(spec)
     try:
         return AutoConfig.from_pretrained(str(source), local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:
@@ -114,9 +155,10 @@ def load_model(spec: ModelSpec, device="cpu"):
         config = load_config(spec)
         torch.manual_seed(0)
         with torch.device(device):  # initialise in place: a 2.8B model never round-trips through the host
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
         return model.eval()
 
+    source, kwargs = _checked_source(spec)
     local = _local_dir(spec)
     if local is not None:
         weights = local / "model.safetensors"
@@ -126,9 +168,6 @@ def load_model(spec: ModelSpec, device="cpu"):
         if actual != spec.revision:
             raise AssetError(f"{weights} has sha256 {actual}, but the model spec pins {spec.revision}; "
                              f"the file is corrupted or from another training run; {FETCH_HINT}")
-        source, kwargs = str(local), {}
-    else:
-        source, kwargs = spec.name, {"revision": spec.revision}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype,
                                                            output_loading_info=True, **kwargs)
@@ -146,8 +185,7 @@ def load_model(spec: ModelSpec, device="cpu"):
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
-    local = _local_dir(spec)
-    source, kwargs = (str(local), {}) if local is not None else (spec.name, {"revision": spec.revision})
+    source, kwargs = _checked_source(spec)
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:

@@ -23,9 +23,10 @@ from .mit import mit_reference_command, run_mit_reference
 from .paper import PaperError, build_pdf, pdf_command
 from .settings import SettingsError
 from .spec import MeasureSpec, PolicySpec, RunSpec, SpecError
+from .store import StoreError
 
-USER_ERRORS = (SpecError, SettingsError, AssetError, FetchError, PaperError, stages.StageError)
-GENERATED = Path("NeurIPS/generated")
+USER_ERRORS = (SpecError, SettingsError, AssetError, FetchError, PaperError, StoreError, stages.StageError)
+GENERATED = "NeurIPS/generated"   # under the repository root unless --out-dir says otherwise
 
 
 class _Group(click.Group):
@@ -36,6 +37,11 @@ class _Group(click.Group):
             _fail(ctx, str(err))
         except click.BadParameter as err:   # an option's type or range (e.g. --max-eval-tokens 0)
             _fail(ctx, err.format_message())
+        except OSError as err:
+            # A file the command had to read or write (a full disk, a read-only or missing directory): the
+            # modules turn the ones they expect into their own errors; this names the file for any other.
+            where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+            _fail(ctx, f"{where + ': ' if where else ''}{err.strerror or err}")
 
 
 def _fail(ctx: click.Context, message: str) -> None:
@@ -86,7 +92,7 @@ for _name, _help in (("main", "Main results: baseline (reused) + Start+Recent + 
 
 @main.command()
 @_knob_options
-@click.option("--runs", type=int, default=None,
+@click.option("--runs", type=click.IntRange(min=1), default=None,
               help="Timed repeats to average (default: keep the stored baseline, else 1)")
 def baseline(runs: int | None, **flags) -> None:
     """The fixed sliding-window-recompute baseline, written once and reused."""
@@ -110,7 +116,7 @@ def paper(random_weights: bool, pdf: bool, **flags) -> None:
         run_mit_reference(s)
     if s.run_mit_bench:
         run_bench(s)
-    _write_tables(s, GENERATED)
+    _write_tables(s, settings_mod.under_root(GENERATED))
     if pdf and shutil.which("latexmk"):
         click.echo(build_pdf())
     elif pdf:
@@ -131,10 +137,11 @@ def _write_tables(s: settings_mod.Settings, out_dir: Path) -> None:
 @main.command()
 @click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE]")
 @click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=GENERATED, show_default=True)
-def tables(profile: str | None, results_dir: str | None, out_dir: Path) -> None:
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"[default: {GENERATED} in the repository]")
+def tables(profile: str | None, results_dir: str | None, out_dir: Path | None) -> None:
     """Rewrite NeurIPS/generated/*.tex from results/ and print the tables (never loads a model)."""
-    _write_tables(_settings(profile=profile, results_dir=results_dir), out_dir)
+    _write_tables(_settings(profile=profile, results_dir=results_dir), out_dir or settings_mod.under_root(GENERATED))
 
 
 @click.command()
@@ -213,6 +220,8 @@ def run(**o) -> None:
                     rerotation=o["rerotation"], engine=engine, device=p.device, measure=measure)
     if o["output"] is not None:
         _check_writable(o["output"])
+    else:
+        ctx.store.check_writable()
     data = stages.resolve_data(p, dataset, ctx.store, tokenize=True)
     spec = dataclasses.replace(probe, data=data)
     from .runner import Runner  # loads torch and the engines: only once the knobs are known to be valid
@@ -248,7 +257,7 @@ def _policy_of_flags(o: dict, p) -> PolicySpec:
         if o["n_sink"] is None and o["window_size"] is None:
             return p.baseline_policy()
         sink = p.baseline_sink if o["n_sink"] is None else o["n_sink"]
-        return PolicySpec(n_sink=sink, window=o["window_size"] or p.cap_total - sink)
+        return PolicySpec(n_sink=sink, window=p.cap_total - sink if o["window_size"] is None else o["window_size"])
     knobs = dict(n_sink=p.n_sink if o["n_sink"] is None else o["n_sink"],
                  compress_every=p.lazy_r if o["compress_every"] is None else o["compress_every"],
                  cache_slack=p.cache_slack if o["cache_slack"] is None else o["cache_slack"],

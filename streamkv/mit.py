@@ -103,15 +103,18 @@ def model_path(model: ModelSpec) -> str:
     """A local directory for --model_name_or_path, so the script loads our pinned weights offline:
     upstream's load() calls from_pretrained(name) and ignores its own --revision."""
     local = Path(model.name) if Path(model.name).is_absolute() else assets.REPO / model.name
-    if local.is_dir():
-        return str(local)
-    import huggingface_hub
+    if not local.is_dir():
+        import huggingface_hub
 
-    try:
-        return huggingface_hub.snapshot_download(model.name, revision=model.revision, local_files_only=True)
-    except OSError:
-        raise assets.AssetError(f"model {model.name}@{model.revision} is not in the local Hugging Face cache; "
-                                f"{assets.FETCH_HINT}") from None
+        try:
+            local = Path(huggingface_hub.snapshot_download(model.name, revision=model.revision,
+                                                           local_files_only=True))
+        except OSError:
+            raise assets.AssetError(f"model {model.name}@{model.revision} is not in the local Hugging Face "
+                                    f"cache; {assets.FETCH_HINT}") from None
+    # Upstream loads with trust_remote_code=True: refuse a checkpoint that would run code of its own.
+    assets.refuse_remote_code(local, model.name)
+    return str(local)
 
 
 def _declares(script_text: str, flag: str) -> bool:
@@ -339,8 +342,10 @@ def run_mit_reference(settings: Settings, *, profile: Profile | None = None) -> 
             _say(f"{slot}: running {SCRIPT} (start_size={ref.start_size}, recent_size={ref.recent_size}, "
                  f"{inv.spec['num_eval_tokens']} tokens)")
             try:
-                path = run_reference(store, slot, repo, python, inv, matches=matches, packages=packages, fp=fp,
-                                     expected_predictions=dataset.max_tokens - 1)
+                # The slot's lock covers the log as well as the JSON: Store.sweep never takes its temp files.
+                with store.lock(store.path(slot)):
+                    path = run_reference(store, slot, repo, python, inv, matches=matches, packages=packages,
+                                         fp=fp, expected_predictions=dataset.max_tokens - 1)
             except MitFailure as failure:
                 _say(str(failure))
                 failures += 1

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from .settings import under_root
+
 PAPER = "neurips_2025_compressed"
 _ERROR_LINE = re.compile(r"^(!.*|\S+:\d+: .*)$", re.MULTILINE)   # "! ..." or "-file-line-error" style
 
@@ -31,15 +33,18 @@ def _first_error(log: Path) -> str:
     return match.group(1).strip() if match else "no error line in the log"
 
 
-def build_pdf(neurips_dir: Path | str = "NeurIPS", *, use_generated: bool = True,
+def build_pdf(neurips_dir: Path | str | None = None, *, use_generated: bool = True,
               use_appendix: bool = True) -> Path:
-    """Compile the paper in `neurips_dir` (build files in its build/); returns the copied PDF's path."""
+    """Compile the paper in `neurips_dir` (default: the repository's NeurIPS/; build files in its build/);
+    returns the copied PDF's path."""
+    src = Path(neurips_dir) if neurips_dir is not None else under_root("NeurIPS")
+    if not (src / f"{PAPER}.tex").is_file():
+        raise PaperError(f"{src / f'{PAPER}.tex'} not found: --neurips-dir must name the paper's directory")
     latexmk = shutil.which("latexmk")
     if latexmk is None:
         # scripts/ensure_tex.sh owns the list of Debian packages; point there rather than repeat it.
         raise PaperError("latexmk not found: run scripts/ensure_tex.sh (installs TeX Live from Debian when "
                          "root, else prints the packages to install), or `make pdf`")
-    src = Path(neurips_dir)
     pretex = (rf"\def\streamkvusegenerated{{{int(use_generated)}}}"
               rf"\def\streamkvuseappendix{{{int(use_appendix)}}}")
     # -g: the switches are not files latexmk watches, so force a full run rather than trust its cache.
@@ -58,12 +63,13 @@ def build_pdf(neurips_dir: Path | str = "NeurIPS", *, use_generated: bool = True
 
 
 @click.command("pdf")
-@click.option("--neurips-dir", default="NeurIPS", show_default=True, type=click.Path(file_okay=False))
+@click.option("--neurips-dir", default=None, type=click.Path(file_okay=False),
+              help="[default: NeurIPS in the repository]")
 @click.option("--generated/--no-generated", default=True, show_default=True,
               help="Include NeurIPS/generated/ (tables, figures, meta) instead of placeholders.")
 @click.option("--appendix/--no-appendix", default=True, show_default=True,
               help="Include the appendix (sweeps, negative results).")
-def pdf_command(neurips_dir: str, generated: bool, appendix: bool) -> None:
+def pdf_command(neurips_dir: str | None, generated: bool, appendix: bool) -> None:
     """Build the paper PDF with latexmk."""
     # A PaperError propagates: `streamkv`'s group prints it as one line and exits 2.
     click.echo(str(build_pdf(neurips_dir, use_generated=generated, use_appendix=appendix)))

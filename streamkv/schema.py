@@ -4,7 +4,8 @@ Bump SCHEMA_VERSION when a key changes meaning; readers report files of another 
 """
 from __future__ import annotations
 
-from typing import TypedDict
+import re
+from typing import TypedDict, get_type_hints
 
 SCHEMA_VERSION = 1
 
@@ -39,3 +40,60 @@ class Result(TypedDict, total=False):
     engines: dict                # which engine produced what: {"perplexity": "parallel", "timing": "decode"}
     artifacts: dict              # files beside the JSON, relative names: {"nll": "x.nll.f32", "cache_len": ...}
     created_utc: str             # ISO-8601 time the run finished
+
+
+# Kinds whose metrics must hold a perplexity (a bench file times decoding only).
+_SCORED_KINDS = ("run", "mit_reference")
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def _is(value, kind) -> bool:
+    if isinstance(value, bool):   # JSON true is no number, though Python's bool is an int
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def _check_metrics(metrics: dict, where: str) -> None:
+    """Every known metric has its declared type or is null (a timing the run could not take); other keys
+    holding objects are per-method metrics (the bench file keys them by label) and are checked the same."""
+    types = get_type_hints(Metrics)
+    for key, value in metrics.items():
+        if key in types:
+            if value is not None and not _is(value, types[key]):
+                raise ValueError(f"{where}{key} is {type(value).__name__} {value!r:.40}, not {types[key].__name__}")
+            if key == "peak_memory_mb" and value and not all(_is(v, float) for v in value.values()):
+                raise ValueError(f"{where}peak_memory_mb holds a value that is not a number")
+        elif isinstance(value, dict):
+            _check_metrics(value, f"{where}{key}.")
+
+
+def validate(doc) -> None:
+    """Raise ValueError (one line) unless `doc` is a result of this schema with the declared types.
+
+    Readers call it before a result fills a table cell or is reused: a file edited by hand (a string
+    perplexity, null metrics) is reported and recomputed, never rendered or trusted."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+    required = {"schema_version": int, "kind": str, "slot": str, "config_hash": str, "metrics": dict}
+    optional = {"spec": dict, "fingerprint": dict, "engines": dict, "artifacts": dict, "created_utc": str}
+    for key, kind in required.items():
+        if key not in doc:
+            raise ValueError(f"no {key!r}")
+    for key, kind in {**required, **optional}.items():
+        if key in doc and not _is(doc[key], kind):
+            raise ValueError(f"{key!r} is {type(doc[key]).__name__}, not {kind.__name__}")
+    if not _HASH.fullmatch(doc["config_hash"]):
+        raise ValueError(f"config_hash {doc['config_hash']!r:.70} is not 64 lowercase hex digits")
+    for name in (doc.get("artifacts") or {}).values():
+        names = name if isinstance(name, list) else [name]
+        if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+            raise ValueError(f"artifact {name!r:.60} is not a file name beside the result")
+    _check_metrics(doc["metrics"], "metrics.")
+    if doc["kind"] in _SCORED_KINDS:
+        if doc["metrics"].get("perplexity") is None:
+            raise ValueError(f"a {doc['kind']} result without metrics.perplexity")
+        # exp(mean NLL) is positive; a diverged run may honestly store inf or nan, so those stay readable.
+        if doc["metrics"]["perplexity"] <= 0:
+            raise ValueError(f"metrics.perplexity {doc['metrics']['perplexity']} is not positive")

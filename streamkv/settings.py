@@ -8,6 +8,11 @@ single or double quotes, `$VAR` / `${VAR}` from the environment or earlier lines
 with an error rather than left as text that would look like it worked. Keys we do not know (the guide's
 HF_HUB_OFFLINE, ...) are ignored.
 
+Relative paths from the environment, `.env` and the defaults (RESULTS_DIR, `.env` itself) resolve against
+the repository root (ROOT), whatever the current directory: `cd NeurIPS && streamkv tables` reads the same
+results as `make tex`. A relative path given as a command-line flag is the user's, relative to the current
+directory as for any command.
+
 Deliberate change from the seed: ALLOW_STALE_RESULTS defaults to 0. The seed's default 1 reused results
 whose parameters had changed and mixed σ=16 and σ=0 rows into one sweep table; here a stale result is
 recomputed, or with ALLOW_STALE_RESULTS=1 kept but marked and listed, never used silently.
@@ -21,6 +26,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from .assets import REPO
+
+ROOT = REPO   # the checkout whose .env, results/ and NeurIPS/ the commands use (tests point it elsewhere)
+DEFAULT_RESULTS_DIR = "results"
 
 
 class SettingsError(ValueError):
@@ -84,9 +94,11 @@ class Settings:
     pg19_sample_length: int | None = None
     wikitext_sample_length: int | None = None
     force: bool = False                          # recompute every point (and the baseline)
-    results_dir: str = "results"
+    results_dir: str = DEFAULT_RESULTS_DIR
 
     def __post_init__(self) -> None:
+        if not self.results_dir.strip():
+            raise SettingsError("RESULTS_DIR / --results-dir is empty: name a directory")
         at_least = {"cap_total": 1, "warmup_runs": 0, "repeat_runs": 1, "mit_bench_gen_tokens": 1,
                     "baseline_sink": 0, "baseline_window": 1, "pg19_sample_length": 1,
                     "wikitext_sample_length": 1}
@@ -183,20 +195,45 @@ def parse_dotenv(text: str, environ: Mapping[str, str], source: str = ".env") ->
     return values
 
 
+def under_root(path: str | Path) -> Path:
+    """A path from the environment, .env or a default: relative ones are relative to ROOT."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+def default_results_dir() -> Path:
+    return under_root(DEFAULT_RESULTS_DIR)
+
+
+def _read_dotenv(dotenv: Path) -> str:
+    try:
+        return dotenv.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SettingsError(f"{dotenv}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") \
+            from None
+    except OSError as err:
+        raise SettingsError(f"{dotenv} cannot be read: {err.strerror}") from None
+
+
 def load(*, environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"),
          overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Settings from `.env` (if the file exists), then `environ`, then `overrides` (Settings field names
-    with typed values, as click hands them over; None means the flag was not given)."""
+    """Settings from `.env` (if the file exists; a relative path is under ROOT), then `environ`, then
+    `overrides` (Settings field names with typed values, as click hands them over; None means the flag was
+    not given)."""
     environ = os.environ if environ is None else environ
     file_values = {}
+    dotenv = None if dotenv is None else under_root(dotenv)
     if dotenv is not None and dotenv.is_file():
-        file_values = parse_dotenv(dotenv.read_text(encoding="utf-8"), environ, str(dotenv))
+        file_values = parse_dotenv(_read_dotenv(dotenv), environ, str(dotenv))
     fields: dict[str, Any] = {}
     for env, (field, parse) in KNOBS.items():
         raw = environ.get(env, file_values.get(env))
         if raw is not None and raw.strip() != "":  # an empty value means "unset", as in the seed script
             fields[field] = parse(env, raw)
-    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "results_dir" not in flags:
+        fields["results_dir"] = str(under_root(fields.get("results_dir", DEFAULT_RESULTS_DIR)))
+    fields.update(flags)
     unknown = set(fields) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
         raise TypeError(f"not a Settings field: {sorted(unknown)}")

@@ -155,6 +155,10 @@ class RunSpec:
         if self.rerotation == "composed_fp16" and self.engine != "decode":
             raise SpecError(f"rerotation composed_fp16 needs engine decode (got {self.engine!r}): the "
                             "reference and parallel engines realise only exact re-rotation")
+        if self.data is not None and self.policy.cap_total >= self.data.n_tokens:
+            # The prefill alone would cover the stream: nothing evicted, no token decoded, nothing measured.
+            raise SpecError(f"KV budget C = {self.policy.cap_total} covers all {self.data.n_tokens} tokens of "
+                            f"{self.data.name}: nothing would ever be evicted; lower CAP_TOTAL / --cap-total")
         if self.loss_dtype not in ("float32", "float64"):
             raise SpecError(f"loss_dtype must be float32 or float64, got {self.loss_dtype!r}")
 

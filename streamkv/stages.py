@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import assets, engines, figures, fingerprint, profiles, tables
 from .profiles import SELF_TIMED_ENGINES, Dataset, Profile, Variant
-from .settings import Settings
+from .settings import Settings, default_results_dir
 from .spec import DataSpec, MeasureSpec, RunSpec
 from .store import Store, atomic_write
 
@@ -91,8 +91,14 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
         for entry in reversed(entries):
             if _matches(entry["key"], key):
                 return DataSpec(**entry["data"])
-    except (OSError, ValueError, KeyError, TypeError):
-        entries = []  # absent or unreadable: the index is a cache, never a source of truth
+    except FileNotFoundError:
+        entries = []
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # The index is a cache, never a source of truth, but without it `tables` and `status` cannot tell
+        # current results from stale ones: say which file is broken (a stage run rewrites it).
+        _say(f"warning: stream index {index} is unreadable ({type(err).__name__}: {err}); "
+             f"{dataset.name} results cannot be matched until a stage re-tokenizes the stream")
+        entries = []
     if not tokenize:
         return None
     synthetic = dataset.path.startswith(assets.SYNTHETIC_PREFIX)  # random ids: no tokenizer to load
@@ -247,11 +253,38 @@ class Outcome:
     reused: list[str] = field(default_factory=list)
     stale_kept: list[str] = field(default_factory=list)
     stale_replaced: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)   # written by a concurrent run while this one waited
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _written_meanwhile(store: Store, slot: str, config_hash: str, planned: tuple | None) -> bool:
+    """Whether another process wrote the slot's result for this hash since this run planned it. File
+    identity, not clocks: nodes sharing a results directory need not agree on the time."""
+    path = store.path(slot)
+    if _identity(path) == planned:
+        return False
+    try:
+        return store.read(path)["config_hash"] == config_hash
+    except ValueError:
+        return False
 
 
 def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "points") -> Outcome:
-    """Compute the points that need it; returns what happened to each slot."""
+    """Compute the points that need it; returns what happened to each slot.
+
+    Concurrent runs on one results directory split the work: a point is computed only under its config
+    hash's claim (Store.claim). A run first takes the points nobody holds, then waits for the others and
+    finds them written (or copies them, or computes what a killed holder left undone)."""
     s, store, out = ctx.settings, ctx.store, Outcome()
+    for leftover in store.sweep():
+        _say(f"removed what a killed write left: {leftover}")
     scan = store.scan()
     for problem in scan.problems:
         _say(f"skipped: {problem}")
@@ -280,28 +313,42 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
             if state == "stale":
                 out.stale_replaced.append(p.slot)
             todo.append((p, True))
+    planned = {p.slot: _identity(store.path(p.slot)) for p, _ in todo}
     if todo and runner is None:
         from .runner import Runner  # torch and the engines load only when something must be computed
         runner = Runner(store)
     with tqdm(total=len(points), initial=len(points) - len(todo), desc=label, unit="point", file=sys.stderr,
               dynamic_ncols=True) as bar:
-        for p, may_copy in todo:
-            bar.set_postfix_str(p.slot)
-            h = p.spec.config_hash()
-            if may_copy and h in by_hash:
-                store.copy(by_hash[h], p.slot)
-                out.copied.append(p.slot)
-            else:
-                by_hash[h] = runner.run(p.slot, p.spec)
-                out.computed.append(p.slot)
-            bar.update()
+        for wait in (False, True):   # first what nobody holds, then wait for the rest
+            held_elsewhere = []
+            for p, may_copy in todo:
+                h = p.spec.config_hash()
+                with store.claim(h, wait=wait) as mine:
+                    if not mine:
+                        held_elsewhere.append((p, may_copy))
+                        continue
+                    bar.set_postfix_str(p.slot)
+                    if _written_meanwhile(store, p.slot, h, planned[p.slot]):
+                        out.elsewhere.append(p.slot)
+                    else:
+                        if may_copy and not s.force:   # another run may have computed it for another slot
+                            by_hash.update({e.config_hash: e.path for e in store.scan().entries if e.kind == "run"})
+                        if may_copy and h in by_hash:
+                            store.copy(by_hash[h], p.slot)
+                            out.copied.append(p.slot)
+                        else:
+                            by_hash[h] = runner.run(p.slot, p.spec)
+                            out.computed.append(p.slot)
+                    bar.update()
+            todo = held_elsewhere
     _report(out, len(points), label)
     return out
 
 
 def _report(out: Outcome, total: int, label: str) -> None:
     _say(f"{label}: {total} points: {len(out.reused)} reused, {len(out.copied)} copied from an equal spec, "
-         f"{len(out.computed)} computed, {len(out.stale_kept)} stale kept")
+         f"{len(out.computed)} computed, {len(out.elsewhere)} computed by a concurrent run, "
+         f"{len(out.stale_kept)} stale kept")
     for slot in out.stale_replaced:
         _say(f"  stale, recomputed: {slot}")
     for slot in out.stale_kept:
@@ -309,6 +356,7 @@ def _report(out: Outcome, total: int, label: str) -> None:
 
 
 def run_stages(settings: Settings, names, *, runs: int | None = None, profile: Profile | None = None) -> Outcome:
+    Store(settings.results_dir).check_writable()   # before anything is tokenized, indexed or computed
     ctx = context(settings, tokenize=True, profile=profile)
     return execute(ctx, plan(ctx, names, runs=runs), label="+".join(names))
 
@@ -337,9 +385,19 @@ class TablesReport:
     problems: list[str]       # unreadable result files, skipped
 
 
+def _reading_context(settings: Settings, profile: Profile | None) -> Context:
+    """The context of `tables` and `status`, which only read results: a results directory named explicitly
+    must exist (a typo would otherwise read as "nothing computed yet"); the default may be absent."""
+    present = Store(settings.results_dir).check_readable(must_exist=Path(settings.results_dir) != default_results_dir())
+    ctx = context(settings, tokenize=False, profile=profile)
+    if not present:
+        _say(f"note: results directory {ctx.store.root} does not exist yet: no point has been computed")
+    return ctx
+
+
 def write_tables(settings: Settings, out_dir: Path, *, profile: Profile | None = None) -> TablesReport:
     """Rewrite NeurIPS/generated/*.tex and the figures from the results; never loads a model."""
-    ctx = context(settings, tokenize=False, profile=profile)
+    ctx = _reading_context(settings, profile)
     expected = {p.slot: p.spec and p.spec.config_hash() for p in plan(ctx, paper_stages(settings))}
 
     def lookup(slot: str):
@@ -353,7 +411,7 @@ def write_tables(settings: Settings, out_dir: Path, *, profile: Profile | None =
 
 def status(settings: Settings, *, profile: Profile | None = None) -> tuple[list[tuple[str, str, str]], list[str]]:
     """([(slot, state, engine)] for every planned point, problems found in the results directory)."""
-    ctx = context(settings, tokenize=False, profile=profile)
+    ctx = _reading_context(settings, profile)
     names = paper_stages(settings)
     rows = [(p.slot, classify(ctx, p), p.spec.engine if p.spec else "?") for p in plan(ctx, names)]
     return rows, ctx.store.scan().problems

@@ -8,18 +8,27 @@ Beside a result `<label>.json`: `<label>.nll.f32` (per-token NLL, raw little-end
 `<label>.cache_len.json` (cache length after every step) and, for REPEAT_RUNS > 1, `<label>.run{k}.json`
 (one repeat's timings).
 
-Crash safety: every file is written to a temp file in the same directory, fsynced and renamed over its
-name. A rewrite first removes the old result JSON, then writes the artifacts, then the JSON: a JSON on
-disk therefore always points at artifacts of its own run, and a run killed half-way leaves its slot
-missing, so the next run recomputes it.
+Artifact names carry the first 12 hex digits of their content's sha256 (`lazy.3f2a9c1b0d4e.nll.f32`).
+
+Crash and full-disk safety: a write never touches what the previous result of the slot refers to until
+the new result is complete. Every file goes to a temp file in the same directory, fsynced and renamed
+(streamkv.files.atomic_write); the new artifacts land under their own content-addressed names, then the
+JSON is renamed over the old one, and only then are artifacts no JSON refers to removed. A kill or a full
+disk at any moment therefore leaves the old result with its artifacts, or the new one with its own. A
+failed write removes the files it made and raises StoreError, one line naming the directory.
+
+Concurrency: each slot's files are written under the slot's lock (streamkv.locks); holding it, the writer
+also removes temp files and unreferenced artifacts that killed writers left behind (`sweep` does the same
+for every slot that nobody is writing).
 
 Reuse rule: a result is current exactly when its config_hash equals the planned one. Anything else in a
 slot is stale: `lookup` returns it only with allow_stale, marked, and remembers it for the stage to list.
 """
 from __future__ import annotations
 
-import glob
+import hashlib
 import json
+import os
 import re
 import sys
 from array import array
@@ -27,14 +36,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from . import locks
 from .files import atomic_write  # re-exported: stages.py and mit.py import it from here
-from .schema import SCHEMA_VERSION, Result
+from .schema import SCHEMA_VERSION, Result, validate
 from .tables.cells import Cell
 
 RESULT_KINDS = ("run", "mit_reference", "bench")
 _TOP_LEVEL = ("mit_bench", "runs")           # slot roots stored as <results>/<slot>.json
 _SCANNED = ("baselines", "paper_experiments") + _TOP_LEVEL
 _ARTIFACT = re.compile(r"\.(cache_len|run\d+)\.json$")
+_TEMP = re.compile(r"^\.(?P<target>.+)\.[^.]+\.tmp$")   # atomic_write's temp names: .<target>.<random>.tmp
+
+
+class StoreError(RuntimeError):
+    """A results directory that cannot be read or written (full, read-only, not a directory); one line."""
+
+
+def _artifact_of(stem: str) -> re.Pattern:
+    # <stem>.<sha12>.<kind>, and the fixed names earlier versions wrote (<stem>.nll.f32, ...)
+    return re.compile(rf"{re.escape(stem)}\.([0-9a-f]{{12}}\.)?(nll\.f32|cache_len\.json|run\d+\.json)")
+
+
+def _named(stem: str, kind: str, data: bytes) -> tuple[str, bytes]:
+    return f"{stem}.{hashlib.sha256(data).hexdigest()[:12]}.{kind}", data
+
+
+def _problem(err: OSError) -> str:
+    return err.strerror or type(err).__name__
 
 
 def _json_bytes(doc) -> bytes:
@@ -86,36 +114,115 @@ class Store:
             return self.root.joinpath(*parts[:-1], f"{parts[-1]}.json")
         return self.root.joinpath("paper_experiments", *parts[:-1], f"{parts[-1]}.json")
 
+    def lock(self, path: Path):
+        """The lock of the result at `path` and its artifacts (re-entrant); every writer holds it."""
+        return locks.hold(path.parent / f".{path.name.removesuffix('.json')}.lock")
+
+    def claim(self, config_hash: str, *, wait: bool):
+        """The claim on computing one experiment (streamkv.locks.hold: yields whether it is ours); held
+        while a stage computes, copies or skips a point of that hash, so no two runs compute it twice."""
+        return locks.hold(self.root / ".claims" / f"{config_hash}.lock", wait=wait)
+
     def write(self, result: Result, *, nll: bytes | None = None, cache_len: list[int] | None = None,
               repeats: list[dict] = (), path: Path | None = None) -> Path:
         """Write a result and its artifacts (at `path`, default the slot's path); returns the JSON path.
 
         nll: raw little-endian float32 (see nll_bytes); repeats: per-repeat timing metrics, kept as files
-        when there is more than one.
+        when there is more than one. Raises StoreError (the previous result kept) when it cannot write.
         """
         path = Path(path) if path is not None else self.path(result["slot"])
         stem = path.name.removesuffix(".json")
-        path.unlink(missing_ok=True)
-        for old in path.parent.glob(f"{glob.escape(stem)}.run*.json"):
-            old.unlink()
-        artifacts: dict = {}
+        files: dict = {}
         if nll is not None:
-            artifacts["nll"] = f"{stem}.nll.f32"
-            atomic_write(path.parent / artifacts["nll"], nll)
+            files["nll"] = _named(stem, "nll.f32", nll)
         if cache_len is not None:
-            artifacts["cache_len"] = f"{stem}.cache_len.json"
-            atomic_write(path.parent / artifacts["cache_len"], _json_bytes(cache_len))
+            files["cache_len"] = _named(stem, "cache_len.json", _json_bytes(cache_len))
         if len(repeats) > 1:
-            artifacts["repeats"] = []
-            for k, metrics in enumerate(repeats, 1):
-                name = f"{stem}.run{k}.json"
-                doc = {"schema_version": SCHEMA_VERSION, "kind": "repeat", "slot": result["slot"],
-                       "config_hash": result["config_hash"], "repeat": k, "metrics": metrics}
-                atomic_write(path.parent / name, _json_bytes(doc))
-                artifacts["repeats"].append(name)
+            files["repeats"] = [
+                _named(stem, f"run{k}.json", _json_bytes({
+                    "schema_version": SCHEMA_VERSION, "kind": "repeat", "slot": result["slot"],
+                    "config_hash": result["config_hash"], "repeat": k, "metrics": metrics}))
+                for k, metrics in enumerate(repeats, 1)]
+        artifacts = {k: [n for n, _ in v] if k == "repeats" else v[0] for k, v in files.items()}
         doc = {**result, "schema_version": SCHEMA_VERSION, "artifacts": {**result.get("artifacts", {}), **artifacts}}
-        atomic_write(path, _json_bytes(doc))
+        blobs = [f for v in files.values() for f in (v if isinstance(v, list) else [v])]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self.lock(path):
+                self._tidy(path)
+                made = []
+                try:
+                    for name, data in blobs:
+                        if not (path.parent / name).is_file():   # same name, same bytes: already there
+                            made.append(path.parent / name)
+                            atomic_write(made[-1], data)
+                    atomic_write(path, _json_bytes(doc))
+                except BaseException:
+                    for file in made:
+                        file.unlink(missing_ok=True)
+                    raise
+                self._tidy(path)   # the old result's artifacts, now that nothing refers to them
+        except OSError as err:
+            raise StoreError(f"cannot write {path.name} in {path.parent}: {_problem(err)}; nothing there was "
+                             "replaced (a previous result, if any, is kept)") from None
         return path
+
+    def _tidy(self, path: Path) -> list[Path]:
+        """Remove, beside the result at `path`, temp files and artifacts its JSON does not refer to: what a
+        killed or failed writer left. Only under the slot's lock, when no writer can be half-way."""
+        stem = path.name.removesuffix(".json")
+        try:
+            keep = set(_artifact_names(json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, AttributeError, TypeError):
+            keep = set()   # absent or unreadable: none of its artifacts can be used
+        artifact = _artifact_of(stem)
+        removed = []
+        for file in path.parent.iterdir():
+            temp = _TEMP.fullmatch(file.name)
+            target = temp and temp["target"]
+            if (target and (target == path.name or artifact.fullmatch(target) or target == f"{stem}.log")) \
+                    or (artifact.fullmatch(file.name) and file.name not in keep):
+                file.unlink(missing_ok=True)
+                removed.append(file)
+        return removed
+
+    def sweep(self) -> list[Path]:
+        """Tidy every slot that no other process is writing; returns the files removed."""
+        results = set()
+        for top in _SCANNED:
+            for file in (self.root / top).rglob("*"):
+                name = file.name.lstrip(".")
+                if file.is_file() and not name.endswith(".lock"):
+                    results.add(file.parent / f"{name.split('.')[0]}.json")
+        removed = []
+        for path in sorted(results):
+            with locks.hold(path.parent / f".{path.stem}.lock", wait=False) as mine:
+                if mine:
+                    removed += self._tidy(path)
+        return removed
+
+    def check_writable(self) -> None:
+        """Before a stage computes anything: the results directory exists (or is created) and takes files."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"results directory {self.root} is not a directory")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe.{os.getpid()}"
+            probe.write_bytes(b"\0")   # one byte takes a block: a full disk fails here, not after a run
+            probe.unlink()
+        except OSError as err:
+            raise StoreError(f"results directory {self.root} cannot be written: {_problem(err)}") from None
+
+    def check_readable(self, *, must_exist: bool) -> bool:
+        """Whether the results directory exists; StoreError when it is something else, or absent and
+        `must_exist` (a directory named explicitly: a typo must not read as "no results yet")."""
+        if self.root.is_dir():
+            return True
+        if self.root.exists():
+            raise StoreError(f"results directory {self.root} is not a directory")
+        if must_exist:
+            raise StoreError(f"results directory {self.root} does not exist")
+        return False
 
     def read(self, path: Path) -> Result:
         """A result file, validated; raises ValueError with a one-line reason when it is unusable."""
@@ -128,9 +235,10 @@ class Store:
             what = {k: doc.get(k) for k in ("schema_version", "kind")} if isinstance(doc, dict) else type(doc)
             raise ValueError(f"{path}: foreign JSON ({what}), not a streamkv result of schema "
                              f"{SCHEMA_VERSION}")
-        for key in ("slot", "config_hash", "metrics"):
-            if key not in doc:
-                raise ValueError(f"{path}: result without {key!r}")
+        try:
+            validate(doc)
+        except ValueError as e:
+            raise ValueError(f"{path}: invalid result ({e})") from None
         missing = [a for a in _artifact_names(doc) if not (Path(path).parent / a).is_file()]
         if missing:
             raise ValueError(f"{path}: missing artifacts {missing}")

@@ -6,14 +6,16 @@ real. `worker_main` is also run as a subprocess by the kill -9 test (`python tes
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from streamkv import assets, fingerprint, stages
+from streamkv import assets, cli, fingerprint, profiles, runner as runner_mod, settings as settings_mod, stages
 from streamkv.profiles import Dataset, Profile
 from streamkv.settings import Settings
 from streamkv.spec import DataSpec, ModelSpec
@@ -71,6 +73,13 @@ class FakeRunner:
         return path
 
 
+@pytest.fixture(autouse=True)
+def isolated_root(tmp_path, monkeypatch):
+    """The repository root the commands resolve .env, results/ and NeurIPS/ against: a fresh directory, so
+    no test reads the checkout's .env or writes into its results/."""
+    monkeypatch.setattr(settings_mod, "ROOT", tmp_path)
+
+
 @pytest.fixture
 def fakes(tmp_path, monkeypatch):
     """(profile, settings factory) for stage tests, with results under tmp_path/results."""
@@ -81,6 +90,44 @@ def fakes(tmp_path, monkeypatch):
         return Settings(results_dir=str(tmp_path / "results"), **knobs)
 
     return profile, settings
+
+
+@pytest.fixture
+def invoke(tmp_path, monkeypatch):
+    """Run the CLI in tmp_path (its .env, its results/), with no knob inherited from the environment."""
+    monkeypatch.chdir(tmp_path)
+    for knob in cli.settings_mod.KNOBS:
+        monkeypatch.delenv(knob, raising=False)
+
+    def call(*args, env=None):
+        return CliRunner().invoke(cli.main, list(args), env=env or {})
+
+    return call
+
+
+def assert_one_line_error(result, message: str, tmp_path: Path) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamkv: error: ") and message in lines[0], result.stderr
+    assert not list(tmp_path.rglob("*.json")) or all("streams" in p.parts for p in tmp_path.rglob("*.json"))
+
+
+@pytest.fixture
+def faked(tmp_path, monkeypatch):
+    """The CLI on the fake profile, with the fake runner in place of the real one."""
+    install_fakes(monkeypatch)
+    profile = fake_profile(tmp_path)
+    # CAP_TOTAL / --cap-total applies, as profiles.resolve applies it
+    monkeypatch.setattr(profiles, "resolve",
+                        lambda settings: dataclasses.replace(profile, cap_total=settings.cap_total or profile.cap_total))
+    made = []
+
+    def runner(store, **kw):
+        made.append(FakeRunner(store))
+        return made[-1]
+
+    monkeypatch.setattr(runner_mod, "Runner", runner)
+    return made
 
 
 def worker_main(tmp: str, delay: str) -> None:

@@ -8,33 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from streamkv import cli, profiles, runner as runner_mod
-
-from conftest import FakeRunner, fake_profile, install_fakes
+from conftest import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def invoke(tmp_path, monkeypatch):
-    """Run the CLI in tmp_path (its .env, its results/), with no knob inherited from the environment."""
-    monkeypatch.chdir(tmp_path)
-    for knob in cli.settings_mod.KNOBS:
-        monkeypatch.delenv(knob, raising=False)
-
-    def call(*args, env=None):
-        return CliRunner().invoke(cli.main, list(args), env=env or {})
-
-    return call
-
-
-def assert_one_line_error(result, message: str, tmp_path: Path) -> None:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("streamkv: error: ") and message in lines[0], result.stderr
-    assert not list(tmp_path.rglob("*.json")) or all("streams" in p.parts for p in tmp_path.rglob("*.json"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -93,29 +70,13 @@ def test_fingerprint_prints_json(invoke):
     assert result.exit_code == 0 and "torch" in json.loads(result.stdout)
 
 
-@pytest.fixture
-def faked(tmp_path, monkeypatch):
-    """The CLI on the fake profile, with the fake runner in place of the real one."""
-    install_fakes(monkeypatch)
-    profile = fake_profile(tmp_path)
-    monkeypatch.setattr(profiles, "resolve", lambda settings: profile)
-    made = []
-
-    def runner(store, **kw):
-        made.append(FakeRunner(store))
-        return made[-1]
-
-    monkeypatch.setattr(runner_mod, "Runner", runner)
-    return made
-
-
 def test_run_writes_one_result_with_the_flags_in_its_spec(invoke, faked, tmp_path):
     result = invoke("run", "--compress-every", "2", "--cache-slack", "2", "--output", "out/x.json")
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "out" / "x.json").read_text())
     policy = doc["spec"]["policy"]
     assert (policy["compress_every"], policy["cache_slack"], policy["window"]) == (2, 2, 16 - 2 - 2)
-    assert doc["slot"] == f"runs/long/{doc['config_hash'][:12]}" and (tmp_path / "out" / "x.nll.f32").is_file()
+    assert doc["slot"] == f"runs/long/{doc['config_hash'][:12]}" and (tmp_path / "out" / doc["artifacts"]["nll"]).is_file()
     result = invoke("run", "--mode", "baseline", "--random-weights")
     doc = json.loads(Path(result.stdout.strip()).read_text())
     assert doc["spec"]["engine"] == "recompute" and doc["spec"]["model"]["random_weights"] is True

@@ -40,6 +40,7 @@ def test_every_citation_is_in_the_bibliography():
 
 def test_missing_latexmk_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setattr(paper.shutil, "which", lambda name: None)
+    (tmp_path / f"{paper.PAPER}.tex").write_text("")
     with pytest.raises(paper.PaperError) as err:
         paper.build_pdf(tmp_path)
     assert "latexmk not found" in str(err.value) and "\n" not in str(err.value)
@@ -51,6 +52,7 @@ def test_pdf_command_error_is_the_streamkv_one_line_exit_2(monkeypatch, tmp_path
     from streamkv import cli
 
     monkeypatch.setattr(paper.shutil, "which", lambda name: None)
+    (tmp_path / f"{paper.PAPER}.tex").write_text("")
     result = CliRunner().invoke(cli.main, ["pdf", "--neurips-dir", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines() == [result.stderr.strip()]

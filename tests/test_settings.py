@@ -23,7 +23,7 @@ def test_defaults_follow_the_guide_except_stale_results(tmp_path):
     assert (s.run_mit_reference, s.run_mit_bench, s.mit_bench_gen_tokens) == (False, False, 512)
     assert s.allow_stale_results is False  # deliberate: the seed's default 1 mixed stale rows into tables
     assert s.cap_total is None and s.sweep_r_values is None  # the profile decides
-    assert s.results_dir == "results" and s.force is False
+    assert s.results_dir == str(settings.ROOT / "results") and s.force is False
 
 
 def test_every_knob_of_the_guide_is_read():

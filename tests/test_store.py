@@ -1,8 +1,10 @@
 """Result store: slot layout, atomic writes, artifacts, scan of bad files, reuse and stale rules."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 
 import pytest
 
@@ -44,12 +46,17 @@ def test_write_puts_artifacts_beside_the_json(store):
                        repeats=[{"tpot_ms": 1.0}, {"tpot_ms": 1.2}])
     doc = store.read(path)
     assert doc["schema_version"] == SCHEMA_VERSION
-    assert doc["artifacts"] == {"nll": "lazy.nll.f32", "cache_len": "lazy.cache_len.json",
-                                "repeats": ["lazy.run1.json", "lazy.run2.json"]}
-    raw = (path.parent / "lazy.nll.f32").read_bytes()
+    names = doc["artifacts"]
+    # <label>.<first 12 hex of the content's sha256>.<kind>: a rewrite never overwrites the old result's files
+    raw = (path.parent / names["nll"]).read_bytes()
+    assert names["nll"] == f"lazy.{hashlib.sha256(raw).hexdigest()[:12]}.nll.f32"
+    assert re.fullmatch(r"lazy\.[0-9a-f]{12}\.cache_len\.json", names["cache_len"])
+    assert [re.sub(r"\.[0-9a-f]{12}\.", ".", n) for n in names["repeats"]] == ["lazy.run1.json", "lazy.run2.json"]
     assert len(raw) == 12 and raw[:4] == b"\x00\x00\x80\x3e"  # 0.25 as little-endian float32
-    assert list(read_nll(path.parent / "lazy.nll.f32")) == [0.25, 1.5, 3.0]
-    assert json.loads((path.parent / "lazy.run2.json").read_text())["metrics"] == {"tpot_ms": 1.2}
+    assert list(read_nll(path.parent / names["nll"])) == [0.25, 1.5, 3.0]
+    assert json.loads((path.parent / names["repeats"][1]).read_text())["metrics"] == {"tpot_ms": 1.2}
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["lazy.json", names["nll"], names["cache_len"],
+                                                                   *names["repeats"]])
 
 
 def test_one_repeat_writes_no_repeat_files_and_a_rewrite_drops_old_ones(store):
@@ -72,9 +79,10 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(store, monkeypatch):
     assert os.listdir(store.root) == ["x.json"]  # no temp file left behind
 
 
-def test_a_rewrite_interrupted_after_the_artifacts_leaves_the_slot_missing(store, monkeypatch):
+def test_a_rewrite_interrupted_after_the_artifacts_keeps_the_old_result_whole(store, monkeypatch):
     slot = "main/pg19/lazy"
-    store.write(result(slot, "a" * 64), nll=nll_bytes([1.0]))
+    old = store.write(result(slot, "a" * 64), nll=nll_bytes([1.0]))
+    before = sorted(p.name for p in old.parent.iterdir())
     real = store_mod.atomic_write
 
     def crash_on_json(path, data):
@@ -85,9 +93,10 @@ def test_a_rewrite_interrupted_after_the_artifacts_leaves_the_slot_missing(store
     monkeypatch.setattr(store_mod, "atomic_write", crash_on_json)
     with pytest.raises(KeyboardInterrupt):
         store.write(result(slot, "b" * 64), nll=nll_bytes([2.0]))
-    # The old JSON would now point at the new run's NLL: it is gone, so the point counts as unfinished.
-    assert store.lookup(slot, "a" * 64, allow_stale=True) is None
-    assert store.scan().problems == []
+    # The old JSON still points at its own NLL, untouched; the new run's NLL was removed.
+    cell = store.lookup(slot, "a" * 64, allow_stale=False)
+    assert cell is not None and list(read_nll(old.parent / store.read(old)["artifacts"]["nll"])) == [1.0]
+    assert sorted(p.name for p in old.parent.iterdir()) == before
 
 
 def test_scan_reports_corrupt_and_foreign_files_and_skips_them(store):
@@ -153,7 +162,7 @@ def test_copy_stores_the_same_result_under_another_slot(store):
     doc = store.read(path)
     assert doc["slot"] == "sweeps/pg19/R=64" and doc["config_hash"] == "c" * 64
     assert list(read_nll(path.parent / doc["artifacts"]["nll"])) == [1.0, 2.0]
-    assert json.loads((path.parent / "R=64.run2.json").read_text())["metrics"] == {"tpot_ms": 3.0}
+    assert json.loads((path.parent / doc["artifacts"]["repeats"][1]).read_text())["metrics"] == {"tpot_ms": 3.0}
     assert store.lookup("sweeps/pg19/R=64", "c" * 64, allow_stale=False) is not None
 
 

@@ -1,0 +1,78 @@
+"""Advisory locks on files of a results directory: concurrent stages split the work and never write one
+slot at the same time.
+
+A lock is flock(2) on a small lock file. The kernel drops it when its holder exits, `kill -9` included,
+so a lock never goes stale and nobody has to guess whether a PID is still alive (Linux NFS clients map
+flock onto POSIX byte-range locks, so it also holds between the nodes of a cluster sharing the directory).
+The holder unlinks the file before releasing it, so no lock files pile up; a waiter that locked a file
+unlinked meanwhile notices (its inode is no longer the path's) and tries again.
+
+Locks are re-entrant within one process (a stage that holds a slot's lock may call Store.write, which
+takes it too): flock would otherwise make a process wait for itself through a second descriptor.
+
+Stdlib only.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["hold"]
+
+_held: dict[Path, int] = {}   # lock files this process holds -> nesting depth
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _acquire(path: Path, wait: bool) -> int | None:
+    """A descriptor holding the lock on `path`, or None when wait=False and another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)   # the previous holder unlinked it after we opened it: lock the new file instead
+
+
+@contextmanager
+def hold(path: Path | str, *, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock file `path` for the block; yields True. With wait=False, yields False at once (and
+    holds nothing) when another process holds it."""
+    path = Path(path).absolute()
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield True
+        finally:
+            _held[path] -= 1
+        return
+    fd = _acquire(path, wait)
+    if fd is None:
+        yield False
+        return
+    _held[path] = 1
+    try:
+        yield True
+    finally:
+        del _held[path]
+        try:
+            path.unlink(missing_ok=True)   # while still locked: a waiter re-checks the inode (see _acquire)
+        finally:
+            os.close(fd)

@@ -1,0 +1,339 @@
+"""Fault injection: a full or read-only disk, kill -9 inside a write, concurrent runs on one results
+directory, hostile checkpoints, hostile result JSON, bad command lines and foreign working directories.
+
+What must hold: no good result is ever lost or left corrupt, no point is computed twice, no checkpoint code
+runs, and every failure is one `streamkv: error: ...` line with exit code 2.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from streamkv import assets, files, settings as settings_mod, stages
+from streamkv.assets import AssetError
+from streamkv.spec import ModelSpec
+from streamkv.store import Store, StoreError, read_nll
+
+from conftest import FakeRunner, assert_one_line_error
+from fault_workers import NEW_NLL, OLD_NLL, SLOT, write_parts
+
+TESTS = Path(__file__).resolve().parent
+WORKER_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+
+
+def slot_files(store: Store) -> list[str]:
+    return sorted(p.name for p in store.path(SLOT).parent.iterdir())
+
+
+def assert_old_result_whole(store: Store, files_before: list[str]) -> None:
+    doc = store.read(store.path(SLOT))          # valid JSON, schema, artifacts present
+    assert doc["config_hash"] == "a" * 64
+    assert list(read_nll(store.path(SLOT).parent / doc["artifacts"]["nll"])) == OLD_NLL
+    assert slot_files(store) == files_before    # nothing of the failed write is left
+
+
+# ------------------------------------------------------------------------------- full or read-only disk
+def _fail_fsync_of(target: str, code: int, monkeypatch) -> None:
+    """The disk fills (or turns read-only) while the file whose name contains `target` is written."""
+    real = files.os.fsync
+
+    def fsync(fd):
+        if target in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+@pytest.mark.parametrize("target", ["nll.f32", "cache_len", "run2", "lazy.json"])
+def test_a_failed_rewrite_keeps_the_previous_result(tmp_path, monkeypatch, code, target):
+    store = Store(tmp_path / "results")
+    write_parts(store, "a" * 64, OLD_NLL)
+    before = slot_files(store)
+    _fail_fsync_of(target, code, monkeypatch)
+    with pytest.raises(StoreError) as err:
+        write_parts(store, "b" * 64, NEW_NLL)
+    message = str(err.value)
+    assert str(store.path(SLOT).parent) in message and os.strerror(code) in message and "\n" not in message
+    assert_old_result_whole(store, before)
+
+
+def test_a_read_only_results_directory_fails_in_one_line_before_computing(invoke, faked, tmp_path, monkeypatch):
+    def read_only(self, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    result = invoke("main")
+    results = tmp_path / "results"
+    assert_one_line_error(result, f"results directory {results} cannot be written: Read-only", results)
+    assert faked == []   # no runner was made: nothing was computed
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: a disk that really fills up. Needs mount(2), i.e. root (CI runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_main_on_a_really_full_disk_loses_nothing(invoke, faked, tiny_disk):
+    results = tiny_disk / "results"
+    assert invoke("main", env={"RESULTS_DIR": str(results)}).exit_code == 0
+    store = Store(results)
+    good = {e.slot: store.read(e.path) for e in store.scan().entries}
+    assert len(good) == 6
+    with pytest.raises(OSError) as full, open(tiny_disk / "filler", "wb", buffering=0) as filler:
+        while True:   # fill the disk to the last block
+            filler.write(b"\0" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    result = invoke("main", "-f", env={"RESULTS_DIR": str(results)})
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        f"streamkv: error: results directory {results} cannot be written: No space left on device"]
+    # A disk that fills while a point is written: the store's own error, and the point's old result kept.
+    old = store.read(store.path("main/long/lazy"))
+    with pytest.raises(StoreError, match=f"in {store.path('main/long/lazy').parent}: No space left"):
+        store.write(old, nll=bytes(8192), cache_len=list(range(2000)))
+    after = store.scan()
+    assert after.problems == [] and {e.slot: store.read(e.path) for e in after.entries} == good   # 0 lost
+
+
+# ------------------------------------------------------------------------------------- kill -9 in a write
+@pytest.mark.parametrize("phase", ["nll.f32", "run2", "lazy.json", "tidy"])
+def test_kill_9_inside_the_write_step_leaves_a_whole_result_and_the_sweep_cleans_up(tmp_path, phase):
+    store = Store(tmp_path / "results")
+    write_parts(store, "a" * 64, OLD_NLL)
+    before = slot_files(store)
+    worker = subprocess.Popen([sys.executable, str(TESTS / "fault_workers.py"), "write", str(store.root), phase],
+                              env=WORKER_ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline() == "blocked\n"
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.wait()
+    assert worker.returncode == -signal.SIGKILL
+    assert store.scan().problems == []                      # 0 corrupt files
+    doc = store.read(store.path(SLOT))
+    expected = NEW_NLL if phase == "tidy" else OLD_NLL      # the JSON rename is the commit point
+    assert list(read_nll(store.path(SLOT).parent / doc["artifacts"]["nll"])) == expected
+    assert slot_files(store) != before                     # the killed write left files behind
+    removed = store.sweep()
+    assert removed and all(p.parent == store.path(SLOT).parent for p in removed)
+    if phase != "tidy":
+        assert_old_result_whole(store, before)
+    else:
+        kept = {store.path(SLOT).name, doc["artifacts"]["nll"], doc["artifacts"]["cache_len"],
+                *doc["artifacts"]["repeats"]}
+        assert set(slot_files(store)) == kept
+
+
+def test_the_sweep_leaves_a_slot_alone_while_another_process_writes_it(tmp_path):
+    store = Store(tmp_path / "results")
+    path = write_parts(store, "a" * 64, OLD_NLL)
+    temp = path.parent / ".lazy.json.x1y2z3.tmp"
+    temp.write_text("{")
+    holder = subprocess.Popen([sys.executable, str(TESTS / "fault_workers.py"), "hold",
+                               str(path.parent / ".lazy.lock")], env=WORKER_ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert store.sweep() == [] and temp.exists()        # someone may be writing it: not ours to remove
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert store.sweep() == [temp] and not temp.exists()    # its writer is dead: the lock died with it
+
+
+def test_a_stage_run_removes_what_killed_writes_left(fakes, capsys):
+    profile, settings = fakes
+    ctx = stages.context(settings(), tokenize=True, profile=profile)
+    points = stages.plan(ctx, ["main"])
+    stages.execute(ctx, points, runner=FakeRunner(ctx.store))
+    folder = ctx.store.path("main/long/lazy").parent
+    leftovers = [folder / ".lazy.json.abc123.tmp", folder / "lazy.0123456789ab.nll.f32",
+                 folder / ".strict.0123456789ab.run1.json.q.tmp"]
+    for file in leftovers:
+        file.write_bytes(b"partial")
+    runner = FakeRunner(ctx.store)
+    stages.execute(ctx, points, runner=runner)
+    assert runner.computed == [] and not any(f.exists() for f in leftovers)
+    said = capsys.readouterr().err
+    assert all(f"removed what a killed write left: {f}" in said for f in leftovers)
+
+
+# ----------------------------------------------------------------------------------------- concurrency
+def test_concurrent_runs_on_one_results_directory_compute_each_point_once(tmp_path, fakes):
+    profile, settings = fakes   # the workers build the same fake profile in tmp_path
+    workers = [subprocess.Popen([sys.executable, str(TESTS / "conftest.py"), str(tmp_path), "0.2"],
+                                env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(3)]
+    outputs = [w.communicate(timeout=120) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    computed = Counter(line.split()[1] for out, _ in outputs for line in out.splitlines())
+    assert max(computed.values()) == 1                                      # 0 points computed twice
+    assert sum(1 for out, _ in outputs if out.strip()) >= 2                 # the work was split
+    ctx = stages.context(settings(), tokenize=True, profile=profile)
+    points = stages.plan(ctx, stages.paper_stages(settings()))
+    assert {stages.classify(ctx, p) for p in points} == {"current"}
+    assert len(computed) == len({p.spec.config_hash() for p in points})    # equal specs copied, not redone
+    assert ctx.store.scan().problems == []
+
+
+# ------------------------------------------------------------------------------------ hostile checkpoints
+EVIL = "import pathlib; pathlib.Path({marker!r}).write_text('ran')\n"
+
+
+@pytest.fixture
+def hostile_checkpoint(tmp_path):
+    """A checkpoint whose config and tokenizer config map classes to its own Python files, each of which
+    leaves a marker file when imported."""
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evil", "architectures": ["EvilForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                     "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    for module in ("configuration_evil", "modeling_evil", "tokenization_evil"):
+        (folder / f"{module}.py").write_text(EVIL.format(marker=str(marker)))
+    (folder / "model.safetensors").write_bytes(b"not weights")
+    return folder, marker
+
+
+@pytest.mark.parametrize("loader", [assets.load_config, assets.load_tokenizer, assets.load_model])
+@pytest.mark.parametrize("precheck", [True, False])
+def test_a_checkpoint_that_ships_code_is_refused_and_nothing_runs(hostile_checkpoint, monkeypatch, loader, precheck):
+    folder, marker = hostile_checkpoint
+    spec = ModelSpec(name=str(folder), revision=files.sha256_file(folder / "model.safetensors"), dtype="float32")
+    if not precheck:   # the second line of defence: transformers itself, told trust_remote_code=False
+        monkeypatch.setattr(assets, "refuse_remote_code", lambda folder, name: None)
+    with pytest.raises(AssetError) as err:
+        loader(spec)
+    assert "\n" not in str(err.value) and not marker.exists()
+    if precheck:
+        assert "ships its own Python code" in str(err.value) and "trust_remote_code=False" in str(err.value)
+
+
+def test_the_cli_refuses_a_hostile_model_name_in_one_line(invoke, hostile_checkpoint, tmp_path):
+    folder, marker = hostile_checkpoint
+    stream = assets.REPO / assets.DEMO_STREAMS["demo-short"]
+    result = invoke("run", "--profile", "paper", "--dataset", "pg19",
+                    env={"MODEL_NAME": str(folder), "PG19_SAMPLE_FILE": str(stream)})
+    assert_one_line_error(result, "ships its own Python code", tmp_path / "results")
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------- hostile result JSON
+HOSTILE = {
+    "main/long/lazy": {"metrics": {"perplexity": "12.5"}},                       # a string perplexity
+    "main/long/strict": {"metrics": None},                                       # null metrics
+    "main/short/lazy": {"metrics": {"perplexity": None}},                        # no perplexity
+    "main/short/strict": {"metrics": {"perplexity": 9.0, "n_predicted_tokens": True}},   # a bool count
+    "baselines/long": {"artifacts": {"nll": "../../../../etc/passwd"}},          # an artifact outside
+    "baselines/short": {"config_hash": "not-a-hash"},
+}
+
+
+def test_hostile_result_json_is_reported_never_rendered_and_recomputed(fakes):
+    profile, settings = fakes
+    ctx = stages.context(settings(), tokenize=True, profile=profile)
+    points = stages.plan(ctx, ["main"])
+    stages.execute(ctx, points, runner=FakeRunner(ctx.store))
+    for slot, change in HOSTILE.items():
+        path = ctx.store.path(slot)
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    report = stages.write_tables(settings(), ctx.store.root / "gen", profile=profile)   # `make tex`
+    assert len(report.problems) == len(HOSTILE) and all("invalid result" in p for p in report.problems)
+    assert "12.5" not in report.text and "[INSERT DATA]" in report.text
+    runner = FakeRunner(ctx.store)
+    stages.execute(ctx, stages.plan(ctx, ["main"]), runner=runner)             # `make main`
+    assert sorted(runner.computed) == sorted(HOSTILE)
+    assert stages.write_tables(settings(), ctx.store.root / "gen", profile=profile).problems == []
+
+
+# ---------------------------------------------------------------------------------- bad command lines
+def _not_utf8(tmp_path: Path) -> dict:
+    (tmp_path / ".env").write_bytes(b"CAP_TOTAL=256\nMIT_REPO=caf\xe9\n")
+    return {}
+
+
+def _results_file(tmp_path: Path) -> dict:
+    (tmp_path / "afile").write_text("x")
+    return {"RESULTS_DIR": str(tmp_path / "afile")}
+
+
+def _out_dir_file(tmp_path: Path) -> dict:
+    (tmp_path / "results").mkdir()
+    (tmp_path / "afile").write_text("x")
+    return {}
+
+
+BAD = [  # (command line, environment set-up, message)
+    (["main"], _results_file, "is not a directory"),
+    (["status"], _results_file, "is not a directory"),
+    (["tables"], _results_file, "is not a directory"),
+    (["status", "--results-dir", "absent"], None, "does not exist"),
+    (["tables", "--results-dir", "absent"], None, "does not exist"),
+    (["tables", "--out-dir", "afile"], _out_dir_file, "afile"),
+    (["pdf", "--neurips-dir", "absent"], None, "not found"),
+    (["status"], _not_utf8, "not UTF-8 text (byte 0xe9"),
+    (["main", "--results-dir", ""], None, "RESULTS_DIR / --results-dir is empty"),
+    (["run", "--results-dir", ""], None, "RESULTS_DIR / --results-dir is empty"),
+    (["run", "--mode", "baseline", "--window-size", "0"], None, "window must be > 0"),
+    (["baseline", "--runs", "0"], None, "0 is not in the range x>=1"),
+    (["run", "--cap-total", str(10 ** 30)], None, "covers all"),
+    (["main", "--cap-total", "64"], None, "covers all 64 tokens of long"),
+]
+
+
+@pytest.mark.parametrize("args, setup, message", BAD)
+def test_bad_inputs_end_in_one_line(invoke, faked, tmp_path, args, setup, message):
+    env = setup(tmp_path) if setup else {}
+    result = invoke(*args, env=env)
+    assert_one_line_error(result, message, tmp_path / "results")
+    assert faked == [] or faked[-1].computed == []
+
+
+def test_status_and_tables_on_the_default_results_dir_say_it_is_absent(invoke, faked, tmp_path):
+    for command in ("status", "tables"):
+        result = invoke(command)
+        assert result.exit_code == 0, result.output
+        assert f"note: results directory {tmp_path / 'results'} does not exist yet" in result.stderr
+
+
+def test_a_broken_stream_index_is_named(invoke, faked, tmp_path):
+    assert invoke("main").exit_code == 0
+    index = tmp_path / "results" / "streams" / "long.json"
+    index.write_text(index.read_text()[:20])   # truncated
+    result = invoke("status")
+    assert result.exit_code == 0 and f"stream index {index} is unreadable" in result.stderr
+
+
+# ------------------------------------------------------------------------------------ working directory
+def test_the_working_directory_changes_no_path(invoke, faked, tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("REPEAT_RUNS=2\n")
+    elsewhere = tmp_path / "NeurIPS"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert invoke("main").exit_code == 0 and invoke("tables").exit_code == 0
+    assert (tmp_path / "results" / "baselines" / "long_baseline_avg.json").is_file()
+    assert (tmp_path / "NeurIPS" / "generated" / "tables.tex").is_file()
+    assert not (elsewhere / "results").exists() and not (elsewhere / "NeurIPS").exists()
+    lazy = json.loads((tmp_path / "results" / "paper_experiments" / "main" / "long" / "lazy.json").read_text())
+    assert lazy["spec"]["measure"]["repeat_runs"] == 2   # the root's .env, read from a subdirectory
