@@ -77,7 +77,7 @@ def engine_call(name: str):
     """`fast` or `fast:compile=0,graph=1`: an engine with integer keyword options."""
     engine, _, options = name.partition(":")
     kwargs = {k: bool(int(v)) for k, v in (o.split("=") for o in options.split(",") if o)}
-    evaluate = engines.get(engine)
+    evaluate = engines.get(engine).function
     return lambda *a, **kw: evaluate(*a, **kw, **kwargs)
 
 

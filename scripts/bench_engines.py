@@ -116,7 +116,7 @@ def guarded(record: dict, key: str, fn) -> None:
 
 
 def bench_parallel(args, model, ids, schedule) -> dict:
-    evaluate = engines.get("parallel")
+    evaluate = engines.get("parallel").function
     rows = {}
 
     def one_chunk_size(chunk: int) -> dict:
@@ -142,7 +142,7 @@ def bench_parallel(args, model, ids, schedule) -> dict:
 
 def bench_decode(args, model, ids, policy, full_schedule):
     """Decode a prefix; returns (JSON row, per-token NLL, the prefix schedule)."""
-    evaluate = engines.get("decode")
+    evaluate = engines.get("decode").function
     n_prefix = min(ids.numel(), args.cap + args.decode_steps + 1)
     prefix = build_schedule(policy, n_prefix)
     warm = min(n_prefix, args.cap + 9)   # prefill + 8 steps: kernel plans and allocator growth
@@ -172,7 +172,7 @@ def bench_case(args, model, ids, policy) -> dict:
 
     def prefix_agreement() -> dict:
         prefix = decoded["schedule"]
-        par = engines.get("parallel")(model, ids[:prefix.n_tokens], prefix, position_mode=args.position_mode)
+        par = engines.get("parallel").function(model, ids[:prefix.n_tokens], prefix, position_mode=args.position_mode)
         return agreement(par.nll, decoded["nll"])
 
     guarded(case, "decode", decode_section)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from . import assets, engines, fingerprint, profiles, settings as settings_mod, stages
+from . import assets, engines, fingerprint, profiles, settings as settings_mod, stages, timing
 from .policies import build_schedule
 from .profiles import Dataset, Profile
 from .settings import Settings
@@ -78,22 +78,12 @@ def measure(model, ids, spec: RunSpec) -> tuple[dict, list[dict]]:
     # torch comes with the runner: imported here so that `streamkv tables` never loads it
     from .runner import cache_metrics, timing_metrics
 
-    if spec.mode == "baseline":
-        schedule, cap = None, spec.policy.cap_total
-        recompute = engines.get("recompute")
-
-        def once():
-            return recompute(model, ids, cap, loss_dtype=spec.loss_dtype)
-    else:
-        schedule = build_schedule(spec.policy, len(ids))
-        cap = schedule.prefill_len
-        decode = engines.get(spec.engine)
-
-        def once():
-            return decode(model, ids, schedule, position_mode=spec.position_mode, rerotation=spec.rerotation,
-                          loss_dtype=spec.loss_dtype)
+    schedule = None if spec.mode == "baseline" else build_schedule(spec.policy, len(ids))
+    cap = spec.policy.cap_total if schedule is None else schedule.prefill_len
+    engine = engines.get(spec.engine)
     m = spec.measure
-    runs = [once() for _ in range(m.warmup_runs + m.repeat_runs)][m.warmup_runs:]
+    runs = timing.interleaved({spec.engine: lambda: engine.evaluate(model, ids, spec, schedule)},
+                              warmup=m.warmup_runs, repeats=m.repeat_runs)[spec.engine]
     n_prefill = min(cap, len(ids))
     out = {"n_prefill_tokens": n_prefill, "n_decoded_tokens": len(ids) - 1 - n_prefill,
            **timing_metrics(runs), **cache_metrics(spec, model.config, schedule)}
@@ -111,7 +101,7 @@ def _say(message: str) -> None:
 
 
 def _line(label: str, m: dict) -> str:
-    return f"{label} {m['tpot_ms']:.2f} ± {m['tpot_ms_std']:.2f} ms/token ({m['tokens_per_s']:.1f} tok/s)"
+    return f"{label} {m['tpot_ms']:.2f} ± {m['tpot_ms_spread']:.2f} ms/token ({m['tokens_per_s']:.1f} tok/s)"
 
 
 class _Loaded:
@@ -193,8 +183,8 @@ def run_bench(settings: Settings, *, random_weights: bool = False, profile: Prof
 @click.option("--cap-total", type=int, default=None, help="KV budget C, also the prefill length  [env CAP_TOTAL]")
 @click.option("--gen-tokens", "mit_bench_gen_tokens", type=int, default=None,
               help="Tokens decoded after the prefill  [env MIT_BENCH_GEN_TOKENS, default 512]")
-@click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 0]")
-@click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 1]")
+@click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 1]")
+@click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 3]")
 @click.option("--random-weights", is_flag=True,
               help="Weights drawn from a fixed seed (timing needs no real ones; recorded).")
 def bench_command(random_weights: bool, **flags) -> None:

@@ -62,8 +62,8 @@ def _knob_options(f):
                      help="Recompute every point, the baseline included  [env FORCE]"),
         click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]"),
         click.option("--cap-total", type=int, default=None, help="KV budget C of auto-cap  [env CAP_TOTAL]"),
-        click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 0]"),
-        click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 1]"),
+        click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 1]"),
+        click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 3]"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -180,13 +180,13 @@ def fingerprint_command() -> None:
 @click.option("--cap-total", type=int, default=None, help="C  [env CAP_TOTAL, default: the profile's]")
 @click.option("--position-mode", default="cache", show_default=True, help="cache | absolute")
 @click.option("--rerotation", default="exact", show_default=True, help="exact | composed_fp16")
-@click.option("--engine", default=None, help="decode | reference | parallel  [default: as the stages choose]")
+@click.option("--engine", default=None, help="decode | reference | parallel | fast  [default: as the stages choose]")
 @click.option("--dtype", default=None, help="float16 | bfloat16 | float32 | float64  [default: the profile's]")
 @click.option("--max-eval-tokens", type=click.IntRange(min=2), default=None,
               help="At least 2  [default: the dataset's evaluation length]")
 @click.option("--random-weights", is_flag=True, help="Timing only: weights drawn from a fixed seed (recorded).")
-@click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 0]")
-@click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 1]")
+@click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 1]")
+@click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 3]")
 @click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Result JSON path  [default: results/runs/<dataset>/<hash>.json]")
@@ -204,20 +204,14 @@ def run(**o) -> None:
         dataset = dataclasses.replace(dataset, max_tokens=o["max_eval_tokens"])
     model = dataclasses.replace(ctx.model, dtype=o["dtype"] or ctx.model.dtype)
     policy = _run_policy(o, p)
-    if o["mode"] == "baseline":
-        if o["engine"] not in (None, "recompute"):
-            raise SpecError(f"--mode baseline runs the recompute engine only, not --engine {o['engine']}")
-        engine = "recompute"
-    else:
-        realisable = stages.parallel_realises(policy, o["position_mode"], o["rerotation"])
-        engine = o["engine"] or ("parallel" if ctx.parallel and realisable else "decode")
-        if engine == "parallel" and not (realisable and stages.engine_installed("parallel")):
-            raise SpecError("the parallel engine is not installed or cannot realise this point "
-                            "(refresh tokens, or composed_fp16 re-rotation): use --engine decode")
-    measure = stages.measure(ctx, engine) if o["mode"] != "baseline" else MeasureSpec(s.warmup_runs, s.repeat_runs)
-    # Validate every knob before the stream is tokenized or a model is loaded.
-    probe = RunSpec(model=model, data=None, mode=o["mode"], policy=policy, position_mode=o["position_mode"],
-                    rerotation=o["rerotation"], engine=engine, device=p.device, measure=measure)
+    if o["mode"] == "baseline" and o["engine"] not in (None, "recompute"):
+        raise SpecError(f"--mode baseline runs the recompute engine only, not --engine {o['engine']}")
+    # Validate every knob before the stream is tokenized or a model is loaded; an --engine that cannot
+    # realise the point is refused by RunSpec with the engine's own reason.
+    draft = RunSpec(model=model, data=None, mode=o["mode"], policy=policy, position_mode=o["position_mode"],
+                    rerotation=o["rerotation"], engine="recompute" if o["mode"] == "baseline" else "decode",
+                    device=p.device, measure=MeasureSpec(s.warmup_runs, s.repeat_runs))
+    probe = stages.with_engines(ctx, draft, o["engine"]) if o["mode"] != "baseline" else draft
     if o["output"] is not None:
         _check_writable(o["output"])
     else:

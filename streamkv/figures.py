@@ -100,10 +100,10 @@ def r_sweep_figure(lookup: Lookup, spec: TablesSpec) -> tuple[Figure, list[Cell]
         return None
     baseline = lookup(f"baselines/{ds}")
     fig = Figure(figsize=(5.5, 1.7), layout="constrained")
-    panels = (("perplexity", None, "PPL"), ("tpot_ms", "tpot_ms_std", "TPOT (ms)"))
-    for ax, (key, std_key, ylabel) in zip(fig.subplots(1, 2), panels):
+    panels = (("perplexity", None, "PPL"), ("tpot_ms", "tpot_ms_spread", "TPOT (ms, median)"))
+    for ax, (key, spread_key, ylabel) in zip(fig.subplots(1, 2), panels):
         ys = [c.metric(key) for c in cells]
-        errs = [c.metric(std_key) or 0.0 for c in cells] if std_key else None
+        errs = [c.metric(spread_key) or 0.0 for c in cells] if spread_key else None
         ax.errorbar(grid, ys, yerr=errs, marker="o", markersize=3, linewidth=0.8, capsize=2,
                     label=_name("Lazy Pruning", *cells))
         if baseline is not None and baseline.metric(key) is not None:

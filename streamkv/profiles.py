@@ -24,9 +24,6 @@ from .settings import Settings, SettingsError
 from .spec import ModelSpec, PolicySpec, SpecError
 
 
-# Engines whose own evaluation is a timed token-by-token decode; any other perplexity engine (parallel, or
-# the float64 reference) is timed by the decode engine over MeasureSpec.timing_tokens steps.
-SELF_TIMED_ENGINES = ("decode", "recompute")
 SYNTHETIC = "synthetic"
 
 

@@ -1,12 +1,14 @@
 """Execute one RunSpec: load, evaluate, measure, and hand the result to the store.
 
 Which engine produces which number:
-- perplexity: spec.engine (recompute for the baseline; decode, reference or parallel for streaming);
-- timing: the same run when that engine decodes token by token (decode, recompute); otherwise the decode
-  engine on the first CAP + measure.timing_tokens tokens of the stream (the whole stream when 0), because
-  only real token-by-token decoding has a TPOT. The result's "engines" key records both.
-Timing runs: WARMUP_RUNS untimed, then REPEAT_RUNS timed; timings are their mean (TPOT also its population
-std). Perplexity comes from one evaluation: the engines are deterministic, repeats only re-time them.
+- perplexity: spec.engine (recompute for the baseline; parallel, decode, fast or reference for streaming);
+- timing: the run itself when measure.timing_engine is empty (its engine decodes token by token and times
+  itself); otherwise measure.timing_engine (the fastest exact engine that supports the point, chosen by
+  the stage: engines.timing_engine) on the first CAP + measure.timing_tokens tokens of the stream (the
+  whole stream when 0), because only real token-by-token decoding has a TPOT. "engines" records both.
+Timing protocol (streamkv/timing.py): WARMUP_RUNS untimed, then REPEAT_RUNS timed; TTFT and TPOT are their
+medians ± half ranges. Perplexity comes from one evaluation: the engines are deterministic, repeats only
+re-time them.
 """
 from __future__ import annotations
 
@@ -16,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from . import assets, engines, fingerprint, metrics
+from . import assets, engines, fingerprint, metrics, timing
 from .policies import build_schedule
-from .profiles import SELF_TIMED_ENGINES
 from .spec import RunSpec, SpecError
 from .store import Store, nll_bytes
 
@@ -83,31 +84,26 @@ class Runner:
                                 cache_len=list(quality.cache_len_after_step) or None, repeats=repeats, path=output)
 
     def _evaluate(self, model, ids: torch.Tensor, spec: RunSpec, schedule):
-        """(EngineResult giving the perplexity, timed EngineResults, timing engine name)."""
+        """(EngineResult giving the perplexity, timed EngineResults, timing engine name), per the timing
+        protocol (streamkv/timing.py): warm-up runs untimed, then the repeats."""
         m = spec.measure
-        if spec.mode == "baseline":
-            recompute = engines.get("recompute")
+        engine = engines.get(spec.engine)
+        if not m.timing_engine:   # the run times itself: its repeats are the timed runs
+            shown = []   # a progress bar on the first run only (the baseline's can take minutes)
 
-            def once(progress: bool):
-                return recompute(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, progress=progress)
-        else:
-            evaluate = engines.get(spec.engine)
-
-            def once(progress: bool):
-                return evaluate(model, ids, schedule, position_mode=spec.position_mode, rerotation=spec.rerotation,
-                                loss_dtype=spec.loss_dtype, progress=progress)
-        if spec.engine in SELF_TIMED_ENGINES:
-            runs = [once(self.progress and k == 0) for k in range(m.warmup_runs + m.repeat_runs)]
-            return runs[m.warmup_runs], runs[m.warmup_runs:], spec.engine
-
-        quality = once(self.progress)
+            def run():
+                shown.append(True)
+                return engine.evaluate(model, ids, spec, schedule, progress=self.progress and len(shown) == 1)
+            runs = timing.interleaved({spec.engine: run}, warmup=m.warmup_runs, repeats=m.repeat_runs)[spec.engine]
+            return runs[0], runs, spec.engine
+        quality = engine.evaluate(model, ids, spec, schedule, progress=self.progress)
+        # The timing engine decodes the first C + timing_tokens + 1 tokens (the whole stream when 0).
         n_timing = len(ids) if m.timing_tokens == 0 else min(len(ids), spec.policy.cap_total + m.timing_tokens + 1)
-        timing_schedule = build_schedule(spec.policy, n_timing)
-        decode = engines.get("decode")
-        runs = [decode(model, ids[:n_timing], timing_schedule, position_mode=spec.position_mode,
-                       rerotation=spec.rerotation, loss_dtype=spec.loss_dtype, progress=False)
-                for _ in range(m.warmup_runs + m.repeat_runs)]
-        return quality, runs[m.warmup_runs:], "decode"
+        prefix = build_schedule(spec.policy, n_timing)
+        timer = engines.get(m.timing_engine)
+        runs = timing.interleaved({m.timing_engine: lambda: timer.evaluate(model, ids[:n_timing], spec, prefix)},
+                                  warmup=m.warmup_runs, repeats=m.repeat_runs)[m.timing_engine]
+        return quality, runs, m.timing_engine
 
 
 def _timing(r) -> dict:
@@ -116,10 +112,6 @@ def _timing(r) -> dict:
 
 def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else statistics.fmean(values)
-
-
-def _std(values: list[float | None]) -> float | None:
-    return None if _mean(values) is None else statistics.pstdev(values)
 
 
 def _peak_memory(timed) -> dict | None:
@@ -131,13 +123,14 @@ def _peak_memory(timed) -> dict | None:
 
 
 def timing_metrics(timed) -> dict:
-    """The timing columns over the timed repeats (EngineResults): means, population stds, peak memory."""
-    tpot = _mean([r.tpot_ms for r in timed])
+    """The timing columns over the timed repeats (EngineResults): medians ± half ranges (streamkv/timing.py),
+    mean wall time, peak memory."""
+    tpot = timing.median(r.tpot_ms for r in timed)
     return {
-        "ttft_ms": _mean([r.ttft_ms for r in timed]),
-        "ttft_ms_std": _std([r.ttft_ms for r in timed]),
+        "ttft_ms": timing.median(r.ttft_ms for r in timed),
+        "ttft_ms_spread": timing.spread(r.ttft_ms for r in timed),
         "tpot_ms": tpot,
-        "tpot_ms_std": _std([r.tpot_ms for r in timed]),
+        "tpot_ms_spread": timing.spread(r.tpot_ms for r in timed),
         "tokens_per_s": 1000.0 / tpot if tpot else None,
         "wall_s": _mean([r.wall_s for r in timed]),
         "peak_memory_mb": _peak_memory(timed),

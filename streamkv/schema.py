@@ -7,17 +7,17 @@ from __future__ import annotations
 import re
 from typing import TypedDict, get_type_hints
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: ttft_ms/tpot_ms are medians with *_spread (were means with *_std)
 
 
 class Metrics(TypedDict, total=False):
     perplexity: float            # exp(nll_sum / n_predicted_tokens)
     nll_sum: float               # sum of per-token NLL, fp32 log-softmax, accumulated in fp64
     n_predicted_tokens: int      # tokens scored: n_tokens − 1 for every method on a stream
-    ttft_ms: float               # time to first token: the prefill forward (mean over repeat runs)
-    tpot_ms: float               # decode time per token after the prefill (mean over repeat runs)
-    tpot_ms_std: float           # population std of tpot_ms over repeat runs (0 for one run)
-    ttft_ms_std: float           # population std of ttft_ms over repeat runs
+    ttft_ms: float               # time to first token: the prefill forward (median over repeat runs)
+    tpot_ms: float               # decode time per token after the prefill (median over repeat runs)
+    tpot_ms_spread: float        # half the range of tpot_ms over repeat runs (0 for one run; timing.py)
+    ttft_ms_spread: float        # half the range of ttft_ms over repeat runs
     tokens_per_s: float          # decoded tokens per second, 1000 / tpot_ms
     wall_s: float                # wall time of the whole evaluation of one repeat (mean)
     peak_memory_mb: dict         # per phase ("prefill", "decode"): peak CUDA memory, reset between phases;

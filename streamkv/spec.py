@@ -11,6 +11,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from . import engines
+
 REFRESH_POLICIES = ("none", "uniform", "middle")
 POSITION_MODES = ("cache", "absolute")
 # How a kept key is moved to its new cache slot in `cache` position mode:
@@ -19,7 +21,6 @@ POSITION_MODES = ("cache", "absolute")
 #                  kept only as a recorded ablation that measures its drift.
 REROTATIONS = ("exact", "composed_fp16")
 MODES = ("baseline", "streaming")
-ENGINES = ("decode", "reference", "parallel", "recompute")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -110,17 +111,22 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class MeasureSpec:
-    """How timings are taken; part of the hash because mean ± std depends on it."""
+    """How timings are taken (streamkv/timing.py); part of the hash because median ± spread depends on it."""
 
     warmup_runs: int = 0
     repeat_runs: int = 1
     # Decode steps timed when perplexity comes from another engine (parallel): timing needs real
     # token-by-token decoding, but not over the whole stream. 0 = time the whole stream.
     timing_tokens: int = 0
+    # The engine whose token-by-token decoding is timed ("" = the run's own engine, which times itself).
+    timing_engine: str = ""
 
     def __post_init__(self) -> None:
         if self.warmup_runs < 0 or self.repeat_runs < 1 or self.timing_tokens < 0:
             raise SpecError(f"need warmup_runs >= 0, repeat_runs >= 1, timing_tokens >= 0; got {self}")
+        if self.timing_engine and not engines.get(self.timing_engine).self_timed:
+            raise SpecError(f"timing engine {self.timing_engine!r} does not time itself; choose one of "
+                            f"{[n for n in engines.names() if engines.get(n).self_timed]}")
 
 
 @dataclass(frozen=True)
@@ -139,22 +145,23 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         checks = ((self.mode, MODES, "mode"), (self.position_mode, POSITION_MODES, "position_mode"),
-                  (self.rerotation, REROTATIONS, "rerotation"), (self.engine, ENGINES, "engine"))
+                  (self.rerotation, REROTATIONS, "rerotation"), (self.engine, engines.names(), "engine"))
         for value, allowed, name in checks:
             if value not in allowed:
                 raise SpecError(f"unknown {name} {value!r}; choose one of {allowed}")
-        if (self.mode == "baseline") != (self.engine == "recompute"):
-            raise SpecError(f"mode {self.mode!r} does not go with engine {self.engine!r}: "
-                            "the baseline is the recompute engine and only it")
         if self.mode == "baseline" and (self.position_mode != "cache" or self.rerotation != "exact"):
             # They would not change the recompute baseline's numbers, only its hash (and so force a recompute).
             raise SpecError(f"the recompute baseline takes position_mode cache and rerotation exact only "
                             f"(got position_mode={self.position_mode}, rerotation={self.rerotation})")
         if self.position_mode == "absolute" and self.rerotation != "exact":
             raise SpecError("rerotation only applies to position_mode cache: absolute mode never moves a key")
-        if self.rerotation == "composed_fp16" and self.engine != "decode":
-            raise SpecError(f"rerotation composed_fp16 needs engine decode (got {self.engine!r}): the "
-                            "reference and parallel engines realise only exact re-rotation")
+        if not self.measure.timing_engine and not engines.get(self.engine).self_timed:
+            raise SpecError(f"the {self.engine} engine does not time itself: name a timing engine "
+                            "(MeasureSpec.timing_engine) that does")
+        for engine in {self.engine, self.measure.timing_engine or self.engine}:
+            reason = engines.get(engine).supports(self)
+            if reason:
+                raise SpecError(reason)
         if self.data is not None and self.policy.cap_total >= self.data.n_tokens:
             # The prefill alone would cover the stream: nothing evicted, no token decoded, nothing measured.
             raise SpecError(f"KV budget C = {self.policy.cap_total} covers all {self.data.n_tokens} tokens of "

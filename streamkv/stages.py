@@ -30,7 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import assets, engines, figures, fingerprint, profiles, tables
-from .profiles import SELF_TIMED_ENGINES, Dataset, Profile, Variant
+from .profiles import Dataset, Profile, Variant
 from .settings import Settings, default_results_dir
 from .spec import DataSpec, MeasureSpec, RunSpec
 from .store import Store, atomic_write
@@ -53,7 +53,6 @@ class Context:
     profile: Profile
     store: Store
     data: dict[str, DataSpec | None]
-    parallel: bool             # the parallel engine is installed
     random_weights: bool = False
 
     @property
@@ -112,34 +111,32 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
     return data
 
 
-def engine_installed(name: str) -> bool:
-    """Registered in streamkv.engines; asked without importing the engine, so `tables` stays torch-free."""
-    return name in engines.names()
-
-
 def context(settings: Settings, *, tokenize: bool, random_weights: bool = False,
             profile: Profile | None = None) -> Context:
     profile = profile or profiles.resolve(settings)
     store = Store(settings.results_dir)
     data = {d.name: resolve_data(profile, d, store, tokenize=tokenize) for d in profile.datasets}
-    parallel = profile.perplexity_engine == "parallel" and engine_installed("parallel")
-    if profile.perplexity_engine == "parallel" and not parallel:
-        _say("note: the parallel engine is not installed; perplexity comes from the decode engine "
-             "(each result's spec records its engine)")
-    return Context(settings, profile, store, data, parallel, random_weights)
+    return Context(settings, profile, store, data, random_weights)
 
 
 # ----------------------------------------------------------------------------------------------- plans
-def parallel_realises(policy, position_mode: str, rerotation: str) -> bool:
-    # The parallel engine's own limits (it raises ParallelUnsupported otherwise): one contiguous recent run
-    # (no refresh tokens), and exact re-rotation, since composed fp16 drift only exists in decoding.
-    return policy.refresh_budget == 0 and (position_mode == "absolute" or rerotation == "exact")
-
-
-def measure(ctx: Context, engine: str) -> MeasureSpec:
+def with_engines(ctx: Context, draft: RunSpec, engine: str | None = None) -> RunSpec:
+    """`draft` with its perplexity engine (`engine`, else the profile's where it can realise the point, else
+    decode, which realises every streaming point) and its timing protocol (streamkv/timing.py): the fastest
+    exact engine that can time it, which is the run itself when that is its perplexity engine."""
+    if draft.mode == "baseline":
+        engine = "recompute"
+    elif engine is None:
+        preferred = ctx.profile.perplexity_engine
+        engine = preferred if engines.get(preferred).supports(draft) is None else "decode"
+    timing = engines.timing_engine(draft)   # what can time a point depends on the point, not its engine
     s = ctx.settings
-    return MeasureSpec(warmup_runs=s.warmup_runs, repeat_runs=s.repeat_runs,
-                       timing_tokens=ctx.profile.timing_tokens if engine not in SELF_TIMED_ENGINES else 0)
+    # On CUDA the first run pays compilation, graph capture and kernel plans: never a timed one.
+    warmup = max(s.warmup_runs, 1) if ctx.profile.device.startswith("cuda") else s.warmup_runs
+    own = timing == engine
+    return dataclasses.replace(draft, engine=engine, measure=MeasureSpec(
+        warmup_runs=warmup, repeat_runs=s.repeat_runs, timing_tokens=0 if own else ctx.profile.timing_tokens,
+        timing_engine="" if own else timing))
 
 
 def streaming_spec(ctx: Context, dataset: Dataset, variant: Variant) -> RunSpec | None:
@@ -147,11 +144,9 @@ def streaming_spec(ctx: Context, dataset: Dataset, variant: Variant) -> RunSpec 
     data = ctx.data[dataset.name]
     if data is None:
         return None
-    realisable = parallel_realises(policy, variant.position_mode, variant.rerotation)
-    engine = "parallel" if ctx.parallel and realisable else "decode"
-    return RunSpec(model=ctx.model, data=data, mode="streaming", policy=policy,
-                   position_mode=variant.position_mode, rerotation=variant.rerotation, engine=engine,
-                   device=ctx.profile.device, measure=measure(ctx, engine))
+    draft = RunSpec(model=ctx.model, data=data, mode="streaming", policy=policy, position_mode=variant.position_mode,
+                    rerotation=variant.rerotation, engine="decode", device=ctx.profile.device)
+    return with_engines(ctx, draft)
 
 
 def _stored_spec(store: Store, slot: str) -> RunSpec | None:
@@ -170,7 +165,10 @@ def plan_baseline(ctx: Context, runs: int | None = None, datasets: tuple[Dataset
         data = ctx.data[d.name]
         spec = None if data is None else RunSpec(
             model=ctx.model, data=data, mode="baseline", policy=ctx.profile.baseline_policy(), engine="recompute",
-            device=ctx.profile.device, measure=MeasureSpec(ctx.settings.warmup_runs, runs or 1))
+            device=ctx.profile.device,
+            # No warm-up run: one baseline run recomputes a full window per token for the whole stream
+            # (PG19: minutes), and its TPOT is a mean over thousands of steps, the first few included.
+            measure=MeasureSpec(0, runs or 1))
         stored = _stored_spec(ctx.store, slot)
         if spec is not None and runs is None and stored is not None \
                 and dataclasses.replace(stored, measure=spec.measure) == spec:
@@ -374,6 +372,7 @@ def tables_spec(profile: Profile, settings: Settings) -> tables.TablesSpec:
         sweep_r=profile.sweep_r if sweeping else (),
         sweep_sigma=profile.sweep_sigma if sweeping and quality else (),
         sweep_delta=profile.sweep_delta if sweeping and quality else (),
+        timing_indicative=not profile.device.startswith("cuda"),
     )
 
 

@@ -68,7 +68,7 @@ def test_bench_writes_both_files(tmp_path, profile, monkeypatch):
     assert recompute["spec"]["engine"] == "recompute"
 
     for m in (streaming["metrics"]["strict"], streaming["metrics"]["lazy"], recompute["metrics"]):
-        assert {"ttft_ms", "ttft_ms_std", "tpot_ms", "tpot_ms_std", "tokens_per_s", "wall_s", "peak_memory_mb",
+        assert {"ttft_ms", "ttft_ms_spread", "tpot_ms", "tpot_ms_spread", "tokens_per_s", "wall_s", "peak_memory_mb",
                 "kv_cache_bytes", "max_cached_tokens", "repeat_runs"} <= set(m)
         assert (m["n_prefill_tokens"], m["n_decoded_tokens"]) == (CAP, GEN)
         assert math.isclose(m["tokens_per_s"], 1000.0 / m["tpot_ms"])

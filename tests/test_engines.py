@@ -50,7 +50,7 @@ def stream() -> torch.Tensor:
 @functools.cache
 def run(engine: str, model_name: str, case: str, mode: str):
     schedule = build_schedule(CASES[case], N_TOKENS)
-    return engines.get(engine)(model(model_name), stream(), schedule, position_mode=mode, loss_dtype="float64")
+    return engines.get(engine).function(model(model_name), stream(), schedule, position_mode=mode, loss_dtype="float64")
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,7 +157,7 @@ def test_stream_shorter_than_cap_is_one_prefill(engine):
     """T ≤ CAP: one prefill step feeds every token, the last one predicts nothing; still T−1 NLLs."""
     ids = stream()[:10]
     schedule = build_schedule(CASES["strict"], 10)
-    result = engines.get(engine)(model("llama"), ids, schedule, loss_dtype="float64")
+    result = engines.get(engine).function(model("llama"), ids, schedule, loss_dtype="float64")
     assert len(schedule.steps) == 1 and result.tpot_ms is None and result.ttft_ms > 0
     assert max_diff(result.nll, dense_nll(model("llama"), ids)) <= TOL
 
@@ -165,7 +165,7 @@ def test_stream_shorter_than_cap_is_one_prefill(engine):
 @pytest.mark.parametrize("engine", ["reference", "decode"])
 def test_fp32_loss_and_timings_are_reported(engine):
     schedule = build_schedule(CASES["lazy_r4"], N_TOKENS)
-    result = engines.get(engine)(model("gpt_neox"), stream(), schedule)
+    result = engines.get(engine).function(model("gpt_neox"), stream(), schedule)
     assert result.nll.dtype == torch.float32 and result.nll.device.type == "cpu"
     # TTFT + TPOT × decode steps is the timed loop: nearly all of the wall time, never more.
     timed_ms = result.ttft_ms + result.tpot_ms * (len(schedule.steps) - 1)
@@ -206,11 +206,11 @@ def test_recompute_with_cap_beyond_the_stream_is_the_causal_forward():
 
 
 def test_registry():
-    assert engines.get("decode") is decode.evaluate
-    assert engines.get("reference") is reference.evaluate
-    assert engines.get("recompute") is recompute.evaluate_recompute
+    assert engines.get("decode").function is decode.evaluate
+    assert engines.get("reference").function is reference.evaluate
+    assert engines.get("recompute").function is recompute.evaluate_recompute
     with pytest.raises(ValueError, match="unknown engine"):
-        engines.get("nope")
+        engines.get("nope").function
 
 
 @st.composite

@@ -44,7 +44,7 @@ def main_cells(tmp_path, lazy=None):
 
 def sweep_cells(tmp_path):
     cells = {f"sweeps/demo-long/R={r}": result(tmp_path, f"sweeps/demo-long/R={r}", None, perplexity=30.0 + r,
-                                               tpot_ms=5.0 - 0.1 * r, tpot_ms_std=0.05)
+                                               tpot_ms=5.0 - 0.1 * r, tpot_ms_spread=0.05)
              for r in SPEC.sweep_r}
     cells["baselines/demo-long"] = result(tmp_path, "baselines/demo-long", None, perplexity=29.5, tpot_ms=9.0)
     return cells

@@ -184,7 +184,7 @@ def test_result_and_attention_implementation_restored():
     m = model("gpt_neox")
     before = m.config._attn_implementation
     schedule = build_schedule(CASES["lazy_r4"], N_TOKENS)
-    result = engines.get("parallel")(m, stream(), schedule)
+    result = engines.get("parallel").function(m, stream(), schedule)
     assert m.config._attn_implementation == before != parallel.ATTN_IMPLEMENTATION
     assert result.engine == "parallel" and result.nll.dtype == torch.float32 and result.nll.device.type == "cpu"
     assert result.ttft_ms is None and result.tpot_ms is None and result.wall_s > 0
@@ -213,4 +213,4 @@ def test_model_that_cannot_switch_attention_is_refused(monkeypatch):
 
 
 def test_registry():
-    assert engines.get("parallel") is parallel.evaluate
+    assert engines.get("parallel").function is parallel.evaluate

@@ -16,9 +16,10 @@ def load(tmp_path, dotenv: str | None = None, environ: dict | None = None, **ove
     return settings.load(environ=environ or {}, dotenv=path, overrides=overrides)
 
 
-def test_defaults_follow_the_guide_except_stale_results(tmp_path):
+def test_defaults_follow_the_guide_except_stale_results_and_timing(tmp_path):
     s = load(tmp_path)
-    assert (s.profile, s.warmup_runs, s.repeat_runs, s.run_sweeps, s.run_ablations) == ("demo", 0, 1, True, True)
+    assert (s.profile, s.run_sweeps, s.run_ablations) == ("demo", True, True)
+    assert (s.warmup_runs, s.repeat_runs) == (1, 3)  # deliberate: the guide's stable setting, not its 0, 1
     assert (s.run_quality_heuristics, s.strict_baseline_check, s.auto_baseline) == (False, False, True)
     assert (s.run_mit_reference, s.run_mit_bench, s.mit_bench_gen_tokens) == (False, False, 512)
     assert s.allow_stale_results is False  # deliberate: the seed's default 1 mixed stale rows into tables
@@ -70,7 +71,7 @@ def test_precedence_flags_over_environment_over_dotenv(tmp_path):
 
 def test_empty_value_means_unset(tmp_path):
     assert load(tmp_path, "MIT_REPO=\nREPEAT_RUNS=\n").mit_repo is None
-    assert load(tmp_path, environ={"REPEAT_RUNS": " "}).repeat_runs == 1
+    assert load(tmp_path, environ={"REPEAT_RUNS": " "}).repeat_runs == settings.Settings().repeat_runs == 3
 
 
 @pytest.mark.parametrize("line", ["X=$(touch {pwned})", "X=`touch {pwned}`", 'X="$(touch {pwned})"'])

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from streamkv import assets, engines, stages
 from streamkv.engines.contiguous import Unsupported
-from streamkv import assets, stages
-from streamkv.engines import parallel
 from streamkv.policies import build_schedule
-from streamkv.spec import PolicySpec
+from streamkv.spec import DataSpec, ModelSpec, PolicySpec, RunSpec
 from streamkv.store import Store
 
 from conftest import FakeRunner
@@ -61,40 +60,50 @@ def test_specs_carry_the_knobs(fakes):
     base, lazy_spec = spec["baselines/long"], spec["main/long/lazy"]
     assert (base.mode, base.engine, base.policy.cap_total, base.measure.repeat_runs) == ("baseline", "recompute", 16, 1)
     assert (lazy_spec.policy.compress_every, lazy_spec.policy.window, lazy_spec.engine) == (4, 14, "decode")
-    assert (lazy_spec.measure.warmup_runs, lazy_spec.measure.repeat_runs, lazy_spec.measure.timing_tokens) == (1, 3, 0)
+    # Perplexity from decode, timed by the fastest exact engine that supports the point (fast).
+    assert (lazy_spec.measure.warmup_runs, lazy_spec.measure.repeat_runs, lazy_spec.measure.timing_tokens,
+            lazy_spec.measure.timing_engine) == (1, 3, 8, "fast")
     assert lazy_spec.data.n_tokens == 64 and spec["main/short/lazy"].data.n_tokens == 32
 
 
-def test_perplexity_engine_choice_is_recorded(fakes, monkeypatch, capsys):
+def test_perplexity_and_timing_engines_are_recorded(fakes):
     profile, settings = fakes
     profile = dataclasses.replace(profile, perplexity_engine="parallel")
-    monkeypatch.setattr(stages, "engine_installed", lambda name: True)
     _, points = points_of(profile, settings(), ["ablations"])
-    engine = {p.slot.rsplit("/", 1)[1]: (p.spec.engine, p.spec.measure.timing_tokens) for p in points}
-    assert engine["lazy"] == engine["lazy_absolute"] == ("parallel", 8)
-    assert engine["lazy_composed_fp16"] == ("decode", 0)    # only decoding has the fp16 drift
-    monkeypatch.setattr(stages, "engine_installed", lambda name: False)
-    _, points = points_of(profile, settings(), ["ablations"])
-    assert {p.spec.engine for p in points if p.spec.mode == "streaming"} == {"decode"}
-    assert "parallel engine is not installed" in capsys.readouterr().err
+    engine = {p.slot.rsplit("/", 1)[1]: (p.spec.engine, p.spec.measure.timing_engine, p.spec.measure.timing_tokens)
+              for p in points}
+    assert engine["lazy"] == engine["lazy_absolute"] == ("parallel", "fast", 8)
+    # Only decoding has the fp16 drift: decode computes and times it itself.
+    assert engine["lazy_composed_fp16"] == ("decode", "", 0)
 
 
-def test_parallel_realises_matches_the_parallel_engine():
+def test_cuda_profiles_always_warm_up(fakes):
+    profile, settings = fakes
+    _, points = points_of(dataclasses.replace(profile, device="cuda"), settings(warmup_runs=0), ["main"])
+    assert {p.spec.measure.warmup_runs for p in points if p.spec.mode == "streaming"} == {1}
+
+
+@pytest.mark.parametrize("name", ["parallel", "fast"])
+def test_engine_declarations_match_what_the_engines_refuse(name):
+    """The registry's torch-free supports() (what planning reads) against the engine's own refusal."""
     contiguous = PolicySpec(n_sink=2, window=6, compress_every=2)
     refresh = PolicySpec(n_sink=2, window=4, refresh_budget=2, refresh_policy="uniform", compress_every=2)
+    data = DataSpec(name="x", path="x", sha256="0" * 64, n_tokens=24)
+    model = ModelSpec(name="m", revision="0" * 40, dtype="float32")
     for policy in (contiguous, refresh):
-        for mode in ("cache", "absolute"):
-            for rerotation in ("exact", "composed_fp16"):
-                schedule = build_schedule(policy, 24)
-                # A model-less call: an unsupported point is refused before the model is touched.
-                raised = None
-                try:
-                    parallel.evaluate(None, torch.arange(24), schedule, position_mode=mode, rerotation=rerotation)
-                except Unsupported:
-                    raised = True
-                except AttributeError:
-                    raised = False
-                assert raised is not stages.parallel_realises(policy, mode, rerotation), (policy, mode, rerotation)
+        for mode, rerotation in (("cache", "exact"), ("cache", "composed_fp16"), ("absolute", "exact")):
+            draft = RunSpec(model=model, data=data, mode="streaming", policy=policy, position_mode=mode,
+                            rerotation=rerotation, engine="decode")
+            schedule = build_schedule(policy, 24)
+            # A model-less call: an unsupported point is refused before the model is touched.
+            try:
+                engines.get(name).function(None, torch.arange(24), schedule, position_mode=mode, rerotation=rerotation)
+                refused = False
+            except Unsupported:
+                refused = True
+            except AttributeError:
+                refused = False
+            assert refused is (engines.get(name).supports(draft) is not None), (policy, mode, rerotation)
 
 
 # ------------------------------------------------------------------------------------- execution rules

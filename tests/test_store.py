@@ -111,7 +111,7 @@ def test_scan_reports_corrupt_and_foreign_files_and_skips_them(store):
     os.replace(moved, bad / "misplaced.json")
     (store.root / "baselines").mkdir()
     (store.root / "baselines" / "pg19_baseline_avg.json").write_text(json.dumps(result("baselines/pg19")
-                                                                               | {"schema_version": 1,
+                                                                               | {"schema_version": SCHEMA_VERSION,
                                                                                   "artifacts": {"nll": "gone.f32"}}))
     report = store.scan()
     assert [e.path for e in report.entries] == [good]

@@ -1,32 +1,87 @@
-"""Engines that realise a policy Schedule on a token stream; each returns an EngineResult.
+"""The engines, and everything the rest of the code may know about them: this registry is the only list.
 
-Streaming engines: `evaluate(model, ids, schedule, *, position_mode, rerotation, loss_dtype, progress)`.
-The baseline: `evaluate_recompute(model, ids, cap, *, loss_dtype, progress, batch_size)`.
-Modules are imported on first use, so a registry entry costs nothing until its engine runs.
+An Engine realises a RunSpec on a token stream and returns an EngineResult (engines/base.py): streaming
+engines follow the policy Schedule, the recompute engine is the sliding-window baseline. What an engine
+can realise (`supports`), whether its own evaluation is a timed token-by-token decode (`self_timed`) and
+its code version (`version`, part of every result's config hash) are declared here, torch-free, so
+planning and `make tex` never import torch. The engine's module is imported on first `evaluate`.
+
+Adding an engine: one module with an `evaluate` function, one line in REGISTRY.
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
-# name -> "module:function"; adding an engine is one line here.
-_REGISTRY = {
-    "reference": "reference:evaluate",
-    "decode": "decode:evaluate",
-    "recompute": "recompute:evaluate_recompute",
-    "parallel": "parallel:evaluate",
-    "fast": "fast:evaluate",
-}
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    version: str          # bump when the numbers this engine produces change
+    self_timed: bool      # its evaluation decodes token by token and times itself (TTFT, TPOT)
+    contiguous_only: bool = False   # needs sinks + one recent run (no refresh tokens)
+    composed_fp16: bool = False     # can replay the seed's composed fp16 re-rotation (an ablation)
+    entry: str = "evaluate"         # the evaluate function of module streamkv.engines.<name>
+
+    def supports(self, spec) -> str | None:
+        """None if this engine can realise `spec` (a RunSpec), else the reason it cannot."""
+        if spec.mode == "baseline":
+            return f"the {self.name} engine evaluates streaming schedules, not the recompute baseline"
+        if spec.rerotation == "composed_fp16" and not self.composed_fp16:
+            return (f"rerotation composed_fp16 replays the fp16 drift of re-rotating the cache at every prune, "
+                    f"which the {self.name} engine never does")
+        if self.contiguous_only and spec.policy.refresh_budget > 0:
+            return (f"the {self.name} engine needs sinks + one contiguous recent run; refresh tokens "
+                    "(refresh_budget > 0) break it")
+        return None
+
+    @property
+    def function(self):
+        """The module's own evaluate function, with its engine-specific keyword options (tests, scripts)."""
+        return getattr(importlib.import_module(f"{__name__}.{self.name}"), self.entry)
+
+    def evaluate(self, model, ids, spec, schedule, *, progress: bool = False):
+        """Evaluate `spec` on `ids` [T] following `schedule` (None for the baseline) -> EngineResult."""
+        return self.function(model, ids, schedule, position_mode=spec.position_mode, rerotation=spec.rerotation,
+                             loss_dtype=spec.loss_dtype, progress=progress)
+
+
+@dataclass(frozen=True)
+class Baseline(Engine):
+    """The sliding-window recomputation: no KV cache, no schedule, every token from a fresh cap-long window."""
+
+    def supports(self, spec) -> str | None:
+        return None if spec.mode == "baseline" else "the recompute engine evaluates the baseline only"
+
+    def evaluate(self, model, ids, spec, schedule, *, progress: bool = False):
+        return self.function(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, progress=progress)
+
+
+REGISTRY: dict[str, Engine] = {e.name: e for e in (
+    Engine("reference", version="1", self_timed=False),                   # float64 yardstick, slow
+    Engine("decode", version="1", self_timed=True, composed_fp16=True),   # HF forward + DynamicCache
+    Engine("parallel", version="1", self_timed=False, contiguous_only=True),   # chunked masked evaluation
+    Engine("fast", version="1", self_timed=True, contiguous_only=True),  # ring buffer, captured step
+    Baseline("recompute", version="1", self_timed=True, entry="evaluate_recompute"),
+)}
+
+# Timing engines, fastest first: a point is timed by the first that supports it (stages.measure).
+TIMING_PREFERENCE = ("fast", "decode")
 
 
 def names() -> tuple[str, ...]:
-    """Registered engine names, without importing any engine (so without torch)."""
-    return tuple(sorted(_REGISTRY))
+    return tuple(sorted(REGISTRY))
 
 
-def get(name: str):
-    """The evaluate function of engine `name`."""
+def get(name: str) -> Engine:
     try:
-        module, function = _REGISTRY[name].split(":")
+        return REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown engine {name!r}; choose one of {sorted(_REGISTRY)}") from None
-    return getattr(importlib.import_module(f"{__name__}.{module}"), function)
+        raise ValueError(f"unknown engine {name!r}; choose one of {names()}") from None
+
+
+def timing_engine(spec) -> str:
+    """The fastest exact engine that can time `spec` token by token."""
+    if spec.mode == "baseline":
+        return "recompute"
+    return next(name for name in TIMING_PREFERENCE if REGISTRY[name].supports(spec) is None)

@@ -39,6 +39,7 @@ class TablesSpec:
     sweep_r: tuple[int, ...] = ()                  # empty grid: that sweep block is left out
     sweep_sigma: tuple[int, ...] = ()
     sweep_delta: tuple[int, ...] = ()
+    timing_indicative: bool = False                # CPU timings: the paper marks them indicative only
 
     def sweep_grid(self, knob: str) -> tuple[int, ...]:
         """Grid of a knob named as in slots: "R", "sigma" or "delta"."""

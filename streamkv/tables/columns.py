@@ -53,7 +53,16 @@ def _memory(cell: Cell, base: Cell | None) -> Entry:
     return _number(None if kv_bytes is None else kv_bytes / BYTES_PER_MB, ".1f", ("kv",))
 
 
-TPOT = Column("TPOT (ms)", _own("tpot_ms", ".2f"))
+def _median_spread(cell: Cell, base: Cell | None) -> Entry:
+    """TPOT as "median ± spread" over the timed repeats (streamkv/timing.py); the median alone when one
+    repeat was timed."""
+    median, spread = cell.metric("tpot_ms"), cell.metric("tpot_ms_spread")
+    if median is None or not spread:
+        return _number(median, ".2f")
+    return Entry(f"{median:.2f} ± {spread:.2f}")
+
+
+TPOT = Column("TPOT (ms)", _median_spread)
 # A zero TPOT (a broken result) has no speedup; it must not crash `make tex`.
 SPEEDUP = Column("Speedup (×)", _against_baseline(lambda mine, ref: ref / mine if mine else None, "tpot_ms", ".2f"))
 PPL = Column("PPL", _own("perplexity", ".3f"))

@@ -11,7 +11,7 @@ _SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#":
 # Plain text may use these symbols (they read well in the terminal); pdflatex needs them spelled out.
 _SYMBOLS = {"σ": r"$\sigma$", "δ": r"$\delta$", "Δ": r"$\Delta$", "×": r"$\times$", "≥": r"$\geq$",
             "≤": r"$\leq$", "−": r"$-$", "→": r"$\rightarrow$", "…": r"\ldots{}", "—": "---", "–": "--",
-            "’": "'", "“": "``", "”": "''", "†": r"$^{\dagger}$"}
+            "’": "'", "“": "``", "”": "''", "†": r"$^{\dagger}$", "±": r"$\pm$"}
 
 
 def escape(text: str) -> str:
