@@ -220,7 +220,7 @@ def run(**o) -> None:
     spec = dataclasses.replace(probe, data=data)
     from .runner import Runner  # loads torch and the engines: only once the knobs are known to be valid
 
-    path = Runner(ctx.store).run(f"runs/{dataset.name}/{spec.config_hash()[:12]}", spec, output=o["output"])
+    path = Runner(ctx.store, cpu_threads=s.cpu_threads).run(f"runs/{dataset.name}/{spec.config_hash()[:12]}", spec, output=o["output"])
     click.echo(str(path))
 
 

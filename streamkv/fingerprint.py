@@ -88,6 +88,7 @@ def collect() -> dict:
         "gpu_name": gpu_name,
         "gpu_driver": driver,
         "device_count": torch.cuda.device_count(),
+        "torch_threads": torch.get_num_threads(),   # CPU threads the run was given (Runner sets them)
     }
 
 

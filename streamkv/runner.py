@@ -27,9 +27,11 @@ from .store import Store, nll_bytes
 class Runner:
     """Runs specs one after another, keeping the last model loaded: a stage runs many points on one."""
 
-    def __init__(self, store: Store, *, progress: bool = True):
+    def __init__(self, store: Store, *, progress: bool = True, cpu_threads: int = 1):
         self.store = store
         self.progress = progress
+        # Explicit, never torch's default; the fingerprint records it (fingerprint.collect).
+        torch.set_num_threads(cpu_threads)
         self._loaded: tuple | None = None          # (ModelSpec, device, model)
         self._tokenizers: dict = {}                # ModelSpec -> tokenizer, loaded on first text stream
         self._fingerprint: dict | None = None

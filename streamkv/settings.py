@@ -96,12 +96,15 @@ class Settings:
     pg19_sample_length: int | None = None
     wikitext_sample_length: int | None = None
     force: bool = False                          # recompute every point (and the baseline)
+    # torch's CPU threads, set explicitly and recorded in every result's fingerprint: under load, torch's
+    # default (one per core) made a tiny model's decode 8-40x slower through threads spinning on each other.
+    cpu_threads: int = 1
     results_dir: str = DEFAULT_RESULTS_DIR
 
     def __post_init__(self) -> None:
         if not self.results_dir.strip():
             raise SettingsError("RESULTS_DIR / --results-dir is empty: name a directory")
-        at_least = {"cap_total": 1, "warmup_runs": 0, "repeat_runs": 1, "mit_bench_gen_tokens": 1,
+        at_least = {"cap_total": 1, "warmup_runs": 0, "repeat_runs": 1, "mit_bench_gen_tokens": 1, "cpu_threads": 1,
                     "baseline_sink": 0, "baseline_window": 1, "pg19_sample_length": 1,
                     "wikitext_sample_length": 1}
         for name, low in at_least.items():
@@ -120,6 +123,7 @@ KNOBS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "CAP_TOTAL": ("cap_total", _int),
     "WARMUP_RUNS": ("warmup_runs", _int),
     "REPEAT_RUNS": ("repeat_runs", _int),
+    "CPU_THREADS": ("cpu_threads", _int),
     "RUN_SWEEPS": ("run_sweeps", _bool),
     "RUN_ABLATIONS": ("run_ablations", _bool),
     "RUN_QUALITY_HEURISTICS": ("run_quality_heuristics", _bool),

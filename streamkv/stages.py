@@ -314,7 +314,7 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
     planned = {p.slot: _identity(store.path(p.slot)) for p, _ in todo}
     if todo and runner is None:
         from .runner import Runner  # torch and the engines load only when something must be computed
-        runner = Runner(store)
+        runner = Runner(store, cpu_threads=s.cpu_threads)
     with tqdm(total=len(points), initial=len(points) - len(todo), desc=label, unit="point", file=sys.stderr,
               dynamic_ncols=True) as bar:
         for wait in (False, True):   # first what nobody holds, then wait for the rest

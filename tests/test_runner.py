@@ -83,3 +83,14 @@ def test_runner_refuses_a_changed_stream_and_a_missing_gpu(tiny):
         with pytest.raises(SpecError, match="no CUDA device"):
             Runner(store, progress=False).run("main/long/lazy", dataclasses.replace(s, device="cuda"))
     assert store.scan().entries == []
+
+
+def test_runner_sets_cpu_threads_and_the_fingerprint_records_them(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            Runner(Store(tmp_path / "results"), cpu_threads=threads)
+            assert torch.get_num_threads() == threads
+            assert fingerprint.collect()["torch_threads"] == threads
+    finally:
+        torch.set_num_threads(before)
