@@ -61,7 +61,6 @@ class Runner:
                             "(use --profile demo on a machine without a GPU)")
         model = self._model(spec)
         ids = self._stream(spec)
-        torch.manual_seed(spec.seed)
         schedule = None if spec.mode == "baseline" else build_schedule(spec.policy, len(ids))
         quality, timed, timing_engine = self._evaluate(model, ids, spec, schedule)
         # Every method must score the same tokens (DESIGN: honest numbers); an engine that does not is a bug.
@@ -74,6 +73,7 @@ class Runner:
             "slot": slot,
             "config_hash": spec.config_hash(),
             "spec": spec.to_dict(),
+            "code": spec.code_identity(),
             # The loaded weights' dtype, as torch spells it: compare() reads it as a dtype.
             "fingerprint": {**self._fingerprint, "dtype": str(next(model.parameters()).dtype)},
             "metrics": _metrics(spec, model.config, schedule, quality, timed),

@@ -33,8 +33,9 @@ class Result(TypedDict, total=False):
     schema_version: int          # SCHEMA_VERSION of the writer
     kind: str                    # "run" (our engines), "mit_reference", "bench"
     slot: str                    # stage/dataset/label: the table cell it fills, e.g. "main/pg19/lazy"
-    config_hash: str             # sha256 of the canonical spec JSON (streamkv.spec.RunSpec.config_hash)
-    spec: dict                   # RunSpec.to_dict(): everything that determines the numbers
+    config_hash: str             # sha256 of the hashed spec fields + the code identity (RunSpec.config_hash)
+    spec: dict                   # RunSpec.to_dict(): every knob of the point, hashed or only recorded
+    code: dict                   # RunSpec.code_identity(): {"engines": {name: version}, "policies": version}
     fingerprint: dict            # streamkv.fingerprint.collect(): git, python, torch, CUDA, GPU, ...
     metrics: Metrics
     engines: dict                # which engine produced what: {"perplexity": "parallel", "timing": "decode"}

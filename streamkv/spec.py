@@ -1,8 +1,18 @@
 """Run specifications: everything that determines a number, frozen and hashed.
 
 A RunSpec is built once per experiment point (by the CLI or a stage plan) and travels unchanged into the
-result JSON. Its canonical JSON (sorted keys, no whitespace) is hashed into `config_hash`: two results are
-the same experiment exactly when their hashes are equal, which is the only reuse rule the store applies.
+result JSON. `config_hash` is the sha256 of the canonical JSON (sorted keys, no whitespace) of two things:
+- `hashed()`: the fields that change the numbers, and only those. A field that cannot move a number is
+  marked NOT_HASHED (the stream's file path: the sha256 of the evaluated ids covers its content); the
+  baseline hashes its recompute window C, not the seed's S/W split of it; a streaming point hashes its
+  recent run W + O, not W and O apart (overlap only widens the window, so under auto-cap every O is the
+  same experiment). A field added later takes `since(neutral)`: it stays out of the hash while it holds
+  the value that reproduces the old behaviour, so adding it leaves every stored result current.
+- `code_identity()`: the versions of the code that produces the numbers (the engines that evaluate and
+  time the point, and the policy module for streaming points). Bumping one makes exactly the results that
+  code made stale.
+Two results are the same experiment exactly when their hashes are equal: the only reuse rule the store
+applies.
 """
 from __future__ import annotations
 
@@ -10,6 +20,9 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from . import engines
 
 from . import engines
 
@@ -26,6 +39,27 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 class SpecError(ValueError):
     """A knob combination that cannot describe a run; the CLI prints it as one line."""
+
+
+# Field metadata: recorded in the spec but never hashed (it cannot change a number).
+NOT_HASHED = MappingProxyType({"hashed": False})
+
+
+def since(neutral) -> MappingProxyType:
+    """Field metadata of a field added after results exist: hashed only when it differs from `neutral`,
+    the value that reproduces what the code did before the field existed."""
+    return MappingProxyType({"neutral": neutral})
+
+
+def hashed_fields(obj) -> dict:
+    """The dataclass `obj` as a dict of its hashed fields (recursively), per their metadata."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not f.metadata.get("hashed", True) or ("neutral" in f.metadata and value == f.metadata["neutral"]):
+            continue
+        out[f.name] = hashed_fields(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 @dataclass(frozen=True)
@@ -101,7 +135,7 @@ class ModelSpec:
 @dataclass(frozen=True)
 class DataSpec:
     name: str                 # e.g. pg19, wikitext, demo-long, demo-short
-    path: str                 # stream file, relative to the repository root
+    path: str = field(metadata=NOT_HASHED)  # stream file, relative to the repository root
     # sha256 of the token ids evaluated (int64 little-endian, after truncation), for text streams and
     # synthetic ones alike: it covers the tokenizer, so a changed tokenizer changes config_hash. The text
     # itself is checked against the stream file's recorded sha256 when it is loaded.
@@ -140,7 +174,6 @@ class RunSpec:
     engine: str = "decode"
     loss_dtype: str = "float32"
     device: str = "cpu"
-    seed: int = 0
     measure: MeasureSpec = field(default_factory=MeasureSpec)
 
     def __post_init__(self) -> None:
@@ -177,10 +210,35 @@ class RunSpec:
         return cls(model=ModelSpec(**d["model"]), data=DataSpec(**d["data"]), mode=d["mode"],
                    policy=PolicySpec(**d["policy"]), position_mode=d["position_mode"],
                    rerotation=d["rerotation"], engine=d["engine"], loss_dtype=d["loss_dtype"],
-                   device=d["device"], seed=d["seed"], measure=MeasureSpec(**d["measure"]))
+                   device=d["device"], measure=MeasureSpec(**d["measure"]))
+
+    def hashed(self) -> dict:
+        """The fields that change this point's numbers (module doc)."""
+        view = hashed_fields(self)
+        if self.mode == "baseline":
+            # Recomputation forwards the last C tokens whatever S and W add up to it.
+            view["policy"] = {"cap_total": self.policy.cap_total}
+        else:
+            # The schedule only sees soft = S + (W + O) + B.
+            policy = view["policy"]
+            policy["recent"] = policy.pop("window") + policy.pop("overlap")
+        return view
+
+    def code_identity(self) -> dict:
+        """Versions of the code whose output this point's numbers are: its perplexity engine, the engine
+        that times it, and (streaming only; the baseline has no schedule) the policy module."""
+        from . import policies  # imported here: policies.py imports this module for PolicySpec
+
+        used = sorted({self.engine, self.measure.timing_engine or self.engine})
+        identity = {"engines": {name: engines.get(name).version for name in used}}
+        if self.mode == "streaming":
+            identity["policies"] = policies.VERSION
+        return identity
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """What config_hash hashes, as canonical JSON."""
+        return json.dumps({"spec": self.hashed(), "code": self.code_identity()}, sort_keys=True,
+                          separators=(",", ":"))
 
     def config_hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()

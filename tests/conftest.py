@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamkv import assets, cli, fingerprint, profiles, runner as runner_mod, settings as settings_mod, stages
+from streamkv import assets, cli, engines, fingerprint, profiles, runner as runner_mod, settings as settings_mod, stages
 from streamkv.profiles import Dataset, Profile
 from streamkv.settings import Settings
 from streamkv.spec import DataSpec, ModelSpec
@@ -37,6 +37,12 @@ def fake_profile(tmp: Path) -> Profile:
                    sweep_r=(1, 2, 4), sweep_sigma=(0, 2), sweep_delta=(0, 2), baseline_sink=4,
                    baseline_window=12, perplexity_engine="decode", timing_tokens=8,
                    model=ModelSpec(name="fake/model", revision="0" * 40, dtype="float32"))
+
+
+def bump_version(monkeypatch, engine: str) -> None:
+    """The engine as if its code had changed: its registry entry with another version."""
+    bumped = dataclasses.replace(engines.REGISTRY[engine], version=engines.REGISTRY[engine].version + "-bumped")
+    monkeypatch.setitem(engines.REGISTRY, engine, bumped)
 
 
 def install_fakes(monkeypatch) -> None:

@@ -182,10 +182,9 @@ def test_reference_runs_a_lower_precision_model_in_float64():
     assert max_diff(result.nll, run("reference", "gpt_neox", "strict", "cache").nll) <= TOL
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_recompute_equals_direct_window_forwards(batch_size):
+def test_recompute_equals_direct_window_forwards():
     cap, ids, m = 12, stream()[:40], model("gpt_neox")
-    result = recompute.evaluate_recompute(m, ids, cap, loss_dtype="float64", batch_size=batch_size)
+    result = recompute.evaluate_recompute(m, ids, cap, loss_dtype="float64")
     direct = []
     with torch.inference_mode():
         for t in range(1, ids.numel()):
@@ -195,7 +194,7 @@ def test_recompute_equals_direct_window_forwards(batch_size):
     assert max_diff(result.nll, torch.cat(direct)) <= TOL
     assert result.cache_len_after_step == []
     timed_ms = result.ttft_ms + result.tpot_ms * (ids.numel() - 1 - cap)
-    assert batch_size > 1 or 0.5 * result.wall_s * 1e3 < timed_ms <= result.wall_s * 1e3
+    assert 0.5 * result.wall_s * 1e3 < timed_ms <= result.wall_s * 1e3
 
 
 def test_recompute_with_cap_beyond_the_stream_is_the_causal_forward():

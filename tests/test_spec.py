@@ -1,7 +1,13 @@
-"""streamkv.spec: knob combinations a RunSpec refuses."""
+"""streamkv.spec: knob combinations a RunSpec refuses; what config_hash covers and what it leaves out."""
+import dataclasses
+from dataclasses import dataclass, field
+
 import pytest
 
-from streamkv.spec import DataSpec, MeasureSpec, ModelSpec, PolicySpec, RunSpec, SpecError
+from streamkv import engines, policies
+from streamkv.spec import DataSpec, MeasureSpec, ModelSpec, PolicySpec, RunSpec, SpecError, hashed_fields, since
+
+from conftest import bump_version
 
 COMMON = dict(model=ModelSpec("m", "0" * 40), data=DataSpec("d", "d.json", "f" * 64, 10))
 STREAMING = dict(COMMON, mode="streaming", policy=PolicySpec(n_sink=2, window=6, compress_every=2))
@@ -35,3 +41,64 @@ def test_baseline_takes_no_position_knobs(knobs):
     with pytest.raises(SpecError, match="recompute baseline takes position_mode cache and rerotation exact"):
         RunSpec(**BASELINE, **knobs)
     assert RunSpec(**BASELINE).engine == "recompute"
+
+
+def test_hash_leaves_out_what_cannot_move_a_number():
+    spec = RunSpec(**STREAMING)
+    moved = dataclasses.replace(spec, data=dataclasses.replace(spec.data, path="elsewhere/d.json"))
+    assert moved.config_hash() == spec.config_hash()
+    # Under auto-cap, overlap only trades W for O: the recent run W + O, and so the schedule, is the same.
+    plain, overlapped = PolicySpec.auto_cap(8, 2, compress_every=4), PolicySpec.auto_cap(8, 2, overlap=3,
+                                                                                        compress_every=4)
+    assert plain.window == overlapped.window + 3
+    assert RunSpec(**dict(STREAMING, policy=plain)).config_hash() == \
+        RunSpec(**dict(STREAMING, policy=overlapped)).config_hash()
+    # The baseline's S/W split is the seed's record; only their sum, the recompute window, counts.
+    split = dict(BASELINE, policy=PolicySpec(n_sink=2, window=6))
+    assert RunSpec(**split).config_hash() == RunSpec(**BASELINE).config_hash()
+    assert RunSpec(**dict(BASELINE, policy=PolicySpec(n_sink=4, window=5))).config_hash() != \
+        RunSpec(**BASELINE).config_hash()
+
+
+@pytest.mark.parametrize("change", [
+    dict(policy=PolicySpec(n_sink=2, window=7, compress_every=2)),
+    dict(policy=PolicySpec(n_sink=2, window=6, compress_every=3)),
+    dict(position_mode="absolute"), dict(engine="reference", measure=MeasureSpec(timing_engine="decode")),
+    dict(device="cuda"), dict(loss_dtype="float64"),
+    dict(data=DataSpec("d", "d.json", "e" * 64, 10)), dict(model=ModelSpec("m", "1" * 40)),
+])
+def test_hash_covers_what_moves_a_number(change):
+    assert RunSpec(**{**STREAMING, **change}).config_hash() != RunSpec(**STREAMING).config_hash()
+
+
+def test_a_field_added_with_its_neutral_value_keeps_old_hashes():
+    @dataclass(frozen=True)
+    class Old:
+        a: int
+
+    @dataclass(frozen=True)
+    class New:
+        a: int
+        b: int = field(default=0, metadata=since(0))
+
+    assert hashed_fields(New(1)) == hashed_fields(Old(1)) == {"a": 1}
+    assert hashed_fields(New(1, b=2)) == {"a": 1, "b": 2}
+
+
+def test_code_identity_names_the_engines_that_made_the_numbers(monkeypatch):
+    parallel = RunSpec(**STREAMING, engine="parallel", measure=MeasureSpec(timing_engine="decode"))
+    decode, baseline = RunSpec(**STREAMING), RunSpec(**BASELINE)
+
+    def v(name):
+        return engines.get(name).version
+
+    assert parallel.code_identity() == {"engines": {"decode": v("decode"), "parallel": v("parallel")},
+                                        "policies": policies.VERSION}
+    assert baseline.code_identity() == {"engines": {"recompute": v("recompute")}}   # no schedule behind it
+    hashes = {s: s.config_hash() for s in (parallel, decode, baseline)}
+    bump_version(monkeypatch, "parallel")
+    assert [s.config_hash() == h for s, h in hashes.items()] == [False, True, True]
+    bump_version(monkeypatch, "decode")
+    assert [s.config_hash() == h for s, h in hashes.items()] == [False, False, True]
+    monkeypatch.setattr(policies, "VERSION", "2")
+    assert baseline.config_hash() == hashes[baseline]

@@ -20,7 +20,7 @@ from streamkv.policies import build_schedule
 from streamkv.spec import DataSpec, ModelSpec, PolicySpec, RunSpec
 from streamkv.store import Store
 
-from conftest import FakeRunner
+from conftest import FakeRunner, bump_version
 
 TESTS = Path(__file__).resolve().parent
 
@@ -151,6 +151,27 @@ def test_a_changed_knob_makes_results_stale_and_they_are_recomputed_and_listed(f
     assert runner.computed == streaming and outcome.stale_replaced == streaming
     assert outcome.reused == ["baselines/long", "baselines/short"]  # the baseline is fixed, not re-timed
     assert "stale, recomputed: main/long/lazy" in capsys.readouterr().err
+
+
+def test_a_bumped_engine_version_makes_exactly_its_points_stale_and_tables_mark_them(fakes, tmp_path, monkeypatch):
+    """Issue 10: a result made by other code is never served as current."""
+    profile, settings = fakes
+    profile = dataclasses.replace(profile, perplexity_engine="parallel")
+    run(profile, settings(), ["main"])
+    streaming = ["main/long/strict", "main/long/lazy", "main/short/strict", "main/short/lazy"]
+    bump_version(monkeypatch, "parallel")
+    out = tmp_path / "generated"
+    report = stages.write_tables(settings(allow_stale_results=True), out, profile=profile)
+    assert report.stale == sorted(streaming)
+    dagger = [line for line in (out / "tables.tex").read_text().splitlines() if "dagger" in line and "&" in line]
+    assert [line.split(" & ")[0] for line in dagger] == ["Start+Recent (strict, R = 1)$^{\\dagger}$",
+                                                        "Lazy Pruning (R = 4)$^{\\dagger}$"] * 2
+    runner, outcome = run(profile, settings(), ["main"])
+    assert runner.computed == streaming and outcome.stale_replaced == streaming
+    assert outcome.reused == ["baselines/long", "baselines/short"]
+    bump_version(monkeypatch, "recompute")
+    runner, _ = run(profile, settings(), ["main"])
+    assert runner.computed == ["baselines/long", "baselines/short"]
 
 
 def test_allow_stale_keeps_stale_results_but_lists_them(fakes, capsys):
@@ -301,7 +322,7 @@ def test_status_lists_every_planned_point(fakes, tmp_path):
     state = {slot: s for slot, s, _ in rows}
     assert state["main/long/lazy"] == "current" and state["sweeps/long/R=2"] == "missing"
     assert len(rows) == 2 + 4 + 6 + 3 and len(problems) == 1
-    rows, _ = stages.status(settings(repeat_runs=3), profile=profile)
+    rows, _ = stages.status(settings(repeat_runs=5), profile=profile)   # 3 is the default now
     assert dict((slot, s) for slot, s, _ in rows)["main/long/lazy"] == "stale"
 
 

@@ -4,11 +4,8 @@ The first C = min(cap, T) tokens are one forward (positions 0..C−1); its logit
 those losses count, as in the streaming engines. Every later token t (C+1 .. T−1) is then predicted by a
 fresh forward over the C tokens before it, ids[t−C : t] at positions 0..C−1, scoring only the last
 logit. So every token is predicted from (up to) C tokens of true context and the predicted-token count
-is T−1, the same as streaming.
-
-`batch_size` > 1 scores that many windows per forward, which only speeds up perplexity. The reported
-TPOT is always one window per forward (what a recompute-per-token generator pays, as the seed measured):
-with batch_size > 1 a separate batch-1 pass over the first `timing_windows` windows provides it.
+is T−1, the same as streaming. One window per forward, which is what a recompute-per-token generator pays
+(as the seed measured): the same pass gives the perplexity and the TPOT.
 """
 from __future__ import annotations
 
@@ -22,22 +19,20 @@ from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from .base import EngineResult
 
 
-def _score_windows(model, windows: torch.Tensor, targets: torch.Tensor, out: torch.Tensor,
-                   batch_size: int, bar: tqdm | None = None) -> None:
-    """out[i] = NLL of targets[i] after windows[i] (a [n, C] view), `batch_size` windows per forward."""
-    for i in range(0, windows.shape[0], batch_size):
-        logits, _ = compat.forward(model, windows[i:i + batch_size])
-        out[i:i + batch_size] = nll_from_logits(logits[:, -1], targets[i:i + batch_size], out.dtype)
-        if bar is not None:
-            bar.update(logits.shape[0])
+def _score_windows(model, windows: torch.Tensor, targets: torch.Tensor, out: torch.Tensor, bar: tqdm) -> None:
+    """out[i] = NLL of targets[i] after windows[i] (a [n, C] view), one window per forward."""
+    for i in range(windows.shape[0]):
+        logits, _ = compat.forward(model, windows[i:i + 1])
+        out[i:i + 1] = nll_from_logits(logits[:, -1], targets[i:i + 1], out.dtype)
+        bar.update(1)
 
 
 @torch.inference_mode()
 def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.dtype | str = "float32",
-                       progress: bool = False, batch_size: int = 1, timing_windows: int = 32) -> EngineResult:
+                       progress: bool = False) -> EngineResult:
     """Per-token NLL of ids [T] under sliding-window recomputation with window `cap` (module doc)."""
-    if batch_size < 1 or cap < 1:
-        raise ValueError(f"need batch_size >= 1 and cap >= 1, got {batch_size}, {cap}")
+    if cap < 1:
+        raise ValueError(f"need cap >= 1, got {cap}")
     device = next(model.parameters()).device
     ids = ids.to(device)
     n_tokens = ids.numel()
@@ -56,15 +51,9 @@ def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.
     bar.update(scored)
     del logits
     timed = windows.shape[0]
-    if batch_size > 1 and timed:
-        timer.phase("score")
-        _score_windows(model, windows, targets, nll[window:], batch_size, bar)
-        timed = min(timing_windows, timed)
+    if timed:
         timer.phase("decode")
-        _score_windows(model, windows[:timed], targets[:timed], torch.empty_like(nll[:timed]), 1)
-    elif timed:
-        timer.phase("decode")
-        _score_windows(model, windows, targets, nll[window:], 1, bar)
+        _score_windows(model, windows, targets, nll[window:], bar)
     bar.close()
     ms = timer.stop()
     return EngineResult(nll=nll.cpu(), cache_len_after_step=[], ttft_ms=ms["prefill"],
