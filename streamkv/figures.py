@@ -2,20 +2,20 @@
 
 A figure whose inputs are missing is not drawn, and an old copy is deleted, so the paper shows its
 placeholder box instead (never a synthetic curve, as the seed's Fig. 1 was). Results reach this module
-only through the store's lookup (streamkv.tables.cells), so the stale rules of the tables apply here too.
+only through the store (its lookup, and streamkv.store.read_cache_len for the curves), so the stale rules of
+the tables apply here too; the curves and their labels are the plan's (TablesSpec lines).
 Output is vector PDF with fixed metadata: the same results give byte-identical files.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
 
+from .store import Cell, read_cache_len
 from .tables import Lookup, TablesSpec
-from .tables.cells import Cell
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +28,15 @@ _STYLE = {"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "pdf.fontty
 
 
 def cache_lengths(cell: Cell) -> list[int] | None:
-    """The measured cache length after each step: the artifact named in the result JSON, or None."""
-    if cell.path is None:
+    """The measured cache length after each step (the result's cache_len artifact), or None."""
+    if "cache_len" not in cell.artifacts:
+        log.warning("%s: the result has no cache_len artifact", cell.slot)
         return None
-    path = Path(cell.path)
     try:
-        name = json.loads(path.read_text(encoding="utf-8"))["artifacts"]["cache_len"]
-        lengths = json.loads((path.parent / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        return read_cache_len(cell.artifacts["cache_len"])
+    except ValueError as err:
         log.warning("%s: no usable cache_len artifact (%s)", cell.slot, err)
         return None
-    if not isinstance(lengths, list) or not lengths or not all(type(n) is int for n in lengths):
-        log.warning("%s: cache_len artifact is not a non-empty list of ints", cell.slot)
-        return None
-    return lengths
 
 
 def _name(text: str, *cells: Cell) -> str:
@@ -62,15 +57,17 @@ def _provenance(cells: list[Cell]) -> str:
 
 def cache_len_figure(lookup: Lookup, spec: TablesSpec) -> tuple[Figure, list[Cell]] | None:
     """Strict vs lazy on the long dataset: whole stream on the left, its first few prune cycles on the right."""
-    ds = spec.long.name
-    cells = [lookup(f"main/{ds}/strict"), lookup(f"main/{ds}/lazy")]
+    if not spec.main:
+        return None
+    lines = spec.main[0].lines
+    cells = [lookup(line.slot) for line in lines]
     if None in cells:
-        log.info("%s not drawn: main/%s/strict or main/%s/lazy is missing", CACHE_LEN, ds, ds)
+        log.info("%s not drawn: one of %s is missing", CACHE_LEN, ", ".join(line.slot for line in lines))
         return None
     curves = [cache_lengths(c) for c in cells]
     if None in curves:
         return None
-    labels = ["Start+Recent (R = 1)", f"Lazy Pruning (R = {spec.lazy_r})"]
+    labels = [line.display for line in lines]
     zoom = min(max(map(len, curves)), max(32, 4 * spec.lazy_r))   # enough steps to show a few lazy cycles
     fig = Figure(figsize=(5.5, 1.9), layout="constrained")
     for ax, limit, title in zip(fig.subplots(1, 2), (None, zoom),
@@ -89,16 +86,17 @@ def cache_len_figure(lookup: Lookup, spec: TablesSpec) -> tuple[Figure, list[Cel
 
 def r_sweep_figure(lookup: Lookup, spec: TablesSpec) -> tuple[Figure, list[Cell]] | None:
     """PPL and TPOT against R; drawn only when every grid point was measured (no silently dropped R)."""
-    ds = spec.long.name
-    grid = spec.sweep_r
-    cells = [lookup(f"sweeps/{ds}/R={r}") for r in grid]
+    block = spec.sweep("R")
+    lines = block.lines if block else ()
+    grid = [line.value for line in lines]
+    cells = [lookup(line.slot) for line in lines]
     if len(grid) < 2 or None in cells:
-        log.info("%s not drawn: the R sweep on %s is incomplete or has fewer than 2 points", R_SWEEP, ds)
+        log.info("%s not drawn: the R sweep is incomplete or has fewer than 2 points", R_SWEEP)
         return None
     if any(c.metric("perplexity") is None or c.metric("tpot_ms") is None for c in cells):
         log.warning("%s not drawn: a sweep result lacks perplexity or tpot_ms", R_SWEEP)
         return None
-    baseline = lookup(f"baselines/{ds}")
+    baseline = lookup(block.baseline.slot)
     fig = Figure(figsize=(5.5, 1.7), layout="constrained")
     panels = (("perplexity", None, "PPL"), ("tpot_ms", "tpot_ms_spread", "TPOT (ms, median)"))
     for ax, (key, spread_key, ylabel) in zip(fig.subplots(1, 2), panels):
@@ -108,7 +106,7 @@ def r_sweep_figure(lookup: Lookup, spec: TablesSpec) -> tuple[Figure, list[Cell]
                     label=_name("Lazy Pruning", *cells))
         if baseline is not None and baseline.metric(key) is not None:
             ax.axhline(baseline.metric(key), linestyle="--", linewidth=0.8, color="gray",
-                       label=_name("baseline (recompute)", baseline))
+                       label=_name(block.baseline.display, baseline))
         if min(grid) > 0:          # R = 0 (never prune) has no place on a log axis
             ax.set_xscale("log", base=2)
         ax.set_xticks(grid, [str(r) for r in grid])

@@ -25,6 +25,8 @@ from .spec import ModelSpec, PolicySpec, SpecError
 
 
 SYNTHETIC = "synthetic"
+# A swept knob as slot labels name it -> as the paper prints it.
+SWEEP_SYMBOLS = {"R": "R", "sigma": "σ", "delta": "δ"}
 
 
 def _data(relative: str) -> str:
@@ -52,6 +54,7 @@ class Variant:
     # its 2048 training length). Shrinking W by R − 1 removes that confound: the cache never holds more
     # than the budget, at the price of a smaller recent window.
     window_matched: bool = False
+    value: int | None = None        # a sweep point's value of its swept knob
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,8 @@ class Profile:
         return PolicySpec(n_sink=self.baseline_sink, window=self.baseline_window)
 
     def main_variants(self) -> tuple[Variant, Variant]:
-        return (Variant("strict", f"Start+Recent (R={self.strict_r})", (("compress_every", self.strict_r),)),
-                Variant("lazy", f"Lazy Pruning (R={self.lazy_r})"))
+        return (Variant("strict", f"Start+Recent (R = {self.strict_r})", (("compress_every", self.strict_r),)),
+                Variant("lazy", f"Lazy Pruning (R = {self.lazy_r})"))
 
     def ablations(self, quality: bool) -> tuple[Variant, ...]:
         r = self.lazy_r
@@ -135,8 +138,7 @@ class Profile:
         if quality:
             grids["sigma"] = [(v, (("cache_slack", v),)) for v in self.sweep_sigma]
             grids["delta"] = [(v, (("cache_slack", self.lazy_r), ("max_drop", v))) for v in self.sweep_delta]
-        symbol = {"R": "R", "sigma": "σ", "delta": "δ"}
-        return {name: tuple(Variant(f"{name}={v}", f"{symbol[name]} = {v}", knobs) for v, knobs in points)
+        return {name: tuple(Variant(f"{name}={v}", f"{SWEEP_SYMBOLS[name]} = {v}", knobs, value=v) for v, knobs in points)
                 for name, points in grids.items()}
 
 

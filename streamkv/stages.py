@@ -30,11 +30,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import assets, engines, figures, fingerprint, profiles, tables
-from .profiles import Dataset, Profile, Variant
+from .profiles import SWEEP_SYMBOLS, Dataset, Profile, Variant
 from .settings import Settings, default_results_dir
 from .spec import DataSpec, MeasureSpec, RunSpec
 from .store import Store, atomic_write
 
+
+
+BASELINE_DISPLAY = "Baseline (sliding-window recompute)"
 
 
 class StageError(ValueError):
@@ -45,6 +48,8 @@ class StageError(ValueError):
 class Point:
     slot: str
     spec: RunSpec | None      # None: the dataset's DataSpec is unknown (planning without tokenizing)
+    display: str = ""         # the label tables and figures print for it
+    value: int | None = None  # a sweep point's knob value
 
 
 @dataclass
@@ -173,25 +178,31 @@ def plan_baseline(ctx: Context, runs: int | None = None, datasets: tuple[Dataset
         if spec is not None and runs is None and stored is not None \
                 and dataclasses.replace(stored, measure=spec.measure) == spec:
             spec = stored
-        points.append(Point(slot, spec))
+        points.append(Point(slot, spec, BASELINE_DISPLAY))
     return points
 
 
-def plan_main(ctx: Context) -> list[Point]:
-    return [Point(f"main/{d.name}/{v.label}", streaming_spec(ctx, d, v))
-            for d in ctx.profile.datasets for v in ctx.profile.main_variants()]
+def _variant_points(ctx: Context, stage: str, dataset: Dataset, variants) -> list[Point]:
+    return [Point(f"{stage}/{dataset.name}/{v.label}", streaming_spec(ctx, dataset, v), v.display, v.value)
+            for v in variants]
+
+
+def plan_main(ctx: Context, datasets: tuple[Dataset, ...] | None = None) -> list[Point]:
+    return [p for d in datasets or ctx.profile.datasets
+            for p in _variant_points(ctx, "main", d, ctx.profile.main_variants())]
 
 
 def plan_ablations(ctx: Context) -> list[Point]:
-    d = ctx.profile.long
-    return [Point(f"ablations/{d.name}/{v.label}", streaming_spec(ctx, d, v))
-            for v in ctx.profile.ablations(ctx.settings.run_quality_heuristics)]
+    return _variant_points(ctx, "ablations", ctx.profile.long, ctx.profile.ablations(ctx.settings.run_quality_heuristics))
+
+
+def _sweep_points(ctx: Context) -> dict[str, list[Point]]:
+    return {knob: _variant_points(ctx, "sweeps", ctx.profile.long, variants)
+            for knob, variants in ctx.profile.sweeps(ctx.settings.run_quality_heuristics).items()}
 
 
 def plan_sweeps(ctx: Context) -> list[Point]:
-    d = ctx.profile.long
-    return [Point(f"sweeps/{d.name}/{v.label}", streaming_spec(ctx, d, v))
-            for variants in ctx.profile.sweeps(ctx.settings.run_quality_heuristics).values() for v in variants]
+    return [p for points in _sweep_points(ctx).values() for p in points]
 
 
 PLANNERS = {"main": plan_main, "ablations": plan_ablations, "sweeps": plan_sweeps}
@@ -360,18 +371,24 @@ def run_stages(settings: Settings, names, *, runs: int | None = None, profile: P
 
 
 # ----------------------------------------------------------------------------------- tables and status
-def tables_spec(profile: Profile, settings: Settings) -> tables.TablesSpec:
-    names, quality = paper_stages(settings), settings.run_quality_heuristics
-    sweeping = "sweeps" in names
+def tables_spec(ctx: Context) -> tables.TablesSpec:
+    """The slots and labels of every table row and figure curve, taken from the plan itself."""
+    profile, names = ctx.profile, paper_stages(ctx.settings)
+
+    def lines(points: list[Point]) -> tuple[tables.Line, ...]:
+        return tuple(tables.Line(p.display, p.slot, p.value) for p in points)
+
+    baseline = {d.name: lines(plan_baseline(ctx, datasets=(d,)))[0] for d in profile.datasets}
+    long = profile.long.name
     return tables.TablesSpec(
         profile=profile.name, model=profile.model_display,
-        long=tables.Dataset(profile.long.name, profile.long.display),
+        long=tables.Dataset(long, profile.long.display),
         short=tables.Dataset(profile.short.name, profile.short.display),
         cap_total=profile.cap_total, n_sink=profile.n_sink, lazy_r=profile.lazy_r,
-        ablations=tuple((v.label, v.display) for v in profile.ablations(quality)) if "ablations" in names else (),
-        sweep_r=profile.sweep_r if sweeping else (),
-        sweep_sigma=profile.sweep_sigma if sweeping and quality else (),
-        sweep_delta=profile.sweep_delta if sweeping and quality else (),
+        main=tuple(tables.Block(d.display, baseline[d.name], lines(plan_main(ctx, (d,)))) for d in profile.datasets),
+        ablations=tables.Block(None, baseline[long], lines(plan_ablations(ctx))) if "ablations" in names else None,
+        sweeps=tuple(tables.Block(SWEEP_SYMBOLS[knob], baseline[long], lines(points), knob)
+                     for knob, points in _sweep_points(ctx).items()) if "sweeps" in names else (),
         timing_indicative=not profile.device.startswith("cuda"),
     )
 
@@ -402,7 +419,7 @@ def write_tables(settings: Settings, out_dir: Path, *, profile: Profile | None =
     def lookup(slot: str):
         return ctx.store.lookup(slot, expected.get(slot), settings.allow_stale_results)
 
-    spec = tables_spec(ctx.profile, settings)
+    spec = tables_spec(ctx)
     written = tables.write_all(lookup, spec, out_dir) + figures.write_all(lookup, spec, out_dir)
     text = tables.render_text(lookup, spec)
     return TablesReport(text, written, sorted(ctx.store.stale), sorted(ctx.store.problems.values()))

@@ -39,7 +39,6 @@ from typing import Iterable
 from . import locks
 from .files import atomic_write  # re-exported: stages.py and mit.py import it from here
 from .schema import SCHEMA_VERSION, Result, validate
-from .tables.cells import Cell
 
 RESULT_KINDS = ("run", "mit_reference", "bench")
 _TOP_LEVEL = ("mit_bench", "runs")           # slot roots stored as <results>/<slot>.json
@@ -82,6 +81,33 @@ def read_nll(path: Path) -> array:
     if sys.byteorder != "little":
         data.byteswap()
     return data
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A result as the store hands it to a reader (tables, figures): only what the reuse rules allow."""
+
+    slot: str                    # stage/dataset/label, e.g. "main/pg19/lazy"
+    metrics: dict                # the result's "metrics" (streamkv.schema.Metrics)
+    config_hash: str             # of the result's spec; printed beside every row that uses it
+    stale: bool = False          # the spec no longer matches the current plan (ALLOW_STALE_RESULTS=1)
+    path: Path | str | None = None  # the result JSON, printed for traceability
+    artifacts: dict = field(default_factory=dict)   # artifact key -> file path (see Store.write)
+
+    def metric(self, key: str):
+        """The metric, or None when the result does not record it."""
+        return self.metrics.get(key)
+
+
+def read_cache_len(path: Path) -> list[int]:
+    """A `cache_len` artifact: the cache length after every step; ValueError when it is not one."""
+    try:
+        lengths = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(lengths, list) or not lengths or not all(type(n) is int for n in lengths):
+        raise ValueError(f"{path}: not a non-empty list of ints")
+    return lengths
 
 
 @dataclass(frozen=True)
@@ -287,8 +313,9 @@ class Store:
         except ValueError as e:
             self.problems[slot] = str(e)
             return None
+        artifacts = {k: path.parent / v for k, v in (doc.get("artifacts") or {}).items() if isinstance(v, str)}
         cell = Cell(slot=slot, metrics=doc["metrics"], config_hash=doc["config_hash"],
-                    stale=doc["config_hash"] != expected_hash, path=path)
+                    stale=doc["config_hash"] != expected_hash, path=path, artifacts=artifacts)
         if not cell.stale:
             return cell
         self.stale[slot] = cell

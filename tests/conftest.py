@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamkv import assets, cli, engines, fingerprint, profiles, runner as runner_mod, settings as settings_mod, stages
-from streamkv.profiles import Dataset, Profile
+from streamkv import assets, cli, engines, fingerprint, profiles, runner as runner_mod, settings as settings_mod, stages, tables
+from streamkv.profiles import SWEEP_SYMBOLS, Dataset, Profile
 from streamkv.settings import Settings
 from streamkv.spec import DataSpec, ModelSpec
 from streamkv.store import nll_bytes
@@ -77,6 +77,25 @@ class FakeRunner:
         if self.announce:
             print(f"computed {slot}", flush=True)
         return path
+
+
+def tables_spec(long: tables.Dataset, short: tables.Dataset, *, lazy_r: int, ablations=(), sweeps=None,
+                **fields) -> tables.TablesSpec:
+    """A TablesSpec shaped as streamkv.stages.tables_spec builds it from a plan, for the renderer tests.
+    ablations: (label, display) pairs; sweeps: {knob: values}."""
+    def base(d):
+        return tables.Line(stages.BASELINE_DISPLAY, f"baselines/{d.name}")
+
+    main = tuple(tables.Block(d.display, base(d), (tables.Line("Start+Recent (R = 1)", f"main/{d.name}/strict"),
+                                                   tables.Line(f"Lazy Pruning (R = {lazy_r})", f"main/{d.name}/lazy")))
+                 for d in (long, short))
+    ladder = tables.Block(None, base(long), tuple(tables.Line(display, f"ablations/{long.name}/{label}")
+                                                  for label, display in ablations)) if ablations else None
+    swept = tuple(tables.Block(SWEEP_SYMBOLS[knob], base(long), tuple(
+        tables.Line(f"{SWEEP_SYMBOLS[knob]} = {v}", f"sweeps/{long.name}/{knob}={v}", v) for v in values), knob)
+        for knob, values in (sweeps or {}).items())
+    return tables.TablesSpec(long=long, short=short, lazy_r=lazy_r, main=main, ablations=ladder, sweeps=swept,
+                             **fields)
 
 
 @pytest.fixture(autouse=True)

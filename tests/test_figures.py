@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 from streamkv import figures
-from streamkv.tables import Dataset, TablesSpec
+from streamkv.tables import Dataset
 from streamkv.tables.cells import Cell
 
-SPEC = TablesSpec(profile="demo", model="tiny", long=Dataset("demo-long", "Demo long"),
-                  short=Dataset("demo-short", "Demo short"), cap_total=64, n_sink=4, lazy_r=8,
-                  sweep_r=(1, 4, 8))
+from conftest import tables_spec
+
+SWEEP_R = (1, 4, 8)
+SPEC = tables_spec(Dataset("demo-long", "Demo long"), Dataset("demo-short", "Demo short"), lazy_r=8,
+                   sweeps={"R": SWEEP_R}, profile="demo", model="tiny", cap_total=64, n_sink=4)
 
 
 def result(tmp_path, slot: str, lengths: list[int] | None, **metrics) -> Cell:
@@ -25,7 +27,8 @@ def result(tmp_path, slot: str, lengths: list[int] | None, **metrics) -> Cell:
         artifacts["cache_len"] = f"{label}.cache_len.json"
     path = folder / f"{label}.json"
     path.write_text(json.dumps({"slot": slot, "metrics": metrics, "artifacts": artifacts}))
-    return Cell(slot=slot, metrics=metrics, config_hash=f"hash-{label}", stale=False, path=path)
+    return Cell(slot=slot, metrics=metrics, config_hash=f"hash-{label}", stale=False, path=path,
+                artifacts={k: folder / v for k, v in artifacts.items()})
 
 
 def lazy_curve(soft: int, r: int, steps: int) -> list[int]:
@@ -45,7 +48,7 @@ def main_cells(tmp_path, lazy=None):
 def sweep_cells(tmp_path):
     cells = {f"sweeps/demo-long/R={r}": result(tmp_path, f"sweeps/demo-long/R={r}", None, perplexity=30.0 + r,
                                                tpot_ms=5.0 - 0.1 * r, tpot_ms_spread=0.05)
-             for r in SPEC.sweep_r}
+             for r in SWEEP_R}
     cells["baselines/demo-long"] = result(tmp_path, "baselines/demo-long", None, perplexity=29.5, tpot_ms=9.0)
     return cells
 

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 
 from streamkv import figures, paper
-from streamkv.tables import Dataset, TablesSpec, write_all
+from streamkv.tables import Dataset, write_all
 from streamkv.tables.cells import Cell
+
+from conftest import tables_spec
 
 NEURIPS = Path(__file__).resolve().parents[1] / "NeurIPS"
 TEX = NEURIPS / f"{paper.PAPER}.tex"
-SPEC = TablesSpec(profile="demo", model="tiny GPT-NeoX", long=Dataset("demo-long", "Demo long"),
-                  short=Dataset("demo-short", "Demo short"), cap_total=64, n_sink=4, lazy_r=8, sweep_r=(1, 8))
+SPEC = tables_spec(Dataset("demo-long", "Demo long"), Dataset("demo-short", "Demo short"), lazy_r=8,
+                   sweeps={"R": (1, 8)}, profile="demo", model="tiny GPT-NeoX", cap_total=64, n_sink=4)
 FAKE_PPL = "31.415"        # a value no placeholder or default could produce
 
 needs_latex = pytest.mark.skipif(shutil.which("latexmk") is None or shutil.which("pdftotext") is None,

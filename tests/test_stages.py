@@ -164,7 +164,7 @@ def test_a_bumped_engine_version_makes_exactly_its_points_stale_and_tables_mark_
     report = stages.write_tables(settings(allow_stale_results=True), out, profile=profile)
     assert report.stale == sorted(streaming)
     dagger = [line for line in (out / "tables.tex").read_text().splitlines() if "dagger" in line and "&" in line]
-    assert [line.split(" & ")[0] for line in dagger] == ["Start+Recent (strict, R = 1)$^{\\dagger}$",
+    assert [line.split(" & ")[0] for line in dagger] == ["Start+Recent (R = 1)$^{\\dagger}$",
                                                         "Lazy Pruning (R = 4)$^{\\dagger}$"] * 2
     runner, outcome = run(profile, settings(), ["main"])
     assert runner.computed == streaming and outcome.stale_replaced == streaming

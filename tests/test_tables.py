@@ -13,10 +13,12 @@ from streamkv.tables import ablations, main, negative, sweeps
 from streamkv.tables.cells import Cell
 from streamkv.tables.render import escape, to_latex
 
-SPEC = TablesSpec(profile="demo", model="Pythia-2.8B", long=Dataset("pg19", "PG19"),
-                  short=Dataset("wikitext", "WikiText-103"), cap_total=2048, n_sink=32, lazy_r=64,
-                  ablations=(("lazy", "Lazy Pruning"), ("abs_pos", "Absolute positions")),
-                  sweep_r=(1, 64), sweep_sigma=(16,))
+from conftest import tables_spec
+
+SPEC = tables_spec(Dataset("pg19", "PG19"), Dataset("wikitext", "WikiText-103"), lazy_r=64,
+                   ablations=(("lazy", "Lazy Pruning"), ("abs_pos", "Absolute positions")),
+                   sweeps={"R": (1, 64), "sigma": (16,)},
+                   profile="demo", model="Pythia-2.8B", cap_total=2048, n_sink=32)
 
 
 def cell(slot: str, ppl: float, tpot: float, *, stale: bool = False, **metrics) -> Cell:
@@ -69,7 +71,7 @@ def test_trace_shows_result_files_relative_to_the_working_directory(tmp_path, mo
 
 def test_missing_baseline_leaves_derived_cells_empty():
     tex = to_latex(main.build(lookup_of(cell("main/pg19/strict", 20.181, 19.57)), SPEC))
-    assert row_of(tex, "Start+Recent") == ("Start+Recent (strict, R = 1) & 19.57 & {[INSERT DATA]} & 20.181 & "
+    assert row_of(tex, "Start+Recent") == ("Start+Recent (R = 1) & 19.57 & {[INSERT DATA]} & 20.181 & "
                                            "{[INSERT DATA]} & -- \\\\")
 
 

@@ -15,7 +15,7 @@ from .cells import Cell, Lookup
 from .meta import meta_tex
 from .render import to_latex, to_text
 
-__all__ = ["Cell", "Dataset", "Lookup", "TablesSpec", "build_tables", "render_text", "write_all"]
+__all__ = ["Block", "Cell", "Dataset", "Line", "Lookup", "TablesSpec", "build_tables", "render_text", "write_all"]
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,29 @@ class Dataset:
 
 
 @dataclass(frozen=True)
+class Line:
+    """One table row (one figure curve): its label and the slot whose result fills it, both from the plan."""
+
+    display: str
+    slot: str
+    value: int | None = None       # a sweep row's knob value (the R-sweep figure's x)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows shown against one baseline: one dataset of the main table, the ablation ladder, one sweep."""
+
+    title: str | None              # dataset display name (main table), or the swept knob as printed
+    baseline: Line                 # the recompute baseline of the block's dataset
+    lines: tuple[Line, ...]
+    knob: str | None = None        # sweeps: "R", "sigma" or "delta", as in slot names
+
+
+@dataclass(frozen=True)
 class TablesSpec:
-    """What the tables need to know about the plan: which slots to ask for and how to label them."""
+    """What the tables need to know about the plan: which slots to ask for and how to label them.
+
+    Built by streamkv.stages.tables_spec from the plan itself, so a slot name or a row label exists once."""
 
     profile: str                                   # "demo" | "paper"; "demo" puts a notice on the title page
     model: str                                     # display name, e.g. "Pythia-2.8B"
@@ -35,15 +56,13 @@ class TablesSpec:
     cap_total: int                                 # KV budget C
     n_sink: int                                    # S of the main runs
     lazy_r: int                                    # R of the main Lazy Pruning run
-    ablations: tuple[tuple[str, str], ...] = ()    # (slot label, display name), in table order
-    sweep_r: tuple[int, ...] = ()                  # empty grid: that sweep block is left out
-    sweep_sigma: tuple[int, ...] = ()
-    sweep_delta: tuple[int, ...] = ()
+    main: tuple[Block, ...] = ()                   # one block per dataset, long first: strict, lazy
+    ablations: Block | None = None                 # None: the stage is switched off
+    sweeps: tuple[Block, ...] = ()                 # one block per swept knob; none when switched off
     timing_indicative: bool = False                # CPU timings: the paper marks them indicative only
 
-    def sweep_grid(self, knob: str) -> tuple[int, ...]:
-        """Grid of a knob named as in slots: "R", "sigma" or "delta"."""
-        return getattr(self, f"sweep_{knob.lower()}")
+    def sweep(self, knob: str) -> Block | None:
+        return next((b for b in self.sweeps if b.knob == knob), None)
 
 
 GENERATORS = (main.build, ablations.build, sweeps.build, negative.build)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .cells import Cell, Lookup
 from .layout import INSERT, UNRECORDED, Entry, Row
+
+if TYPE_CHECKING:
+    from . import Block
 
 BYTES_PER_MB = 2 ** 20     # the convention of torch.cuda.max_memory_allocated() / 2**20
 
@@ -103,3 +106,15 @@ def result_row(lookup: Lookup, label: str, slot: str, baseline_slot: str,
 def headers(first: str, columns: tuple[Column, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(headers, LaTeX alignments) of a table whose first column holds row labels."""
     return (first,) + tuple(c.header for c in columns), ("l",) + tuple(c.align for c in columns)
+
+
+def baseline_row(lookup: Lookup, block: "Block", columns: tuple[Column, ...]) -> Row:
+    """The block's baseline, against itself (speedup 1, ΔPPL 0)."""
+    return result_row(lookup, block.baseline.display, block.baseline.slot, block.baseline.slot, columns)
+
+
+def block_rows(lookup: Lookup, block: "Block", columns: tuple[Column, ...], *,
+               with_baseline: bool = False) -> tuple[Row, ...]:
+    """The block's rows against its baseline, the baseline's own row first when asked for."""
+    rows = tuple(result_row(lookup, line.display, line.slot, block.baseline.slot, columns) for line in block.lines)
+    return ((baseline_row(lookup, block, columns),) if with_baseline else ()) + rows

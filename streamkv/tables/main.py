@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .cells import Lookup
-from .columns import DELTA_PPL, MEMORY, PPL, SPEEDUP, TPOT, headers, result_row
+from .columns import DELTA_PPL, MEMORY, PPL, SPEEDUP, TPOT, block_rows, headers
 from .layout import Group, Table
 
 if TYPE_CHECKING:
@@ -14,17 +14,10 @@ COLUMNS = (TPOT, SPEEDUP, PPL, DELTA_PPL, MEMORY)
 
 
 def build(lookup: Lookup, spec: "TablesSpec") -> Table:
-    groups = []
-    for ds in (spec.long, spec.short):
-        baseline = f"baselines/{ds.name}"
-        rows = (
-            result_row(lookup, "Baseline (sliding-window recompute)", baseline, baseline, COLUMNS),
-            result_row(lookup, "Start+Recent (strict, R = 1)", f"main/{ds.name}/strict", baseline, COLUMNS),
-            result_row(lookup, f"Lazy Pruning (R = {spec.lazy_r})", f"main/{ds.name}/lazy", baseline, COLUMNS),
-        )
-        groups.append(Group(ds.display, rows))
+    groups = tuple(Group(block.title, block_rows(lookup, block, COLUMNS, with_baseline=True))
+                   for block in spec.main)
     head, align = headers("Method", COLUMNS)
     caption = (f"Main results: {spec.model}, {spec.profile} profile, KV budget C = {spec.cap_total} tokens "
                f"with {spec.n_sink} sinks. TPOT is decode time per token; speedup and ΔPPL are relative to "
                "the sliding-window-recompute baseline on the same tokens. Memory is the peak CUDA memory.")
-    return Table("tables", "tab:main", caption, head, align, tuple(groups))
+    return Table("tables", "tab:main", caption, head, align, groups)
