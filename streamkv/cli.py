@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,9 +18,7 @@ from tabulate import tabulate
 
 from . import assets, fingerprint, profiles, settings as settings_mod, stages
 from .assets import AssetError
-from .bench import bench_command, run_bench
 from .fetch import FetchError, fetch_command, verify_assets_command
-from .mit import mit_reference_command, run_mit_reference
 from .paper import PaperError, build_pdf, pdf_command
 from .settings import SettingsError
 from .spec import MeasureSpec, PolicySpec, RunSpec, SpecError
@@ -101,6 +100,30 @@ def baseline(runs: int | None, **flags) -> None:
 
 @main.command()
 @_knob_options
+@click.option("--gen-tokens", "mit_bench_gen_tokens", type=int, default=None,
+              help="Tokens decoded after the C-token prefill  [env MIT_BENCH_GEN_TOKENS, default 512]")
+@click.option("--random-weights", is_flag=True,
+              help="Weights drawn from a fixed seed (timing needs no real ones; recorded in each spec).")
+def bench(random_weights: bool, **flags) -> None:
+    """Decode speed and memory: Start+Recent and Lazy Pruning vs sliding-window recompute."""
+    stages.run_stages(_settings(**flags), ["bench"], random_weights=random_weights)
+
+
+@main.command("mit-reference")
+@_knob_options
+@click.option("--mit-repo", default=None, help="Checkout of mit-han-lab/streaming-llm  [env MIT_REPO]")
+@click.option("--python-bin", default=None,
+              help="Interpreter that runs MIT's script  [env PYTHON_BIN, default this one; `make mit` uses "
+                   ".venv-mit]")
+def mit_reference(**flags) -> None:
+    """MIT streaming-llm's eval_long_ppl.py with our Start+Recent sizes (+ the window-matched variant);
+    exit 1 when a run failed."""
+    if stages.run_stages(_settings(**flags), ["mit"]).failed:
+        sys.exit(1)
+
+
+@main.command()
+@_knob_options
 @click.option("--random-weights", is_flag=True, help="Refused: the paper's perplexities need the real weights.")
 @click.option("--pdf/--no-pdf", default=True, help="Build the PDF afterwards when latexmk exists.")
 def paper(random_weights: bool, pdf: bool, **flags) -> None:
@@ -109,13 +132,8 @@ def paper(random_weights: bool, pdf: bool, **flags) -> None:
     if random_weights:
         raise SpecError("the paper stage refuses --random-weights: its perplexities would be meaningless")
     s = _settings(**flags)
+    # A failed MIT reference (an optional sanity check) is reported by the stage and does not stop the paper.
     stages.run_stages(s, stages.paper_stages(s))
-    # The MIT reference is an optional sanity check (the guide: it may crash on GPT-NeoX): its failures
-    # are reported by the stage and do not stop the paper.
-    if s.run_mit_reference:
-        run_mit_reference(s)
-    if s.run_mit_bench:
-        run_bench(s)
     _write_tables(s, settings_mod.under_root(GENERATED))
     if pdf and shutil.which("latexmk"):
         click.echo(build_pdf())
@@ -263,5 +281,5 @@ def _policy_of_flags(o: dict, p) -> PolicySpec:
 
 
 # Commands owned by their feature modules (docs/ARCHITECTURE.md, "CLI ownership").
-for _command in (fetch_command, verify_assets_command, mit_reference_command, bench_command, pdf_command):
+for _command in (fetch_command, verify_assets_command, pdf_command):
     main.add_command(_command)

@@ -1,8 +1,10 @@
-"""The MIT reference stage: mit-han-lab/streaming-llm's own perplexity script, run beside our numbers.
+"""The MIT reference points: mit-han-lab/streaming-llm's own perplexity script, run beside our numbers.
 
-When MIT_REPO points at a checkout of https://github.com/mit-han-lab/streaming-llm, its
-`examples/eval_long_ppl.py` runs in a subprocess (PYTHON_BIN, default this interpreter) with the knobs of
-our Start+Recent run, and its perplexity is recorded with our fingerprint:
+When MIT_REPO points at a checkout of https://github.com/mit-han-lab/streaming-llm, `plan` gives one
+point per dataset and reference (a MitSpec), which streamkv.stages plans, reuses and lists like every
+other point; `MitRunner.run` runs `examples/eval_long_ppl.py` in a subprocess (PYTHON_BIN, default this
+interpreter) with the knobs of our Start+Recent run and writes its perplexity, with our fingerprint,
+through the store:
   results/mit_bench/{dataset}_mit_reference.json              start_size = S, recent_size = strict's window
   results/mit_bench/{dataset}_mit_reference_windowmatch.json  same S, recent_size = Lazy Pruning's window
 (the guide's window-matched variant: it isolates the "recent window got smaller" confound when Lazy
@@ -23,8 +25,8 @@ The seed's offline copy ("mit-streaming-llm") accepts gpt_neox and adds --data-j
 declares --data-json we pass our stream file, so both sides score the same tokens.
 
 A reference that cannot run is skipped with one line (MIT_REPO unset or not a checkout, a dataset the
-script cannot read). A script that fails leaves no JSON: one line with its exit code, and the tails of its
-stdout/stderr in results/mit_bench/{dataset}_{label}.log.
+script cannot read). A script that fails leaves no JSON (MitFailure: the stage prints one line with its
+exit code and goes on) and the tails of its stdout/stderr in results/mit_bench/{dataset}_{label}.log.
 """
 from __future__ import annotations
 
@@ -34,21 +36,23 @@ import math
 import os
 import re
 import subprocess
-import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
-from . import assets, fingerprint, profiles, settings as settings_mod
+from . import assets, fingerprint
 from .profiles import Dataset, Profile
 from .settings import Settings
-from .spec import ModelSpec, PolicySpec
+from .spec import NOT_HASHED, ModelSpec, PolicySpec, digest, hashed_fields
 from .store import Store, atomic_write, nll_bytes
 
 SCRIPT = "examples/eval_long_ppl.py"
+# The transformers release upstream's README pins (and its pos_shift forwards are written against);
+# `make mit-env` builds an interpreter with it.
+MIT_TRANSFORMERS = "4.33.0"
 PACKAGE = "streaming_llm"     # with SCRIPT, the code the numbers depend on: its sha256 is in the config hash
 # Upstream can only read hub datasets; these are the hub names of ours (the paper's WikiText sample comes
 # from wikitext-103, PG19's from the test split; datasets >= 4 refuses pg19's loading script, and the run
@@ -69,6 +73,7 @@ class Reference:
     label: str            # mit_reference | mit_reference_windowmatch
     start_size: int
     recent_size: int
+    display: str          # the row label of the appendix table
 
 
 def references(strict: PolicySpec, lazy: PolicySpec) -> tuple[Reference, Reference]:
@@ -76,8 +81,9 @@ def references(strict: PolicySpec, lazy: PolicySpec) -> tuple[Reference, Referen
     which is our strict cache after a prune (S sinks + a recent run of W + O tokens). The window-matched
     variant keeps S and takes Lazy Pruning's recent run instead: its auto-capped window, which shrinks
     by every slack σ (and refresh budget B) it spends out of CAP_TOTAL."""
-    return (Reference("mit_reference", strict.n_sink, strict.window + strict.overlap),
-            Reference("mit_reference_windowmatch", strict.n_sink, lazy.window + lazy.overlap))
+    return (Reference("mit_reference", strict.n_sink, strict.window + strict.overlap, "MIT Start+Recent"),
+            Reference("mit_reference_windowmatch", strict.n_sink, lazy.window + lazy.overlap,
+                      "MIT Start+Recent, window-matched"))
 
 
 def checkout(mit_repo: str | None) -> Path:
@@ -93,10 +99,10 @@ def checkout(mit_repo: str | None) -> Path:
 def code_sha256(repo: Path) -> str:
     """One digest over the script and the streaming_llm package (path + content, in path order)."""
     files = [repo / SCRIPT] + sorted((repo / PACKAGE).rglob("*.py"))
-    digest = hashlib.sha256()
+    h = hashlib.sha256()
     for f in files:
-        digest.update(f.relative_to(repo).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return digest.hexdigest()
+        h.update(f.relative_to(repo).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def model_path(model: ModelSpec) -> str:
@@ -122,24 +128,52 @@ def _declares(script_text: str, flag: str) -> bool:
 
 
 @dataclass(frozen=True)
-class Invocation:
-    spec: dict                 # what the numbers depend on; hashed into config_hash
-    args: list[str]            # the script's arguments, without --output_dir / --output-json
-    limitations: list[str]
-    output_json: bool          # the script writes its own metrics JSON (the seed's copy)
+class MitSpec:
+    """One run of MIT's script. The hashed fields are what its numbers depend on (config_hash); the others
+    say how to run it and follow from them."""
+
+    script: str
+    code_sha256: str           # code_sha256(): the script and the streaming_llm package, patch included
+    packages: dict             # torch / transformers / datasets versions the MIT interpreter sees
+    model: dict                # {"name", "revision"}
+    options: dict              # {"device", "dtype"} where the (patched) script takes them, else {}
+    data: dict                 # our stream file (--data-json) or the hub dataset upstream reads
+    start_size: int
+    recent_size: int
+    enable_pos_shift: bool
+    num_eval_tokens: int
+    args: tuple[str, ...] = field(default=(), metadata=NOT_HASHED)  # without model path and output dirs
+    limitations: tuple[str, ...] = field(default=(), metadata=NOT_HASHED)
+    output_json: bool = field(default=False, metadata=NOT_HASHED)    # the script writes its metrics JSON
+    expected_predictions: int = field(default=0, metadata=NOT_HASHED)  # what our runs score
+    matches: dict = field(default_factory=dict, metadata=NOT_HASHED)  # our slots the sizes come from
+
+    engine = "mit"             # as `streamkv status` lists it
+
+    def to_dict(self) -> dict:
+        return hashed_fields(self)
+
+    def config_hash(self) -> str:
+        return digest(self.to_dict())
 
 
-def invocation(repo: Path, dataset: Dataset, model_dir: str, model: ModelSpec, ref: Reference, pos_shift: bool,
-               code: str) -> Invocation:
+def invocation(repo: Path, dataset: Dataset, model: ModelSpec, device: str, ref: Reference, pos_shift: bool,
+               code: str, packages: dict, matches: dict) -> MitSpec:
     script = (repo / SCRIPT).read_text(encoding="utf-8", errors="replace")
     n_tokens = dataset.max_tokens                       # our runs score n_tokens − 1 predictions
-    args = ["--model_name_or_path", model_dir]
+    args = []
     limitations = [
         "Scores one token per forward from an empty cache (no prefill forward); the loss is "
-        "torch.nn.CrossEntropyLoss on the model's fp16 logits (ours: fp32 log-softmax, fp64 sums).",
-        "streaming_llm.utils.load() loads the model in float16 with device_map='auto' whatever our dtype, "
-        "and the script's device is hard-coded to 'cuda'.",
+        "torch.nn.CrossEntropyLoss on the model's logits (ours: fp32 log-softmax, fp64 sums).",
     ]
+    # Upstream loads float16 on a hard-coded "cuda"; our setup patch (docker/mit/) adds --device/--dtype so
+    # that MIT's code runs the demo's float32 CPU model as we do.
+    options = {"device": device, "dtype": model.dtype} if _declares(script, "--device") else {}
+    if options:
+        args += ["--device", device, "--dtype", model.dtype]
+    else:
+        limitations.append("streaming_llm.utils.load() loads the model in float16 with device_map='auto' "
+                           "whatever our dtype, and the script's device is hard-coded to 'cuda'.")
     if _declares(script, "--data-json"):
         stream = assets.REPO / dataset.path
         if not stream.is_file():
@@ -163,23 +197,22 @@ def invocation(repo: Path, dataset: Dataset, model_dir: str, model: ModelSpec, r
              "--recent_size", str(ref.recent_size)]
     if pos_shift:
         args.append("--enable_pos_shift")
-        limitations.append(
-            "--enable_pos_shift replaces GPT-NeoX/Llama attention forwards with versions written for "
-            "transformers 4.33 (streaming_llm/pos_shift/); with newer transformers they can crash or silently "
-            "give wrong PPL for Pythia (GPT-NeoX). Do not put these numbers in the main table unless verified "
-            "in this environment (see mit.python_packages).")
-    spec = {"script": SCRIPT, "code_sha256": code, "model": {"name": model.name, "revision": model.revision},
-            "data": data, "start_size": ref.start_size, "recent_size": ref.recent_size,
-            "enable_pos_shift": pos_shift, "num_eval_tokens": n_tokens - 1}
-    return Invocation(spec, args, limitations, _declares(script, "--output-json"))
-
-
-def config_hash(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        if packages.get("transformers") != MIT_TRANSFORMERS:
+            limitations.append(
+                "--enable_pos_shift replaces GPT-NeoX/Llama attention forwards with versions written for "
+                f"transformers {MIT_TRANSFORMERS} (streaming_llm/pos_shift/); this interpreter has "
+                f"transformers {packages.get('transformers')}, where they can crash or silently give wrong PPL "
+                "(`make mit-env` builds the pinned environment).")
+    return MitSpec(script=SCRIPT, code_sha256=code, packages=packages,
+                   model={"name": model.name, "revision": model.revision}, options=options, data=data,
+                   start_size=ref.start_size, recent_size=ref.recent_size, enable_pos_shift=pos_shift,
+                   num_eval_tokens=n_tokens - 1, args=tuple(args), limitations=tuple(limitations),
+                   output_json=_declares(script, "--output-json"), expected_predictions=n_tokens - 1,
+                   matches=matches)
 
 
 # ----------------------------------------------------------------------------------------------- running
-def _python_packages(python: str) -> dict:
+def python_packages(python: str) -> dict:
     """Versions the MIT interpreter sees: its transformers decides whether pos-shift can work."""
     code = ("import json, importlib.metadata as m\n"
             "def v(p):\n"
@@ -236,136 +269,110 @@ class MitFailure(RuntimeError):
     """The MIT script failed; the message is the stage's one line."""
 
 
-def run_reference(store: Store, slot: str, repo: Path, python: str, inv: Invocation, *,
-                  matches: dict, packages: dict, fp: dict, expected_predictions: int) -> Path:
-    """Run the script once and write the slot's JSON; MitFailure (and no JSON) when it fails."""
-    path = store.path(slot)
-    log = path.with_suffix(".log")
-    # A JSON must never outlive the run it describes: drop the old one before the new run can fail.
-    path.unlink(missing_ok=True)
-    # The script's --output_dir lives outside results/: a run killed half-way leaves nothing there that
-    # a scan of results/ could mistake for a result.
-    with tempfile.TemporaryDirectory(prefix=f"streamkv-{path.stem}.") as tmp:
-        out_dir = Path(tmp)
-        command = [python, SCRIPT, *inv.args, "--output_dir", str(out_dir)]
-        if inv.output_json:
-            command += ["--output-json", str(out_dir / "metrics.json")]
-        # Upstream installs streaming_llm with `setup.py develop`; the checkout on the path does the same.
-        # No network at run time: MIT's script calls load_dataset / from_pretrained, which would download.
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-        with open(out_dir / "stdout.txt", "wb") as so, open(out_dir / "stderr.txt", "wb") as se:
-            rc = subprocess.run(command, cwd=repo, env=env, stdout=so, stderr=se).returncode
-        stderr = _write_log(log, command, rc, out_dir)
-        if rc != 0:
-            last = stderr[-1].strip() if stderr else "no stderr"
-            raise MitFailure(f"{slot}: {SCRIPT} failed with exit code {rc} ({last}); "
-                             f"stdout/stderr tails in {log}")
-        try:
-            ppl, nll, reported = _read_outputs(out_dir)
-        except ValueError as e:
-            raise MitFailure(f"{slot}: {SCRIPT} {e}; log in {log}") from None
-    nll_sum = math.fsum(nll)
-    limitations = list(inv.limitations)
-    if len(nll) != expected_predictions:
-        limitations.append(f"It scored {len(nll)} tokens; our runs on this dataset score {expected_predictions}.")
-    result = {
-        "kind": "mit_reference",
-        "slot": slot,
-        "config_hash": config_hash(inv.spec),
-        "spec": inv.spec,
-        "fingerprint": fp,
-        "metrics": {"perplexity": ppl, "nll_sum": nll_sum, "n_predicted_tokens": len(nll),
-                    # exp(mean) of the logged NLLs in fp64: agrees with MIT's own number to its fp16 rounding
-                    "perplexity_from_log": math.exp(nll_sum / len(nll)),
-                    **({"mit_reported": reported} if reported else {})},
-        "mit": {"repository": str(repo), "commit": _git_commit(repo), "python": python,
-                "python_packages": packages, "command": command[1:], "matches": matches},
-        "limitations": limitations,
-        # The guide: MIT numbers stay out of the main table unless verified in this environment.
-        "use_in_main_table": False,
-        "artifacts": {"log": log.name},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return store.write(result, nll=nll_bytes(nll))
+class MitRunner:
+    """Runs MIT points one after another (the stage's runner for MitSpecs)."""
+
+    def __init__(self, store: Store, settings: Settings):
+        self.store, self.python = store, settings.python_bin
+        self.repo = checkout(settings.mit_repo)
+        self._fingerprint: dict | None = None
+
+    def run(self, slot: str, spec: MitSpec) -> Path:
+        """Run the script once and write the slot's JSON; MitFailure (and no JSON) when it fails."""
+        # The slot's lock covers the log as well as the JSON: Store.sweep never takes its temp files.
+        with self.store.lock(self.store.path(slot)):
+            return self._run(slot, spec)
+
+    def _run(self, slot: str, spec: MitSpec) -> Path:
+        if code_sha256(self.repo) != spec.code_sha256:
+            raise MitFailure(f"{slot}: {self.repo} changed since it was planned; run the stage again")
+        path = self.store.path(slot)
+        log = path.with_suffix(".log")
+        # A JSON must never outlive the run it describes: drop the old one before the new run can fail.
+        path.unlink(missing_ok=True)
+        model_dir = model_path(ModelSpec(name=spec.model["name"], revision=spec.model["revision"]))
+        # The script's --output_dir lives outside results/: a run killed half-way leaves nothing there that
+        # a scan of results/ could mistake for a result.
+        with tempfile.TemporaryDirectory(prefix=f"streamkv-{path.stem}.") as tmp:
+            out_dir = Path(tmp)
+            command = [self.python, SCRIPT, "--model_name_or_path", model_dir, *spec.args, "--output_dir",
+                       str(out_dir)]
+            if spec.output_json:
+                command += ["--output-json", str(out_dir / "metrics.json")]
+            # Upstream installs streaming_llm with `setup.py develop`; the checkout on the path does the same.
+            # No network at run time: MIT's script calls load_dataset / from_pretrained, which would download.
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo), os.environ.get("PYTHONPATH")]))}
+            with open(out_dir / "stdout.txt", "wb") as so, open(out_dir / "stderr.txt", "wb") as se:
+                rc = subprocess.run(command, cwd=self.repo, env=env, stdout=so, stderr=se).returncode
+            stderr = _write_log(log, command, rc, out_dir)
+            if rc != 0:
+                last = stderr[-1].strip() if stderr else "no stderr"
+                raise MitFailure(f"{slot}: {SCRIPT} failed with exit code {rc} ({last}); "
+                                 f"stdout/stderr tails in {log}")
+            try:
+                ppl, nll, reported = _read_outputs(out_dir)
+            except ValueError as e:
+                raise MitFailure(f"{slot}: {SCRIPT} {e}; log in {log}") from None
+        nll_sum = math.fsum(nll)
+        limitations = list(spec.limitations)
+        if len(nll) != spec.expected_predictions:
+            limitations.append(f"It scored {len(nll)} tokens; our runs on this dataset score "
+                               f"{spec.expected_predictions}.")
+        self._fingerprint = self._fingerprint or fingerprint.collect()
+        result = {
+            "kind": "mit_reference",
+            "slot": slot,
+            "config_hash": spec.config_hash(),
+            "spec": spec.to_dict(),
+            "fingerprint": self._fingerprint,
+            "metrics": {"perplexity": ppl, "nll_sum": nll_sum, "n_predicted_tokens": len(nll),
+                        # exp(mean) of the logged NLLs in fp64: agrees with MIT's own number to its rounding
+                        "perplexity_from_log": math.exp(nll_sum / len(nll)),
+                        **({"mit_reported": reported} if reported else {})},
+            "mit": {"repository": str(self.repo), "commit": _git_commit(self.repo), "python": self.python,
+                    "command": command[1:], "matches": spec.matches},
+            "limitations": limitations,
+            # The guide: MIT numbers stay out of the main table unless verified in this environment.
+            "use_in_main_table": False,
+            "artifacts": {"log": log.name},
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        self.store.write(result, nll=nll_bytes(nll))
+        click.echo(f"mit-reference: {slot}: PPL {ppl:.3f}", err=True)
+        return path
 
 
-def _say(message: str) -> None:
-    click.echo(f"mit-reference: {message}", err=True)
-
-
-def run_mit_reference(settings: Settings, *, profile: Profile | None = None) -> int:
-    """Both references on every dataset of the profile; returns the number of failed runs."""
+def plan(profile: Profile, settings: Settings) -> list[tuple[str, MitSpec, str]]:
+    """(slot, spec, display) of both references on every dataset of the profile; [] with one line when
+    MIT_REPO is not a checkout, and a dataset the script cannot read is left out with one line."""
     try:
         repo = checkout(settings.mit_repo)
     except MitSkip as skip:
         _say(f"skipped: {skip}")
-        return 0
-    profile = profile or profiles.resolve(settings)
-    store = Store(settings.results_dir)
+        return []
     strict_v, lazy_v = profile.main_variants()
     strict, lazy = profile.policy(strict_v), profile.policy(lazy_v)
-    python = settings.python_bin
-    model_dir = model_path(profile.model)
-    code = code_sha256(repo)
-    packages = _python_packages(python)
+    code, packages = code_sha256(repo), python_packages(settings.python_bin)
     # Our `cache` position mode is StreamingLLM's pos-shift (a token's position is its cache slot).
     pos_shift = strict_v.position_mode == "cache"
-    fp = None
-    failures = 0
+    points = []
     for dataset in profile.datasets:
         # Where the sizes come from, the same in both files (a copied file must not contradict itself).
-        matches = {"start_size": {f"main/{dataset.name}/strict": strict.n_sink},
+        matches = {"start_size": {f"main/{dataset.name}/{strict_v.label}": strict.n_sink},
                    "recent_size": {f"main/{dataset.name}/{v.label}": p.window + p.overlap
                                    for v, p in ((strict_v, strict), (lazy_v, lazy))}}
-        done: dict[str, str] = {}    # config_hash -> slot written in this run, for the equal-spec copy
         for ref in references(strict, lazy):
             slot = f"mit_bench/{dataset.name}_{ref.label}"
             try:
-                inv = invocation(repo, dataset, model_dir, profile.model, ref, pos_shift, code)
+                spec = invocation(repo, dataset, profile.model, profile.device, ref, pos_shift, code, packages,
+                                  matches)
             except MitSkip as skip:
                 _say(f"{slot}: skipped: {skip}")
                 continue
-            h = config_hash(inv.spec)
-            cell = None if settings.force else store.lookup(slot, h, settings.allow_stale_results)
-            if cell is not None:
-                _say(f"{slot}: {'stale, kept (ALLOW_STALE_RESULTS=1)' if cell.stale else 'reused'} ({cell.path})")
-                if not cell.stale:
-                    done[h] = slot
-                continue
-            if h in done:
-                # σ = 0 leaves Lazy Pruning the strict window: the window-matched run would repeat this one.
-                _say(f"{slot}: same arguments as {done[h]} (equal recent windows); copied")
-                store.copy(store.path(done[h]), slot)
-                continue
-            fp = fp or fingerprint.collect()
-            _say(f"{slot}: running {SCRIPT} (start_size={ref.start_size}, recent_size={ref.recent_size}, "
-                 f"{inv.spec['num_eval_tokens']} tokens)")
-            try:
-                # The slot's lock covers the log as well as the JSON: Store.sweep never takes its temp files.
-                with store.lock(store.path(slot)):
-                    path = run_reference(store, slot, repo, python, inv, matches=matches, packages=packages,
-                                         fp=fp, expected_predictions=dataset.max_tokens - 1)
-            except MitFailure as failure:
-                _say(str(failure))
-                failures += 1
-                continue
-            done[h] = slot
-            _say(f"{slot}: PPL {store.read(path)['metrics']['perplexity']:.3f} -> {path}")
-    return failures
+            points.append((slot, spec, ref.display))
+    return points
 
 
-@click.command("mit-reference")
-@click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE, default demo]")
-@click.option("-f", "--force", is_flag=True, default=None,
-              help="Re-run even when a current result exists  [env FORCE]")
-@click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
-@click.option("--mit-repo", default=None, help="Checkout of mit-han-lab/streaming-llm  [env MIT_REPO]")
-@click.option("--python-bin", default=None,
-              help="Interpreter that runs MIT's script  [env PYTHON_BIN, default this one]")
-def mit_reference_command(**flags) -> None:
-    """MIT streaming-llm's eval_long_ppl.py with our Start+Recent sizes (+ the window-matched variant)."""
-    settings = settings_mod.load(overrides=flags)
-    settings_mod.export_hf_home(settings)
-    if run_mit_reference(settings):
-        sys.exit(1)
+def _say(message: str) -> None:
+    click.echo(f"mit-reference: {message}", err=True)

@@ -31,7 +31,7 @@ class Metrics(TypedDict, total=False):
 
 class Result(TypedDict, total=False):
     schema_version: int          # SCHEMA_VERSION of the writer
-    kind: str                    # "run" (our engines), "mit_reference", "bench"
+    kind: str                    # "run" (our engines: every stage, bench included), "mit_reference"
     slot: str                    # stage/dataset/label: the table cell it fills, e.g. "main/pg19/lazy"
     config_hash: str             # sha256 of the hashed spec fields + the code identity (RunSpec.config_hash)
     spec: dict                   # RunSpec.to_dict(): every knob of the point, hashed or only recorded

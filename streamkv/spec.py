@@ -51,6 +51,11 @@ def since(neutral) -> MappingProxyType:
     return MappingProxyType({"neutral": neutral})
 
 
+def digest(doc) -> str:
+    """The one hash of the project: sha256 of canonical JSON (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def hashed_fields(obj) -> dict:
     """The dataclass `obj` as a dict of its hashed fields (recursively), per their metadata."""
     out = {}
@@ -235,10 +240,5 @@ class RunSpec:
             identity["policies"] = policies.VERSION
         return identity
 
-    def canonical_json(self) -> str:
-        """What config_hash hashes, as canonical JSON."""
-        return json.dumps({"spec": self.hashed(), "code": self.code_identity()}, sort_keys=True,
-                          separators=(",", ":"))
-
     def config_hash(self) -> str:
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+        return digest({"spec": self.hashed(), "code": self.code_identity()})

@@ -1,10 +1,15 @@
 """Stages: plan experiment points from the profile and the knobs, compute what is missing, report.
 
-A plan is a list of Points (slot, RunSpec). Slots (docs/ARCHITECTURE.md):
+A plan is a list of Points (slot, spec): one loop (`execute`) plans, reuses, copies and writes every kind
+of point through the store. Slots (docs/ARCHITECTURE.md):
   baselines/{dataset}                      the fixed sliding-window-recompute baseline, both datasets
   main/{dataset}/{strict,lazy}             both datasets
   ablations/{long}/{label}                 the profile's ladder on the long dataset
   sweeps/{long}/{R,sigma,delta}={v}        R always; σ and δ with RUN_QUALITY_HEURISTICS=1
+  mit_bench/{dataset}_benchmark_{streaming_strict,streaming_lazy,recompute}
+                                           bench: decode speed and memory on the first C + N + 1 tokens
+  mit_bench/{dataset}_mit_reference[_windowmatch]
+                                           MIT's eval_long_ppl.py (a mit.MitSpec), run by mit.MitRunner
 
 Execution, per point: reuse a result with the planned config_hash; copy one that another slot holds with
 the same hash (the R=64 sweep point is the main lazy point); otherwise compute it. A stale result (same
@@ -29,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import assets, engines, figures, fingerprint, profiles, tables
+from . import assets, engines, figures, fingerprint, mit, profiles, tables
 from .profiles import SWEEP_SYMBOLS, Dataset, Profile, Variant
 from .settings import Settings, default_results_dir
 from .spec import DataSpec, MeasureSpec, RunSpec
@@ -47,7 +52,9 @@ class StageError(ValueError):
 @dataclass(frozen=True)
 class Point:
     slot: str
-    spec: RunSpec | None      # None: the dataset's DataSpec is unknown (planning without tokenizing)
+    # None: the dataset's DataSpec is unknown (planning without tokenizing). Any spec has config_hash(),
+    # to_dict() and engine; a RunSpec is run by runner.Runner, a mit.MitSpec by mit.MitRunner.
+    spec: RunSpec | mit.MitSpec | None
     display: str = ""         # the label tables and figures print for it
     value: int | None = None  # a sweep point's knob value
 
@@ -57,8 +64,16 @@ class Context:
     settings: Settings
     profile: Profile
     store: Store
-    data: dict[str, DataSpec | None]
     random_weights: bool = False
+    tokenize: bool = True      # plans may tokenize streams the stream index does not know
+    _data: dict = field(default_factory=dict)   # Dataset -> DataSpec | None, resolved on first need
+
+    def data(self, dataset: Dataset) -> DataSpec | None:
+        """The dataset's DataSpec (None: unknown and not tokenized); a stage that never asks (MIT's
+        reference, which reads the stream file itself) never loads a tokenizer."""
+        if dataset not in self._data:
+            self._data[dataset] = resolve_data(self.profile, dataset, self.store, tokenize=self.tokenize)
+        return self._data[dataset]
 
     @property
     def model(self):
@@ -119,9 +134,7 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
 def context(settings: Settings, *, tokenize: bool, random_weights: bool = False,
             profile: Profile | None = None) -> Context:
     profile = profile or profiles.resolve(settings)
-    store = Store(settings.results_dir)
-    data = {d.name: resolve_data(profile, d, store, tokenize=tokenize) for d in profile.datasets}
-    return Context(settings, profile, store, data, random_weights)
+    return Context(settings, profile, Store(settings.results_dir), random_weights, tokenize)
 
 
 # ----------------------------------------------------------------------------------------------- plans
@@ -146,7 +159,7 @@ def with_engines(ctx: Context, draft: RunSpec, engine: str | None = None) -> Run
 
 def streaming_spec(ctx: Context, dataset: Dataset, variant: Variant) -> RunSpec | None:
     policy = ctx.profile.policy(variant)   # a bad knob fails here, with or without the DataSpec
-    data = ctx.data[dataset.name]
+    data = ctx.data(dataset)
     if data is None:
         return None
     draft = RunSpec(model=ctx.model, data=data, mode="streaming", policy=policy, position_mode=variant.position_mode,
@@ -167,7 +180,7 @@ def plan_baseline(ctx: Context, runs: int | None = None, datasets: tuple[Dataset
     points = []
     for d in datasets or ctx.profile.datasets:
         slot = f"baselines/{d.name}"
-        data = ctx.data[d.name]
+        data = ctx.data(d)
         spec = None if data is None else RunSpec(
             model=ctx.model, data=data, mode="baseline", policy=ctx.profile.baseline_policy(), engine="recompute",
             device=ctx.profile.device,
@@ -205,17 +218,50 @@ def plan_sweeps(ctx: Context) -> list[Point]:
     return [p for points in _sweep_points(ctx).values() for p in points]
 
 
-PLANNERS = {"main": plan_main, "ablations": plan_ablations, "sweeps": plan_sweeps}
+def plan_bench(ctx: Context) -> list[Point]:
+    """Decode speed and memory of each method on the first C + N + 1 tokens of each stream (N =
+    MIT_BENCH_GEN_TOKENS): one prefill forward of C tokens, then N tokens decoded one per forward, fed from
+    the stream (teacher forcing: a forward costs the same whichever token it is fed, and every method
+    decodes the very same tokens). The seed guide filled this role with MIT's benchmark_streaming.py;
+    here the paper's own engines do it: the decode engine for Start+Recent and Lazy Pruning (it times
+    itself), the recompute engine for the baseline. Each is an ordinary point with its own spec."""
+    p, points = ctx.profile, []
+    for d in p.datasets:
+        data = ctx.data(dataclasses.replace(d, max_tokens=p.cap_total + ctx.settings.mit_bench_gen_tokens + 1))
+        timing = MeasureSpec(warmup_runs=ctx.settings.warmup_runs, repeat_runs=ctx.settings.repeat_runs)
+        common = dict(model=ctx.model, data=data, device=p.device, measure=timing)
+        for v in p.main_variants():
+            spec = None if data is None else RunSpec(
+                mode="streaming", policy=p.policy(v), position_mode=v.position_mode, rerotation=v.rerotation,
+                engine="decode", **common)
+            points.append(Point(f"mit_bench/{d.name}_benchmark_streaming_{v.label}", spec, v.display))
+        spec = None if data is None else RunSpec(mode="baseline", policy=p.baseline_policy(), engine="recompute",
+                                                 **common)
+        points.append(Point(f"mit_bench/{d.name}_benchmark_recompute", spec, BASELINE_DISPLAY))
+    return points
+
+
+def plan_mit(ctx: Context) -> list[Point]:
+    return [Point(slot, spec, display) for slot, spec, display in mit.plan(ctx.profile, ctx.settings)]
+
+
+PLANNERS = {"main": plan_main, "ablations": plan_ablations, "sweeps": plan_sweeps, "bench": plan_bench,
+            "mit": plan_mit}
+COMPARED_WITH_BASELINE = ("main", "ablations", "sweeps")
 
 
 def paper_stages(settings: Settings) -> tuple[str, ...]:
-    """What `paper` runs and the tables show: RUN_ABLATIONS / RUN_SWEEPS switch those stages off."""
-    return ("baseline", "main") + ("ablations",) * settings.run_ablations + ("sweeps",) * settings.run_sweeps
+    """What `paper` runs and the tables show: RUN_ABLATIONS / RUN_SWEEPS switch those stages off,
+    RUN_MIT_REFERENCE / RUN_MIT_BENCH switch the optional ones on."""
+    s = settings
+    return (("baseline", "main") + ("ablations",) * s.run_ablations + ("sweeps",) * s.run_sweeps
+            + ("mit",) * s.run_mit_reference + ("bench",) * s.run_mit_bench)
 
 
 def plan(ctx: Context, names, *, runs: int | None = None) -> list[Point]:
     """Points of the named stages, the baselines they compare against first, each slot once."""
-    points = [] if "baseline" in names else _required_baselines(ctx, names)
+    needs_baseline = "baseline" not in names and any(n in COMPARED_WITH_BASELINE for n in names)
+    points = _required_baselines(ctx, names) if needs_baseline else []
     for name in names:
         points += plan_baseline(ctx, runs) if name == "baseline" else PLANNERS[name](ctx)
     unique = {}
@@ -258,6 +304,7 @@ def _baseline_moved(ctx: Context, point: Point, here: dict) -> list[str]:
 @dataclass
 class Outcome:
     computed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)      # runs that ended without a result (MIT's script)
     copied: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     stale_kept: list[str] = field(default_factory=list)
@@ -297,9 +344,9 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
     scan = store.scan()
     for problem in scan.problems:
         _say(f"skipped: {problem}")
-    # Every readable result by hash, so an equal spec in another slot is copied instead of recomputed.
-    # Only our own runs: a bench or MIT file may share a baseline's spec hash but holds no perplexity.
-    by_hash = {} if s.force else {e.config_hash: e.path for e in scan.entries if e.kind == "run"}
+    # Every readable result by hash, so an equal spec in another slot is copied instead of recomputed (every
+    # kind hashes its own spec type, so equal hashes are the same experiment whatever the kind).
+    by_hash = {} if s.force else {e.config_hash: e.path for e in scan.entries}
     here = None
     todo = []
     for p in points:
@@ -323,9 +370,7 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
                 out.stale_replaced.append(p.slot)
             todo.append((p, True))
     planned = {p.slot: _identity(store.path(p.slot)) for p, _ in todo}
-    if todo and runner is None:
-        from .runner import Runner  # torch and the engines load only when something must be computed
-        runner = Runner(store, cpu_threads=s.cpu_threads)
+    runners = _Runners(ctx, runner)
     with tqdm(total=len(points), initial=len(points) - len(todo), desc=label, unit="point", file=sys.stderr,
               dynamic_ncols=True) as bar:
         for wait in (False, True):   # first what nobody holds, then wait for the rest
@@ -341,32 +386,55 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
                         out.elsewhere.append(p.slot)
                     else:
                         if may_copy and not s.force:   # another run may have computed it for another slot
-                            by_hash.update({e.config_hash: e.path for e in store.scan().entries if e.kind == "run"})
+                            by_hash.update({e.config_hash: e.path for e in store.scan().entries})
                         if may_copy and h in by_hash:
                             store.copy(by_hash[h], p.slot)
                             out.copied.append(p.slot)
                         else:
-                            by_hash[h] = runner.run(p.slot, p.spec)
-                            out.computed.append(p.slot)
+                            try:
+                                by_hash[h] = runners.of(p.spec).run(p.slot, p.spec)
+                            except mit.MitFailure as failure:   # a reference that cannot run: the paper goes on
+                                _say(str(failure))
+                                out.failed.append(p.slot)
+                            else:
+                                out.computed.append(p.slot)
                     bar.update()
             todo = held_elsewhere
     _report(out, len(points), label)
     return out
 
 
+class _Runners:
+    """The runner of each kind of spec, made on first need: torch and the engines load only when a RunSpec
+    must be computed. `runner` (tests) replaces the one for RunSpecs."""
+
+    def __init__(self, ctx: Context, runner=None):
+        self.ctx, self.run_runner, self.mit_runner = ctx, runner, None
+
+    def of(self, spec):
+        if isinstance(spec, mit.MitSpec):
+            self.mit_runner = self.mit_runner or mit.MitRunner(self.ctx.store, self.ctx.settings)
+            return self.mit_runner
+        if self.run_runner is None:
+            from .runner import Runner  # torch and the engines load only when a RunSpec must be computed
+            self.run_runner = Runner(self.ctx.store, cpu_threads=self.ctx.settings.cpu_threads)
+        return self.run_runner
+
+
 def _report(out: Outcome, total: int, label: str) -> None:
     _say(f"{label}: {total} points: {len(out.reused)} reused, {len(out.copied)} copied from an equal spec, "
          f"{len(out.computed)} computed, {len(out.elsewhere)} computed by a concurrent run, "
-         f"{len(out.stale_kept)} stale kept")
+         f"{len(out.stale_kept)} stale kept" + (f", {len(out.failed)} failed" if out.failed else ""))
     for slot in out.stale_replaced:
         _say(f"  stale, recomputed: {slot}")
     for slot in out.stale_kept:
         _say(f"  stale, kept (ALLOW_STALE_RESULTS=1; marked in tables): {slot}")
 
 
-def run_stages(settings: Settings, names, *, runs: int | None = None, profile: Profile | None = None) -> Outcome:
+def run_stages(settings: Settings, names, *, runs: int | None = None, profile: Profile | None = None,
+               random_weights: bool = False) -> Outcome:
     Store(settings.results_dir).check_writable()   # before anything is tokenized, indexed or computed
-    ctx = context(settings, tokenize=True, profile=profile)
+    ctx = context(settings, tokenize=True, profile=profile, random_weights=random_weights)
     return execute(ctx, plan(ctx, names, runs=runs), label="+".join(names))
 
 

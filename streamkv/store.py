@@ -40,7 +40,7 @@ from . import locks
 from .files import atomic_write  # re-exported: stages.py and mit.py import it from here
 from .schema import SCHEMA_VERSION, Result, validate
 
-RESULT_KINDS = ("run", "mit_reference", "bench")
+RESULT_KINDS = ("run", "mit_reference")
 _TOP_LEVEL = ("mit_bench", "runs")           # slot roots stored as <results>/<slot>.json
 _SCANNED = ("baselines", "paper_experiments") + _TOP_LEVEL
 _ARTIFACT = re.compile(r"\.(cache_len|run\d+)\.json$")

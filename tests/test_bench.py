@@ -1,4 +1,4 @@
-"""The bench stage on a tiny GPT-NeoX and synthetic token streams: files, keys, reuse, atomic writes."""
+"""The bench points on a tiny GPT-NeoX and synthetic token streams: the stage loop, keys, reuse, status."""
 import json
 import math
 from dataclasses import replace
@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from streamkv import assets, bench, profiles, store as store_mod
+from streamkv import assets, profiles, stages, store as store_mod
 from streamkv.profiles import Dataset
 from streamkv.settings import Settings
 from streamkv.spec import ModelSpec, RunSpec
@@ -39,54 +39,56 @@ def profile(monkeypatch, loads):
                    short=Dataset("demo-short", "short", assets.synthetic_path(2, 97), 100))
 
 
-def test_bench_writes_both_files(tmp_path, profile, monkeypatch):
+SLOTS = [f"mit_bench/{d}_benchmark_{kind}" for d in ("demo-long", "demo-short")
+         for kind in ("streaming_strict", "streaming_lazy", "recompute")]
+
+
+def run_bench(s: Settings, profile):
+    return stages.run_stages(s, ["bench"], profile=profile)
+
+
+def test_bench_points_go_through_the_stage_loop_and_the_one_writer(tmp_path, profile, monkeypatch):
     written = []
     real_write = store_mod.atomic_write
     monkeypatch.setattr(store_mod, "atomic_write", lambda path, data: (written.append(path), real_write(path, data)))
     s = Settings(results_dir=str(tmp_path), mit_bench_gen_tokens=GEN, warmup_runs=1, repeat_runs=2)
-    paths = bench.run_bench(s, profile=profile)
+    outcome = run_bench(s, profile)
+    assert outcome.computed == SLOTS
+    store = store_mod.Store(tmp_path)
+    paths = [store.path(slot) for slot in SLOTS]
+    assert set(paths) <= set(written)                                    # every JSON through atomic_write
+    assert not [p for p in (tmp_path / "mit_bench").iterdir() if p.name.startswith(".")]   # no temp file left
 
-    out = tmp_path / "mit_bench"
-    expected = [out / f"{d}_benchmark_{kind}.json" for d in ("demo-long", "demo-short")
-                for kind in ("streaming", "recompute")]
-    assert paths == expected
-    assert set(expected) <= set(written)                                  # every JSON through atomic_write
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]       # no temp file left behind
-
-    streaming = json.loads(expected[0].read_text())
-    assert streaming["kind"] == "bench" and streaming["slot"] == "mit_bench/demo-long_benchmark_streaming"
-    assert set(streaming["metrics"]) == {"strict", "lazy"}
-    specs = {label: RunSpec.from_dict(d) for label, d in streaming["spec"].items()}
-    assert streaming["config_hashes"] == {label: spec.config_hash() for label, spec in specs.items()}
-    assert specs["strict"].policy.compress_every == 1 and specs["lazy"].policy.compress_every == 4
-    assert {spec.data.n_tokens for spec in specs.values()} == {CAP + GEN + 1}
-    assert {"git_commit", "torch", "dtype"} <= set(streaming["fingerprint"])
-    assert len(streaming["artifacts"]["repeats"]) == 2
-
-    recompute = json.loads(expected[1].read_text())
-    assert recompute["config_hash"] == RunSpec.from_dict(recompute["spec"]).config_hash()
-    assert recompute["spec"]["engine"] == "recompute"
-
-    for m in (streaming["metrics"]["strict"], streaming["metrics"]["lazy"], recompute["metrics"]):
-        assert {"ttft_ms", "ttft_ms_spread", "tpot_ms", "tpot_ms_spread", "tokens_per_s", "wall_s", "peak_memory_mb",
-                "kv_cache_bytes", "max_cached_tokens", "repeat_runs"} <= set(m)
-        assert (m["n_prefill_tokens"], m["n_decoded_tokens"]) == (CAP, GEN)
-        assert math.isclose(m["tokens_per_s"], 1000.0 / m["tpot_ms"])
-        assert m["tpot_ms"] > 0 and m["ttft_ms"] > 0
+    docs = {slot: json.loads(path.read_text()) for slot, path in zip(SLOTS, paths)}
+    for slot, doc in docs.items():
+        spec = RunSpec.from_dict(doc["spec"])
+        assert doc["slot"] == slot and doc["config_hash"] == spec.config_hash()
+        assert spec.data.n_tokens == CAP + GEN + 1 and spec.measure.repeat_runs == 2
+        assert {"git_commit", "torch", "dtype"} <= set(doc["fingerprint"])
+        assert len(doc["artifacts"]["repeats"]) == 2
+        m = doc["metrics"]
+        assert math.isclose(m["tokens_per_s"], 1000.0 / m["tpot_ms"]) and m["tpot_ms"] > 0 and m["ttft_ms"] > 0
         assert m["peak_memory_mb"] is None                                # CPU: no allocator statistics
-        assert len(m["repeat_runs"]) == 2
         assert math.isclose(m["tpot_ms"], sum(r["tpot_ms"] for r in m["repeat_runs"]) / 2)
+        assert m["n_predicted_tokens"] == CAP + GEN                        # the same tokens for every method
+    strict, lazy, recompute = (docs[slot] for slot in SLOTS[:3])
+    assert (strict["spec"]["engine"], lazy["spec"]["engine"], recompute["spec"]["engine"]) == \
+        ("decode", "decode", "recompute")
     # Strict prunes every step back to S + W = 16; lazy lets R − 1 = 3 more tokens pile up first.
-    assert streaming["metrics"]["strict"]["max_cached_tokens"] == CAP
-    assert streaming["metrics"]["lazy"]["max_cached_tokens"] == CAP + 3
+    assert strict["metrics"]["max_cached_tokens"] == CAP and lazy["metrics"]["max_cached_tokens"] == CAP + 3
     assert recompute["metrics"]["n_prunes"] == 0
+    # `status` lists them once RUN_MIT_BENCH puts them in the paper (state unknown: synthetic streams are
+    # not in the stream index, so status cannot hash them without generating the ids).
+    rows, _ = stages.status(s, profile=profile)
+    assert [slot for slot, _, _ in rows if slot.startswith("mit_bench")] == []
+    rows, _ = stages.status(replace(s, run_mit_bench=True), profile=profile)
+    assert [slot for slot, _, _ in rows if slot.startswith("mit_bench")] == SLOTS
 
 
-def test_bench_reuses_current_files(tmp_path, profile, loads, capsys):
+def test_bench_reuses_current_points(tmp_path, profile, loads):
     s = Settings(results_dir=str(tmp_path), mit_bench_gen_tokens=GEN)
-    assert len(bench.run_bench(s, profile=profile)) == 4
-    assert bench.run_bench(s, profile=profile) == []
+    assert len(run_bench(s, profile).computed) == 6
+    assert run_bench(s, profile).reused == SLOTS
     assert len(loads) == 1                      # the second run never loaded the model
-    assert capsys.readouterr().err.count(": reused (") == 4
-    # Another decode length is another experiment: both files of each dataset are measured again.
-    assert len(bench.run_bench(replace(s, mit_bench_gen_tokens=GEN + 1), profile=profile)) == 4
+    # Another decode length is another experiment: every point is measured again.
+    assert len(run_bench(replace(s, mit_bench_gen_tokens=GEN + 1), profile).computed) == 6

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamkv import mit, profiles
+from streamkv import cli, mit, profiles, stages
 from streamkv.profiles import Dataset, Variant
 from streamkv.settings import Settings
-from streamkv.spec import ModelSpec, PolicySpec
+from streamkv.spec import ModelSpec, PolicySpec, digest
 
 UPSTREAM_FLAGS = '''
 parser.add_argument("--model_name_or_path", type=str, default="models/llama/llama-7b")
@@ -112,6 +112,11 @@ def settings(tmp_path, repo) -> Settings:
                     python_bin=sys.executable)
 
 
+def run_mit(s: Settings, profile) -> int:
+    """The MIT stage through the one stage loop; the number of failed runs."""
+    return len(stages.run_stages(s, ["mit"], profile=profile).failed)
+
+
 def read(tmp_path, name: str) -> dict:
     return json.loads((tmp_path / "results" / "mit_bench" / f"{name}.json").read_text())
 
@@ -126,11 +131,11 @@ def test_references_take_strict_and_lazy_windows():
 
 def test_upstream_cli_records_both_references(tmp_path, profile, lazy_with_slack, capsys):
     repo = fake_checkout(tmp_path / "streaming-llm")
-    assert mit.run_mit_reference(settings(tmp_path, repo), profile=profile) == 0
+    assert run_mit(settings(tmp_path, repo), profile) == 0
 
     doc = read(tmp_path, "pg19_mit_reference")
     assert doc["kind"] == "mit_reference" and doc["slot"] == "mit_bench/pg19_mit_reference"
-    assert doc["config_hash"] == mit.config_hash(doc["spec"])
+    assert doc["config_hash"] == digest(doc["spec"])
     assert math.isclose(doc["metrics"]["perplexity"], 20.0)
     assert math.isclose(doc["metrics"]["perplexity_from_log"], 20.0, rel_tol=1e-12)
     assert doc["metrics"]["n_predicted_tokens"] == 49
@@ -157,22 +162,22 @@ def test_upstream_cli_records_both_references(tmp_path, profile, lazy_with_slack
     assert read(tmp_path, "wikitext_mit_reference")["metrics"]["n_predicted_tokens"] == 39
 
     # Everything current: a second run reuses all four results without calling the script.
-    assert mit.run_mit_reference(settings(tmp_path, repo), profile=profile) == 0
+    assert run_mit(settings(tmp_path, repo), profile) == 0
     assert len(calls(repo)) == 4
-    assert capsys.readouterr().err.count(": reused (") == 4
+    assert "mit: 4 points: 4 reused" in capsys.readouterr().err
 
 
 def test_equal_windows_copy_instead_of_rerunning(tmp_path, profile, capsys):
     repo = fake_checkout(tmp_path / "streaming-llm")
-    assert mit.run_mit_reference(settings(tmp_path, repo), profile=profile) == 0
+    assert run_mit(settings(tmp_path, repo), profile) == 0
     assert len(calls(repo)) == 2                # σ = 0: the window-matched run would repeat the plain one
     assert read(tmp_path, "pg19_mit_reference_windowmatch")["spec"] == read(tmp_path, "pg19_mit_reference")["spec"]
-    assert "copied" in capsys.readouterr().err
+    assert "2 copied from an equal spec" in capsys.readouterr().err
 
 
 def test_seed_copy_scores_our_stream_file(tmp_path, profile):
     repo = fake_checkout(tmp_path / "streaming-llm", seed_copy=True)
-    assert mit.run_mit_reference(settings(tmp_path, repo), profile=profile) == 0
+    assert run_mit(settings(tmp_path, repo), profile) == 0
     first = calls(repo)[0]
     assert (arg(first, "--data-json"), arg(first, "--max-eval-tokens")) == (profile.long.path, "50")
     doc = read(tmp_path, "pg19_mit_reference")
@@ -188,10 +193,10 @@ def test_skip_without_checkout(tmp_path, monkeypatch, mit_repo, reason):
     monkeypatch.delenv("MIT_REPO", raising=False)
     (tmp_path / "elsewhere").mkdir()
     flags = ["--results-dir", str(tmp_path / "results")] + (["--mit-repo", mit_repo] if mit_repo else [])
-    result = CliRunner().invoke(mit.mit_reference_command, flags)
+    result = CliRunner().invoke(cli.main, ["mit-reference", *flags])
     assert result.exit_code == 0, result.output
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("mit-reference: skipped: ") and reason in result.stderr
+    skipped = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("mit-reference: skipped: ") and reason in skipped[0]
     assert not (tmp_path / "results").exists()
 
 
@@ -203,11 +208,12 @@ def test_failing_script_leaves_a_log_and_no_json(tmp_path, profile, monkeypatch)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    result = CliRunner().invoke(mit.mit_reference_command,
-                                ["--mit-repo", str(repo), "--results-dir", str(tmp_path / "results")])
+    result = CliRunner().invoke(cli.main, ["mit-reference", "--mit-repo", str(repo), "--results-dir",
+                                           str(tmp_path / "results")])
     assert result.exit_code == 1
-    lines = [line for line in result.stderr.splitlines() if "failed" in line]
+    lines = [line for line in result.stderr.splitlines() if "failed with exit code" in line]
     assert len(lines) == 2 * 2                  # every reference failed, one line each
+    assert "4 points: 0 reused, 0 copied from an equal spec, 0 computed, 0 stale kept, 4 failed" in result.stderr
     assert "exit code 1" in lines[0] and "ValueError: got gpt_neox" in lines[0]
     out = tmp_path / "results" / "mit_bench"
     assert not list(out.glob("*.json"))

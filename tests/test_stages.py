@@ -20,7 +20,7 @@ from streamkv.policies import build_schedule
 from streamkv.spec import DataSpec, ModelSpec, PolicySpec, RunSpec
 from streamkv.store import Store
 
-from conftest import FakeRunner, bump_version
+from conftest import N_TOKENS, FakeRunner, bump_version
 
 TESTS = Path(__file__).resolve().parent
 
@@ -123,14 +123,15 @@ def test_equal_specs_in_other_slots_are_copied_not_recomputed(fakes):
     assert outcome.copied == ["sweeps/long/R=1", "sweeps/long/R=4"]   # = main strict and main lazy
 
 
-def test_a_bench_file_with_a_baselines_hash_is_never_copied_into_the_baseline(fakes):
+def test_a_bench_point_equal_to_the_baseline_is_copied_not_recomputed(fakes):
+    """Bench points are ordinary points of the one loop: an equal spec is the same experiment."""
     profile, settings = fakes
-    ctx, points = points_of(profile, settings(), ["baseline"])
-    spec = points[0].spec
-    ctx.store.write({"kind": "bench", "slot": "mit_bench/long_benchmark_recompute", "config_hash": spec.config_hash(),
-                     "spec": spec.to_dict(), "metrics": {"tpot_ms": 1.0}})
-    runner, outcome = run(profile, settings(), ["baseline"])
-    assert points[0].slot in runner.computed and outcome.copied == []
+    run(profile, settings(), ["baseline"])
+    whole_stream = settings(mit_bench_gen_tokens=N_TOKENS["long"] - profile.cap_total - 1)
+    runner, outcome = run(profile, whole_stream, ["bench"])
+    # Both streams are no longer than C + N + 1 tokens: each bench recompute point is its baseline.
+    assert outcome.copied == ["mit_bench/long_benchmark_recompute", "mit_bench/short_benchmark_recompute"]
+    assert not any(slot.endswith("recompute") for slot in runner.computed) and len(runner.computed) == 4
 
 
 def test_tables_find_stream_specs_when_the_stream_file_is_gone(fakes, tmp_path):
@@ -329,9 +330,9 @@ def test_status_lists_every_planned_point(fakes, tmp_path):
 def test_a_changed_tokenizer_invalidates_the_stream_index(fakes, monkeypatch):
     profile, settings = fakes
     ctx, _ = points_of(profile, settings(), ["main"])
-    before = ctx.data[profile.long.name]
+    before = ctx.data(profile.long)
     monkeypatch.setattr(assets, "tokenizer_sha256", lambda spec: "0" * 64)
     calls = []
     monkeypatch.setattr(assets, "load_stream", lambda *a: calls.append(a) or (None, before))
-    stages.context(settings(), tokenize=True, profile=profile)
+    points_of(profile, settings(), ["main"])
     assert calls, "the index entry made with the old tokenizer was reused"
