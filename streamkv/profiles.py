@@ -25,6 +25,7 @@ from .spec import ModelSpec, PolicySpec, SpecError
 
 
 SYNTHETIC = "synthetic"
+PYDOC = "pydoc_data.topics"       # the demo model's training and evaluation text, shipped with Python
 # A swept knob as slot labels name it -> as the paper prints it.
 SWEEP_SYMBOLS = {"R": "R", "sigma": "σ", "delta": "δ"}
 
@@ -39,6 +40,8 @@ class Dataset:
     display: str         # as the tables print it
     path: str            # stream file, relative to the repository root
     max_tokens: int      # evaluation length (the seed's --max-eval-tokens)
+    source: str = ""     # where the text comes from, as the paper names it
+    cite: str | None = None   # bibliography key of the dataset's paper (NeurIPS/references.bib), if any
 
 
 @dataclass(frozen=True)
@@ -150,9 +153,10 @@ PAPER = Profile(
     cap_total=2048,
     # The streams `streamkv fetch` writes; PG19 is evaluated on its first 20k tokens (the seed's
     # --max-eval-tokens=20000), WikiText on the whole sample.
-    long=Dataset("pg19", "PG19", _data(fetch.pg19_file(fetch.PG19_SAMPLE_LENGTH)), 20000),
+    long=Dataset("pg19", "PG19", _data(fetch.pg19_file(fetch.PG19_SAMPLE_LENGTH)), 20000,
+                 source="one PG19 test book", cite="rae2020compressive"),
     short=Dataset("wikitext", "WikiText-103", _data(fetch.wikitext_file(fetch.WIKITEXT_SAMPLE_LENGTH)),
-                  fetch.WIKITEXT_SAMPLE_LENGTH),
+                  fetch.WIKITEXT_SAMPLE_LENGTH, source="one WikiText-103 test article", cite="merity2017pointer"),
     n_sink=32, strict_r=1, lazy_r=64, cache_slack=0, max_drop=0,
     sweep_r=(1, 16, 32, 64, 128), sweep_sigma=(0, 16, 32), sweep_delta=(0, 16, 32),
     baseline_sink=4, baseline_window=2044,
@@ -165,8 +169,10 @@ DEMO = Profile(
     dtype="float32",
     device="cpu",
     cap_total=256,
-    long=Dataset("demo-long", "demo-long", "data/demo/streams/demo-long.json", 4096),
-    short=Dataset("demo-short", "demo-short", "data/demo/streams/demo-short.json", 1024),
+    long=Dataset("demo-long", "demo-long", "data/demo/streams/demo-long.json", 4096,
+                 source=f"held-out topics of Python's pydoc documentation ({PYDOC})"),
+    short=Dataset("demo-short", "demo-short", "data/demo/streams/demo-short.json", 1024,
+                  source=f"held-out topics of Python's pydoc documentation ({PYDOC})"),
     n_sink=4, strict_r=1, lazy_r=16, cache_slack=0, max_drop=0,
     sweep_r=(1, 4, 8, 16, 32), sweep_sigma=(0, 8, 16), sweep_delta=(0, 8, 16),
     baseline_sink=4, baseline_window=252,

@@ -450,8 +450,8 @@ def tables_spec(ctx: Context) -> tables.TablesSpec:
     long = profile.long.name
     return tables.TablesSpec(
         profile=profile.name, model=profile.model_display,
-        long=tables.Dataset(long, profile.long.display),
-        short=tables.Dataset(profile.short.name, profile.short.display),
+        long=tables.Dataset(long, profile.long.display, profile.long.source, profile.long.cite),
+        short=tables.Dataset(profile.short.name, profile.short.display, profile.short.source, profile.short.cite),
         cap_total=profile.cap_total, n_sink=profile.n_sink, lazy_r=profile.lazy_r,
         main=tuple(tables.Block(d.display, baseline[d.name], lines(plan_main(ctx, (d,)))) for d in profile.datasets),
         ablations=tables.Block(None, baseline[long], lines(plan_ablations(ctx))) if "ablations" in names else None,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from streamkv import figures, paper
+from streamkv import figures, paper, stages
+from streamkv.settings import Settings
 from streamkv.tables import Dataset, write_all
 from streamkv.tables.cells import Cell
 
@@ -99,3 +100,15 @@ def test_pdf_without_generated_content_shows_placeholders(paper_dir):
     text = pdf_text(paper.build_pdf(paper_dir, use_generated=False, use_appendix=False))
     assert FAKE_PPL not in text and "Built from the demo profile" not in text
     assert "[INSERT DATA]" in text and "Quantization" not in text
+
+
+def test_streams_cite_their_papers_only_in_the_paper_profile(tmp_path):
+    """The demo streams are pydoc text: the demo PDF must name that, not cite PG19 or WikiText-103."""
+    keys = set(re.findall(r"@\w+\{([^,]+),", (NEURIPS / "references.bib").read_text(encoding="utf-8")))
+    metas = {}
+    for name in ("demo", "paper"):
+        ctx = stages.context(Settings(profile=name, results_dir=str(tmp_path)), tokenize=False)
+        metas[name] = write_all(lambda slot: None, stages.tables_spec(ctx), tmp_path / name)[-1].read_text()
+    assert r"\citep" not in metas["demo"] and "pydoc" in metas["demo"]
+    cited = set(re.findall(r"\\citep\{([^}]+)\}", metas["paper"]))
+    assert cited == {"rae2020compressive", "merity2017pointer"} and cited <= keys

@@ -22,6 +22,8 @@ __all__ = ["Block", "Cell", "Dataset", "Line", "Lookup", "TablesSpec", "build_ta
 class Dataset:
     name: str          # as in slot names and result paths, e.g. "pg19"
     display: str       # as printed, e.g. "PG19"
+    source: str = ""   # where the text comes from, e.g. "one PG19 test book"
+    cite: str | None = None   # bibliography key of the dataset's paper; None: nothing to cite (demo streams)
 
 
 @dataclass(frozen=True)
