@@ -6,15 +6,24 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 VENV_TF4    ?= .venv-tf4
+VENV_MIT    ?= .venv-mit
+# MIT streaming-llm: the commit the reference runs (its main branch as of this writing), exported from the
+# clone at MIT_REPO by `make mit-env` into MIT_DIR with scripts/mit/streaming-llm.patch applied.
+MIT_COMMIT  ?= 2e5042606d69933d88fbf909bd77907456b9b4dd
+MIT_DIR     ?= .mit/streaming-llm
 STREAMKV    ?= $(VENV)/bin/streamkv
 FORCE       ?= 0
 PYTEST_ARGS ?=
 
 force_flag := $(if $(filter 1 true yes,$(FORCE)),-f,)
 installed  := $(VENV)/.installed
+# Once `make mit-env` has prepared them, the MIT stage and the tables use the patched checkout and its
+# pinned interpreter (a clone at MIT_REPO is only the source the checkout is exported from).
+mit_prepared := $(wildcard $(MIT_DIR)/.streamkv-patch)
+mit_vars   := $(if $(mit_prepared),MIT_REPO=$(abspath $(MIT_DIR)) PYTHON_BIN=$(abspath $(VENV_MIT))/bin/python,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup paper baseline main ablations sweeps mit bench tex pdf test test-tf4 lint clean
+.PHONY: help setup paper baseline main ablations sweeps mit mit-env bench tex pdf test test-tf4 lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,7 +39,7 @@ $(installed): requirements.lock pyproject.toml
 setup: $(installed) ## Create .venv and install streamkv with the locked dependencies
 
 paper: $(installed) ## Run every stage, generate the tables and build the PDF (profile: STREAMKV_PROFILE, default demo)
-	$(STREAMKV) paper --no-pdf $(force_flag)
+	$(mit_vars) $(STREAMKV) paper --no-pdf $(force_flag)
 	scripts/ensure_tex.sh
 	VENV=$(VENV) scripts/build_pdf.sh
 
@@ -46,14 +55,27 @@ ablations: $(installed) ## Lazy Pruning ablation ladder on the long dataset
 sweeps: $(installed) ## R sweep (σ and δ too with RUN_QUALITY_HEURISTICS=1)
 	$(STREAMKV) sweeps $(force_flag)
 
-mit: $(installed) ## MIT streaming-llm reference (needs MIT_REPO; skipped with one line otherwise)
-	$(STREAMKV) mit-reference $(force_flag)
+mit: $(installed) ## MIT streaming-llm reference (after `make mit-env`; skipped with one line otherwise)
+	$(mit_vars) $(STREAMKV) mit-reference $(force_flag)
+
+$(VENV_MIT)/.installed: requirements-mit.lock
+	$(PYTHON) -m venv $(VENV_MIT)
+	$(VENV_MIT)/bin/pip install -q --upgrade pip
+	$(VENV_MIT)/bin/pip install -q -r requirements-mit.lock
+	touch $@
+
+$(MIT_DIR)/.streamkv-patch: scripts/mit/streaming-llm.patch scripts/mit/setup.sh
+	@test -n "$(MIT_REPO)" || { echo "streamkv: error: set MIT_REPO to a git clone of mit-han-lab/streaming-llm" >&2; exit 2; }
+	mkdir -p $(dir $(MIT_DIR))
+	scripts/mit/setup.sh "$(MIT_REPO)" $(MIT_COMMIT) $(MIT_DIR)
+
+mit-env: $(VENV_MIT)/.installed $(MIT_DIR)/.streamkv-patch ## MIT's pinned env (.venv-mit, transformers 4.33.0) and patched checkout (MIT_REPO=<clone>)
 
 bench: $(installed) ## Decode speed and memory: streaming vs recompute
 	$(STREAMKV) bench $(force_flag)
 
 tex: $(installed) ## Rebuild NeurIPS/generated/*.tex from results/ (never loads a model)
-	$(STREAMKV) tables
+	$(mit_vars) $(STREAMKV) tables
 
 pdf: tex ## Build NeurIPS/neurips_2025_compressed.pdf (installs TeX Live from Debian when missing and root)
 	scripts/ensure_tex.sh

@@ -50,9 +50,13 @@ from .spec import NOT_HASHED, ModelSpec, PolicySpec, digest, hashed_fields
 from .store import Store, atomic_write, nll_bytes
 
 SCRIPT = "examples/eval_long_ppl.py"
+# Written by scripts/mit/setup.sh into the checkout it prepares: the commit and the sha256 of PATCH_FILE.
+PATCH_MARKER = ".streamkv-patch"
+PATCH_FILE = "scripts/mit/streaming-llm.patch"
 # The transformers release upstream's README pins (and its pos_shift forwards are written against);
 # `make mit-env` builds an interpreter with it.
 MIT_TRANSFORMERS = "4.33.0"
+ARGS_MODULE = "streaming_llm/utils.py"
 PACKAGE = "streaming_llm"     # with SCRIPT, the code the numbers depend on: its sha256 is in the config hash
 # Upstream can only read hub datasets; these are the hub names of ours (the paper's WikiText sample comes
 # from wikitext-103, PG19's from the test split; datasets >= 4 refuses pg19's loading script, and the run
@@ -74,6 +78,7 @@ class Reference:
     start_size: int
     recent_size: int
     display: str          # the row label of the appendix table
+    ours: str             # the main variant (its label) that the appendix table compares it with
 
 
 def references(strict: PolicySpec, lazy: PolicySpec) -> tuple[Reference, Reference]:
@@ -81,9 +86,10 @@ def references(strict: PolicySpec, lazy: PolicySpec) -> tuple[Reference, Referen
     which is our strict cache after a prune (S sinks + a recent run of W + O tokens). The window-matched
     variant keeps S and takes Lazy Pruning's recent run instead: its auto-capped window, which shrinks
     by every slack σ (and refresh budget B) it spends out of CAP_TOTAL."""
-    return (Reference("mit_reference", strict.n_sink, strict.window + strict.overlap, "MIT Start+Recent"),
+    return (Reference("mit_reference", strict.n_sink, strict.window + strict.overlap, "MIT Start+Recent",
+                      "strict"),
             Reference("mit_reference_windowmatch", strict.n_sink, lazy.window + lazy.overlap,
-                      "MIT Start+Recent, window-matched"))
+                      "MIT Start+Recent, window-matched", "lazy"))
 
 
 def checkout(mit_repo: str | None) -> Path:
@@ -147,6 +153,7 @@ class MitSpec:
     output_json: bool = field(default=False, metadata=NOT_HASHED)    # the script writes its metrics JSON
     expected_predictions: int = field(default=0, metadata=NOT_HASHED)  # what our runs score
     matches: dict = field(default_factory=dict, metadata=NOT_HASHED)  # our slots the sizes come from
+    provenance: dict = field(default_factory=dict, metadata=NOT_HASHED)  # provenance(): commit, setup patch
 
     engine = "mit"             # as `streamkv status` lists it
 
@@ -158,8 +165,10 @@ class MitSpec:
 
 
 def invocation(repo: Path, dataset: Dataset, model: ModelSpec, device: str, ref: Reference, pos_shift: bool,
-               code: str, packages: dict, matches: dict) -> MitSpec:
-    script = (repo / SCRIPT).read_text(encoding="utf-8", errors="replace")
+               code: str, packages: dict, matches: dict, origin: dict) -> MitSpec:
+    # The script's flags: its own text and streaming_llm/utils.py, where upstream's parse_args lives.
+    script = "".join((repo / f).read_text(encoding="utf-8", errors="replace") for f in (SCRIPT, ARGS_MODULE)
+                     if (repo / f).is_file())
     n_tokens = dataset.max_tokens                       # our runs score n_tokens − 1 predictions
     args = []
     limitations = [
@@ -208,7 +217,7 @@ def invocation(repo: Path, dataset: Dataset, model: ModelSpec, device: str, ref:
                    start_size=ref.start_size, recent_size=ref.recent_size, enable_pos_shift=pos_shift,
                    num_eval_tokens=n_tokens - 1, args=tuple(args), limitations=tuple(limitations),
                    output_json=_declares(script, "--output-json"), expected_predictions=n_tokens - 1,
-                   matches=matches)
+                   matches=matches, provenance=origin)
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -226,13 +235,19 @@ def python_packages(python: str) -> dict:
         return {}
 
 
-def _git_commit(repo: Path) -> str | None:
+def provenance(repo: Path) -> dict:
+    """Which MIT code ran: the commit and setup patch `make mit-env` recorded (scripts/mit/setup.sh), or
+    the commit of a plain git checkout (patch None)."""
+    marker = repo / PATCH_MARKER
+    if marker.is_file():
+        fields = dict(line.split(" ", 1) for line in marker.read_text(encoding="utf-8").splitlines() if " " in line)
+        return {"commit": fields.get("commit"), "patch": PATCH_FILE, "patch_sha256": fields.get("patch")}
     try:
         done = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=20, check=True)
     except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
+        return {"commit": None, "patch": None}
+    return {"commit": done.stdout.strip() or None, "patch": None}
 
 
 def _tail(path: Path) -> list[str]:
@@ -330,7 +345,7 @@ class MitRunner:
                         # exp(mean) of the logged NLLs in fp64: agrees with MIT's own number to its rounding
                         "perplexity_from_log": math.exp(nll_sum / len(nll)),
                         **({"mit_reported": reported} if reported else {})},
-            "mit": {"repository": str(self.repo), "commit": _git_commit(self.repo), "python": self.python,
+            "mit": {"repository": str(self.repo), **spec.provenance, "python": self.python,
                     "command": command[1:], "matches": spec.matches},
             "limitations": limitations,
             # The guide: MIT numbers stay out of the main table unless verified in this environment.
@@ -343,9 +358,17 @@ class MitRunner:
         return path
 
 
-def plan(profile: Profile, settings: Settings) -> list[tuple[str, MitSpec, str]]:
-    """(slot, spec, display) of both references on every dataset of the profile; [] with one line when
-    MIT_REPO is not a checkout, and a dataset the script cannot read is left out with one line."""
+@dataclass(frozen=True)
+class Planned:
+    slot: str
+    spec: MitSpec
+    reference: Reference
+    dataset: Dataset
+
+
+def plan(profile: Profile, settings: Settings) -> list[Planned]:
+    """Both references on every dataset of the profile; [] with one line when MIT_REPO is not a checkout,
+    and a dataset the script cannot read is left out with one line."""
     try:
         repo = checkout(settings.mit_repo)
     except MitSkip as skip:
@@ -353,7 +376,7 @@ def plan(profile: Profile, settings: Settings) -> list[tuple[str, MitSpec, str]]
         return []
     strict_v, lazy_v = profile.main_variants()
     strict, lazy = profile.policy(strict_v), profile.policy(lazy_v)
-    code, packages = code_sha256(repo), python_packages(settings.python_bin)
+    code, packages, origin = code_sha256(repo), python_packages(settings.python_bin), provenance(repo)
     # Our `cache` position mode is StreamingLLM's pos-shift (a token's position is its cache slot).
     pos_shift = strict_v.position_mode == "cache"
     points = []
@@ -366,11 +389,11 @@ def plan(profile: Profile, settings: Settings) -> list[tuple[str, MitSpec, str]]
             slot = f"mit_bench/{dataset.name}_{ref.label}"
             try:
                 spec = invocation(repo, dataset, profile.model, profile.device, ref, pos_shift, code, packages,
-                                  matches)
+                                  matches, origin)
             except MitSkip as skip:
                 _say(f"{slot}: skipped: {skip}")
                 continue
-            points.append((slot, spec, ref.display))
+            points.append(Planned(slot, spec, ref, dataset))
     return points
 
 

@@ -67,6 +67,7 @@ class Context:
     random_weights: bool = False
     tokenize: bool = True      # plans may tokenize streams the stream index does not know
     _data: dict = field(default_factory=dict)   # Dataset -> DataSpec | None, resolved on first need
+    _mit: list | None = None                    # mit.plan(), made on first need
 
     def data(self, dataset: Dataset) -> DataSpec | None:
         """The dataset's DataSpec (None: unknown and not tokenized); a stage that never asks (MIT's
@@ -74,6 +75,12 @@ class Context:
         if dataset not in self._data:
             self._data[dataset] = resolve_data(self.profile, dataset, self.store, tokenize=self.tokenize)
         return self._data[dataset]
+
+    def mit(self) -> list:
+        """MIT's reference points (mit.Planned), planned once: planning asks MIT's interpreter for versions."""
+        if self._mit is None:
+            self._mit = mit.plan(self.profile, self.settings)
+        return self._mit
 
     @property
     def model(self):
@@ -242,7 +249,7 @@ def plan_bench(ctx: Context) -> list[Point]:
 
 
 def plan_mit(ctx: Context) -> list[Point]:
-    return [Point(slot, spec, display) for slot, spec, display in mit.plan(ctx.profile, ctx.settings)]
+    return [Point(m.slot, m.spec, m.reference.display) for m in ctx.mit()]
 
 
 PLANNERS = {"main": plan_main, "ablations": plan_ablations, "sweeps": plan_sweeps, "bench": plan_bench,
@@ -458,7 +465,17 @@ def tables_spec(ctx: Context) -> tables.TablesSpec:
         sweeps=tuple(tables.Block(SWEEP_SYMBOLS[knob], baseline[long], lines(points), knob)
                      for knob, points in _sweep_points(ctx).items()) if "sweeps" in names else (),
         timing_indicative=not profile.device.startswith("cuda"),
+        mit=_mit_comparisons(ctx) if "mit" in names else (),
     )
+
+
+def _mit_comparisons(ctx: Context) -> tuple[tables.Comparison, ...]:
+    """Each MIT reference beside the main point of ours with the same sinks and recent window."""
+    ours = {(d.name, v.label): tables.Line(p.display, p.slot) for d in ctx.profile.datasets
+            for v, p in zip(ctx.profile.main_variants(), plan_main(ctx, (d,)))}
+    return tuple(tables.Comparison(m.dataset.display, tables.Line(m.reference.display, m.slot),
+                                   ours[m.dataset.name, m.reference.ours], m.spec.provenance)
+                 for m in ctx.mit())
 
 
 @dataclass

@@ -7,6 +7,7 @@ upstream does, with every NLL = ln 20 so the perplexity is known, and appends it
 import hashlib
 import json
 import math
+import subprocess
 import sys
 import tempfile
 from dataclasses import replace
@@ -19,6 +20,11 @@ from streamkv import cli, mit, profiles, stages
 from streamkv.profiles import Dataset, Variant
 from streamkv.settings import Settings
 from streamkv.spec import ModelSpec, PolicySpec, digest
+from streamkv.store import Store
+from streamkv.tables import mit as mit_table
+from streamkv.tables.render import to_latex
+
+SETUP = Path(__file__).resolve().parents[1] / "scripts" / "mit" / "setup.sh"
 
 UPSTREAM_FLAGS = '''
 parser.add_argument("--model_name_or_path", type=str, default="models/llama/llama-7b")
@@ -222,3 +228,58 @@ def test_failing_script_leaves_a_log_and_no_json(tmp_path, profile, monkeypatch)
     assert not list(scratch.iterdir())          # the script's --output_dir is gone too
     log = (out / "pg19_mit_reference.log").read_text()
     assert "exit code: 1" in log and "ValueError: got gpt_neox" in log and "Loading model" in log
+
+
+PATCHED_UTILS_FLAGS = '''
+parser.add_argument("--device", type=str, default="cuda")
+parser.add_argument("--dtype", type=str, default="float16")
+parser.add_argument("--data-json", type=str, default=None)
+parser.add_argument("--max-eval-tokens", type=int, default=None)
+'''
+
+
+def patched_checkout(root: Path) -> Path:
+    """A fake checkout as `make mit-env` leaves it: the setup patch's flags live in streaming_llm/utils.py
+    (upstream's parse_args), and scripts/mit/setup.sh's marker names the commit and the patch."""
+    repo = fake_checkout(root)
+    script = (repo / mit.SCRIPT).read_text()
+    (repo / mit.SCRIPT).write_text(script.replace(UPSTREAM_FLAGS, UPSTREAM_FLAGS + PATCHED_UTILS_FLAGS))
+    (repo / mit.ARGS_MODULE).write_text("def parse_args():\n    pass\n" + PATCHED_UTILS_FLAGS)
+    (repo / mit.PATCH_MARKER).write_text("commit 2e5042606d69933d88fbf909bd77907456b9b4dd\npatch abc123\n")
+    return repo
+
+
+def test_patched_checkout_runs_on_our_device_dtype_and_stream_and_the_table_compares(tmp_path, profile):
+    repo = patched_checkout(tmp_path / "streaming-llm")
+    s = replace(settings(tmp_path, repo), run_mit_reference=True)
+    assert run_mit(s, profile) == 0
+    first = calls(repo)[0]
+    assert (arg(first, "--device"), arg(first, "--dtype")) == ("cpu", "float32")
+    assert arg(first, "--data-json") == profile.long.path
+    doc = read(tmp_path, "pg19_mit_reference")
+    assert doc["spec"]["options"] == {"device": "cpu", "dtype": "float32"}
+    assert doc["mit"]["patch"] == mit.PATCH_FILE and doc["mit"]["commit"].startswith("2e50426")
+    assert not any("hard-coded to 'cuda'" in line for line in doc["limitations"])
+
+    # Our strict point on the same tokens: the appendix table shows both numbers and their difference.
+    ours = {"kind": "run", "slot": "main/pg19/strict", "config_hash": "h", "spec": {},
+            "metrics": {"perplexity": 19.5, "n_predicted_tokens": 49}}
+    Store(s.results_dir).write(ours)
+    ctx = stages.context(s, tokenize=False, profile=profile)
+    spec = stages.tables_spec(ctx)
+    assert [(c.reference.slot, c.ours.slot) for c in spec.mit] == [
+        ("mit_bench/pg19_mit_reference", "main/pg19/strict"), ("mit_bench/pg19_mit_reference_windowmatch",
+                                                              "main/pg19/lazy"),
+        ("mit_bench/wikitext_mit_reference", "main/wikitext/strict"),
+        ("mit_bench/wikitext_mit_reference_windowmatch", "main/wikitext/lazy")]
+    tex = to_latex(mit_table.build(lambda slot: ctx.store.lookup(slot, None, True), spec))
+    row = next(line for line in tex.splitlines() if line.startswith("PG19 & MIT Start+Recent &"))
+    assert "20.000" in row and "19.500" in row and "+0.500" in row and "49 / 49" in row
+    assert "commit 2e50426" in tex and "scripts/mit/streaming-llm.patch" in tex.replace(r"\_\allowbreak{}", "_")
+
+
+def test_setup_refuses_what_is_not_a_clone_in_one_line(tmp_path):
+    done = subprocess.run(["bash", str(SETUP), str(tmp_path), "2e5042606d69933d88fbf909bd77907456b9b4dd",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    assert done.stderr.startswith("streamkv: error: MIT_REPO=") and len(done.stderr.splitlines()) == 1

@@ -126,9 +126,12 @@ def test_negative_results_come_from_the_data_file():
 
 def test_write_all_writes_every_file_and_text_rendering_matches(tmp_path):
     cells = (cell("baselines/pg19", 19.761, 97.91), cell("main/pg19/lazy", 20.318, 14.37, stale=True))
+    (tmp_path / "generated").mkdir()
+    (tmp_path / "generated" / "mit_reference.tex").write_text("% from an earlier build with MIT's reference")
     paths = write_all(lookup_of(*cells), SPEC, tmp_path / "generated")
     assert [p.name for p in paths] == ["tables.tex", "ablations.tex", "sweeps.tex", "negative_results.tex",
                                        "meta.tex"]
+    assert not (tmp_path / "generated" / "mit_reference.tex").exists()   # no MIT rows planned: no table
     for p in paths[:4]:
         tex = p.read_text(encoding="utf-8")
         assert tex.count(r"\begin{") == tex.count(r"\end{") and r"\toprule" in tex and r"\bottomrule" in tex

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import atomic_write
-from . import ablations, main, negative, sweeps
+from . import ablations, main, mit, negative, sweeps
 from .cells import Cell, Lookup
 from .meta import meta_tex
 from .render import to_latex, to_text
 
-__all__ = ["Block", "Cell", "Dataset", "Line", "Lookup", "TablesSpec", "build_tables", "render_text", "write_all"]
+__all__ = ["Block", "Cell", "Comparison", "Dataset", "Line", "Lookup", "TablesSpec", "build_tables", "render_text", "write_all"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,16 @@ class Block:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """An appendix row: a reference implementation's point beside ours on the same stream and sizes."""
+
+    dataset: str                   # display name
+    reference: Line                # e.g. MIT's eval_long_ppl.py with our Start+Recent sizes
+    ours: Line                     # our main point it is compared with
+    provenance: dict               # the reference code: {"commit", "patch", ...} (streamkv.mit.provenance)
+
+
+@dataclass(frozen=True)
 class TablesSpec:
     """What the tables need to know about the plan: which slots to ask for and how to label them.
 
@@ -62,25 +72,33 @@ class TablesSpec:
     ablations: Block | None = None                 # None: the stage is switched off
     sweeps: tuple[Block, ...] = ()                 # one block per swept knob; none when switched off
     timing_indicative: bool = False                # CPU timings: the paper marks them indicative only
+    mit: tuple[Comparison, ...] = ()               # MIT reference rows; none when RUN_MIT_REFERENCE=0
 
     def sweep(self, knob: str) -> Block | None:
         return next((b for b in self.sweeps if b.knob == knob), None)
 
 
-GENERATORS = (main.build, ablations.build, sweeps.build, negative.build)
+# (file stem, generator); a generator returns None when its table has no rows in this plan.
+GENERATORS = (("tables", main.build), ("ablations", ablations.build), ("sweeps", sweeps.build),
+              ("negative_results", negative.build), ("mit_reference", mit.build))
 
 
 def build_tables(lookup: Lookup, spec: TablesSpec):
-    return [generate(lookup, spec) for generate in GENERATORS]
+    return [table for _, generate in GENERATORS if (table := generate(lookup, spec)) is not None]
 
 
 def write_all(lookup: Lookup, spec: TablesSpec, out_dir: Path | str) -> list[Path]:
-    """Rewrite tables.tex, ablations.tex, sweeps.tex, negative_results.tex and meta.tex in `out_dir`."""
+    """Rewrite tables.tex, ablations.tex, sweeps.tex, negative_results.tex, mit_reference.tex (when MIT's
+    reference is planned; an old copy is removed otherwise) and meta.tex in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for table in build_tables(lookup, spec):
-        written.append(out / f"{table.name}.tex")
+    for name, generate in GENERATORS:
+        table = generate(lookup, spec)
+        if table is None:
+            (out / f"{name}.tex").unlink(missing_ok=True)   # an old table would pass for a current one
+            continue
+        written.append(out / f"{name}.tex")
         atomic_write(written[-1], to_latex(table).encode("utf-8"))
     written.append(out / "meta.tex")
     atomic_write(written[-1], meta_tex(spec).encode("utf-8"))
