@@ -13,6 +13,8 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA=cu126
 # EleutherAI/pythia-2.8b commit (40 hex): main as of this writing; see streamkv/fetch.py.
 ARG PYTHIA_REVISION=2a259cdd96a4beb1cdf467512e3904197345f6a9
+# mit-han-lab/streaming-llm commit (40 hex) the MIT reference runs; see scripts/mit/README.md.
+ARG MIT_COMMIT=2e5042606d69933d88fbf909bd77907456b9b4dd
 
 FROM ${CUDA_IMAGE}:${CUDA_TAG}${CUDA_DIGEST:+@}${CUDA_DIGEST} AS base
 ARG DEBIAN_FRONTEND=noninteractive
@@ -47,6 +49,23 @@ WORKDIR /assets
 COPY streamkv/__init__.py streamkv/files.py streamkv/fetch.py streamkv/
 RUN python -m streamkv.fetch --revision "${PYTHIA_REVISION}" --data-dir /assets/data
 
+# ---- mit: MIT streaming-llm at MIT_COMMIT with our setup patch, in its own pinned environment (transformers
+# 4.33.0), for the MIT reference stage. Cloned here, where the network exists; never vendored.
+FROM base AS mit
+ARG MIT_COMMIT
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git patch \
+    && rm -rf /var/lib/apt/lists/*
+COPY docker/requirements-mit.lock /tmp/requirements-mit.lock
+RUN python3 -m venv /opt/venv-mit \
+    && /opt/venv-mit/bin/pip install --no-cache-dir -r /tmp/requirements-mit.lock
+COPY scripts/mit/setup.sh scripts/mit/streaming-llm.patch /tmp/mit/
+RUN git clone --quiet https://github.com/mit-han-lab/streaming-llm /tmp/streaming-llm-clone \
+    && mkdir -p /opt/mit \
+    && bash /tmp/mit/setup.sh /tmp/streaming-llm-clone "${MIT_COMMIT}" /opt/mit/streaming-llm \
+    && rm -rf /tmp/streaming-llm-clone
+
 # ---- runtime: offline, non-root, TeX Live for the PDF.
 FROM base AS runtime
 # The same Debian TeX Live packages CI installs (scripts/ensure_tex.sh keeps the list).
@@ -55,6 +74,8 @@ RUN bash /tmp/ensure_tex.sh \
     && rm -rf /var/lib/apt/lists/* /tmp/ensure_tex.sh \
     && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin streamkv
 COPY --from=deps /opt/venv /opt/venv
+COPY --from=mit /opt/venv-mit /opt/venv-mit
+COPY --from=mit /opt/mit /opt/mit
 COPY --from=assets /opt/hf/hub/models--EleutherAI--pythia-2.8b /opt/hf/hub/models--EleutherAI--pythia-2.8b
 WORKDIR /app
 COPY --from=assets /assets/data/ /app/data/
@@ -79,7 +100,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     TRANSFORMERS_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     STREAMKV_PROFILE=paper \
-    STREAMKV_PYTHIA_REVISION=${PYTHIA_REVISION}
+    STREAMKV_PYTHIA_REVISION=${PYTHIA_REVISION} \
+    MIT_REPO=/opt/mit/streaming-llm \
+    PYTHON_BIN=/opt/venv-mit/bin/python
 # A new commit changes these and nothing above. The fingerprint reads them: there is no .git here.
 ARG GIT_COMMIT=unknown
 ARG GIT_DIRTY=unknown

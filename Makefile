@@ -7,9 +7,8 @@ PYTHON      ?= python3
 VENV        ?= .venv
 VENV_TF4    ?= .venv-tf4
 VENV_MIT    ?= .venv-mit
-# MIT streaming-llm: the commit the reference runs (its main branch as of this writing), exported from the
-# clone at MIT_REPO by `make mit-env` into MIT_DIR with scripts/mit/streaming-llm.patch applied.
-MIT_COMMIT  ?= 2e5042606d69933d88fbf909bd77907456b9b4dd
+# MIT streaming-llm: `make mit-env` exports MIT_COMMIT (pinned in docker/docker.mk, with the image's pins)
+# from the clone at MIT_REPO into MIT_DIR and applies scripts/mit/streaming-llm.patch.
 MIT_DIR     ?= .mit/streaming-llm
 STREAMKV    ?= $(VENV)/bin/streamkv
 FORCE       ?= 0

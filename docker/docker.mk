@@ -8,6 +8,8 @@ CUDA_DIGEST     ?= sha256:c87e78933f4c16e3272123bf2f75537306596d0fbaa395a29696a2
 TORCH_VERSION   ?= 2.13.0
 TORCH_CUDA      ?= cu126
 PYTHIA_REVISION ?= 2a259cdd96a4beb1cdf467512e3904197345f6a9
+# mit-han-lab/streaming-llm commit the MIT reference runs (its main as of this writing); `make mit-env` too.
+MIT_COMMIT      ?= 2e5042606d69933d88fbf909bd77907456b9b4dd
 
 # The tag names the stack; `streamkv` (:latest) is the short name the README's docker run lines use.
 IMAGE_NAME ?= streamkv
@@ -39,6 +41,7 @@ image: ## Build the CUDA image (network needed: fetches Pythia-2.8B, PG19, WikiT
 		--build-arg TORCH_VERSION=$(TORCH_VERSION) \
 		--build-arg TORCH_CUDA=$(TORCH_CUDA) \
 		--build-arg PYTHIA_REVISION=$(PYTHIA_REVISION) \
+		--build-arg MIT_COMMIT=$(MIT_COMMIT) \
 		--build-arg GIT_COMMIT=$(GIT_COMMIT) \
 		--build-arg GIT_DIRTY=$(GIT_DIRTY) \
 		-t $(IMAGE) -t $(IMAGE_NAME) .

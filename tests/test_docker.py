@@ -15,7 +15,7 @@ from streamkv import fetch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-PINS = ("CUDA_IMAGE", "CUDA_TAG", "CUDA_DIGEST", "TORCH_VERSION", "TORCH_CUDA", "PYTHIA_REVISION")
+PINS = ("CUDA_IMAGE", "CUDA_TAG", "CUDA_DIGEST", "TORCH_VERSION", "TORCH_CUDA", "PYTHIA_REVISION", "MIT_COMMIT")
 
 
 def dockerfile_args() -> dict[str, str]:
@@ -95,6 +95,22 @@ def test_image_lock_is_the_project_lock_with_the_cuda_torch():
         cuda_torch if r.startswith("torch==") else r for r in project]
     assert len([r for r in image if r.startswith("setuptools==")]) == 1   # torch needs it; pip freeze omits it
     assert f"--extra-index-url https://download.pytorch.org/whl/{args['TORCH_CUDA']}" in image_lock.read_text()
+
+
+def test_image_mit_lock_is_the_mit_lock_with_the_cuda_torch():
+    """MIT's pinned environment in the image: requirements-mit.lock changed as the project lock is."""
+    args = dockerfile_args()
+    mit_lock, image_mit_lock = ROOT / "requirements-mit.lock", ROOT / "docker/requirements-mit.lock"
+    cuda_torch = f"torch=={args['TORCH_VERSION']}+{args['TORCH_CUDA']}"
+    setuptools = [r for r in requirements(ROOT / "docker/requirements.lock") if r.startswith("setuptools==")]
+    assert requirements(image_mit_lock) == [cuda_torch if r.startswith("torch==") else r
+                                            for r in requirements(mit_lock)] + setuptools
+    assert f"--extra-index-url https://download.pytorch.org/whl/{args['TORCH_CUDA']}" in image_mit_lock.read_text()
+    assert "transformers==4.33.0" in requirements(mit_lock)
+    assert args["MIT_COMMIT"] == make_vars()["MIT_COMMIT"] and re.fullmatch(r"[0-9a-f]{40}", args["MIT_COMMIT"])
+    runtime = stage("runtime")
+    assert "COPY --from=mit /opt/mit /opt/mit" in runtime and "MIT_REPO=/opt/mit/streaming-llm" in runtime
+    assert 'setup.sh /tmp/streaming-llm-clone "${MIT_COMMIT}"' in stage("mit")
 
 
 # ---------------------------------------------------------------------------------------------- make -n
@@ -186,7 +202,7 @@ def test_smoke_fails_when_the_assets_do_not_verify(tmp_path):
 
 
 def test_dockerfile_stages_and_runtime_contract():
-    assert re.findall(r"^FROM .* AS (\w+)$", DOCKERFILE, re.M) == ["base", "deps", "assets", "runtime"]
+    assert re.findall(r"^FROM .* AS (\w+)$", DOCKERFILE, re.M) == ["base", "deps", "assets", "mit", "runtime"]
     deps, assets, runtime = stage("deps"), stage("assets"), stage("runtime")
     assert "COPY docker/requirements.lock" in deps and "COPY . " not in deps     # dependencies before source
     assert 'python -m streamkv.fetch --revision "${PYTHIA_REVISION}"' in assets
