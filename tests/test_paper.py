@@ -4,13 +4,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from streamkv import figures, paper, stages
 from streamkv.settings import Settings
-from streamkv.tables import Dataset, write_all
+from streamkv.tables import Comparison, Dataset, Line, write_all
 from streamkv.tables.cells import Cell
 
 from conftest import tables_spec
@@ -93,6 +94,20 @@ def test_pdf_with_generated_content_shows_the_results(paper_dir):
     first = pdf.read_bytes()
     shutil.rmtree(paper_dir / "build")
     assert paper.build_pdf(paper_dir).read_bytes() == first, "the PDF must be byte-for-byte reproducible"
+
+
+@needs_latex
+def test_mit_reference_appendix_compiles_beside_our_number(paper_dir):
+    mit = Line("MIT Start+Recent", "mit_bench/demo-long_mit_reference")
+    ours = SPEC.main[0].lines[0]
+    spec = replace(SPEC, mit=(Comparison("Demo long", mit, ours, {"commit": "2e50426" + "0" * 33,
+                                                                     "patch": "scripts/mit/streaming-llm.patch"}),))
+    cells = {mit.slot: Cell(mit.slot, {"perplexity": 31.5, "n_predicted_tokens": 99}, "h-mit"),
+             ours.slot: Cell(ours.slot, {"perplexity": 31.25, "n_predicted_tokens": 99}, "h-ours")}
+    write_all(cells.get, spec, paper_dir / "generated")
+    text = pdf_text(paper.build_pdf(paper_dir, use_generated=True, use_appendix=True))
+    assert "official StreamingLLM code as a reference" in text
+    assert "31.500" in text and "31.250" in text and "+0.250" in text and "99 / 99" in text
 
 
 @needs_latex
