@@ -64,11 +64,12 @@ $(VENV_MIT)/.installed: requirements-mit.lock
 	touch $@
 
 $(MIT_DIR)/.streamkv-patch: scripts/mit/streaming-llm.patch scripts/mit/setup.sh
-	@test -n "$(MIT_REPO)" || { echo "streamkv: error: set MIT_REPO to a git clone of mit-han-lab/streaming-llm" >&2; exit 2; }
+	@test -n "$(MIT_REPO)" \
+		|| { echo "streamkv: error: set MIT_REPO to a git clone of mit-han-lab/streaming-llm" >&2; exit 2; }
 	mkdir -p $(dir $(MIT_DIR))
 	scripts/mit/setup.sh "$(MIT_REPO)" $(MIT_COMMIT) $(MIT_DIR)
 
-mit-env: $(VENV_MIT)/.installed $(MIT_DIR)/.streamkv-patch ## MIT's pinned env (.venv-mit, transformers 4.33.0) and patched checkout (MIT_REPO=<clone>)
+mit-env: $(VENV_MIT)/.installed $(MIT_DIR)/.streamkv-patch ## MIT's pinned env and patched code (MIT_REPO=<clone>)
 
 bench: $(installed) ## Decode speed and memory: streaming vs recompute
 	$(STREAMKV) bench $(force_flag)

@@ -141,7 +141,8 @@ class Profile:
         if quality:
             grids["sigma"] = [(v, (("cache_slack", v),)) for v in self.sweep_sigma]
             grids["delta"] = [(v, (("cache_slack", self.lazy_r), ("max_drop", v))) for v in self.sweep_delta]
-        return {name: tuple(Variant(f"{name}={v}", f"{SWEEP_SYMBOLS[name]} = {v}", knobs, value=v) for v, knobs in points)
+        return {name: tuple(Variant(f"{name}={v}", f"{SWEEP_SYMBOLS[name]} = {v}", knobs, value=v)
+                            for v, knobs in points)
                 for name, points in grids.items()}
 
 

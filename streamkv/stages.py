@@ -213,7 +213,8 @@ def plan_main(ctx: Context, datasets: tuple[Dataset, ...] | None = None) -> list
 
 
 def plan_ablations(ctx: Context) -> list[Point]:
-    return _variant_points(ctx, "ablations", ctx.profile.long, ctx.profile.ablations(ctx.settings.run_quality_heuristics))
+    ladder = ctx.profile.ablations(ctx.settings.run_quality_heuristics)
+    return _variant_points(ctx, "ablations", ctx.profile.long, ladder)
 
 
 def _sweep_points(ctx: Context) -> dict[str, list[Point]]:
