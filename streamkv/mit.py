@@ -40,6 +40,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -366,9 +367,10 @@ class Planned:
     dataset: Dataset
 
 
-def plan(profile: Profile, settings: Settings) -> list[Planned]:
+def plan(profile: Profile, settings: Settings, main_slot: Callable[[Dataset, str], str]) -> list[Planned]:
     """Both references on every dataset of the profile; [] with one line when MIT_REPO is not a checkout,
-    and a dataset the script cannot read is left out with one line."""
+    and a dataset the script cannot read is left out with one line. main_slot(dataset, variant label): the
+    plan's slot of our main point, which each reference records as where its sizes come from."""
     try:
         repo = checkout(settings.mit_repo)
     except MitSkip as skip:
@@ -382,8 +384,8 @@ def plan(profile: Profile, settings: Settings) -> list[Planned]:
     points = []
     for dataset in profile.datasets:
         # Where the sizes come from, the same in both files (a copied file must not contradict itself).
-        matches = {"start_size": {f"main/{dataset.name}/{strict_v.label}": strict.n_sink},
-                   "recent_size": {f"main/{dataset.name}/{v.label}": p.window + p.overlap
+        matches = {"start_size": {main_slot(dataset, strict_v.label): strict.n_sink},
+                   "recent_size": {main_slot(dataset, v.label): p.window + p.overlap
                                    for v, p in ((strict_v, strict), (lazy_v, lazy))}}
         for ref in references(strict, lazy):
             slot = f"mit_bench/{dataset.name}_{ref.label}"

@@ -79,7 +79,7 @@ class Context:
     def mit(self) -> list:
         """MIT's reference points (mit.Planned), planned once: planning asks MIT's interpreter for versions."""
         if self._mit is None:
-            self._mit = mit.plan(self.profile, self.settings)
+            self._mit = mit.plan(self.profile, self.settings, lambda d, label: variant_slot("main", d, label))
         return self._mit
 
     @property
@@ -202,8 +202,12 @@ def plan_baseline(ctx: Context, runs: int | None = None, datasets: tuple[Dataset
     return points
 
 
+def variant_slot(stage: str, dataset: Dataset, label: str) -> str:
+    return f"{stage}/{dataset.name}/{label}"
+
+
 def _variant_points(ctx: Context, stage: str, dataset: Dataset, variants) -> list[Point]:
-    return [Point(f"{stage}/{dataset.name}/{v.label}", streaming_spec(ctx, dataset, v), v.display, v.value)
+    return [Point(variant_slot(stage, dataset, v.label), streaming_spec(ctx, dataset, v), v.display, v.value)
             for v in variants]
 
 
@@ -472,10 +476,9 @@ def tables_spec(ctx: Context) -> tables.TablesSpec:
 
 def _mit_comparisons(ctx: Context) -> tuple[tables.Comparison, ...]:
     """Each MIT reference beside the main point of ours with the same sinks and recent window."""
-    ours = {(d.name, v.label): tables.Line(p.display, p.slot) for d in ctx.profile.datasets
-            for v, p in zip(ctx.profile.main_variants(), plan_main(ctx, (d,)))}
+    ours = {p.slot: tables.Line(p.display, p.slot) for p in plan_main(ctx)}
     return tuple(tables.Comparison(m.dataset.display, tables.Line(m.reference.display, m.slot),
-                                   ours[m.dataset.name, m.reference.ours], m.spec.provenance)
+                                   ours[variant_slot("main", m.dataset, m.reference.ours)], m.spec.provenance)
                  for m in ctx.mit())
 
 
