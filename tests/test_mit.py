@@ -274,7 +274,7 @@ def test_patched_checkout_runs_on_our_device_dtype_and_stream_and_the_table_comp
         ("mit_bench/wikitext_mit_reference_windowmatch", "main/wikitext/lazy")]
     tex = to_latex(mit_table.build(lambda slot: ctx.store.lookup(slot, None, True), spec))
     row = next(line for line in tex.splitlines() if line.startswith("PG19 & MIT Start+Recent &"))
-    assert "20.000" in row and "19.500" in row and "+0.500" in row and "49 / 49" in row
+    assert "20.000" in row and "19.500" in row and "+0.5$" in row and "49 / 49" in row
     assert "commit 2e50426" in tex and "scripts/mit/streaming-llm.patch" in tex.replace(r"\_\allowbreak{}", "_")
 
 

@@ -29,7 +29,8 @@ def _row(lookup: Lookup, c: "Comparison") -> Row:
     mit, ours = lookup(c.reference.slot), lookup(c.ours.slot)
     both = mit is not None and ours is not None
     marks = ("stale",) if both and (mit.stale or ours.stale) else ()
-    delta = Entry(format(mit.metric("perplexity") - ours.metric("perplexity"), "+.3f"), marks) if both \
+    # Three significant digits: the two implementations may agree far below the table's 3 decimals.
+    delta = Entry(format(mit.metric("perplexity") - ours.metric("perplexity"), "+.3g"), marks) if both \
         else Entry(INSERT)
     tokens = Entry(f"{mit.metric('n_predicted_tokens')} / {ours.metric('n_predicted_tokens')}") if both \
         else Entry(INSERT)
