@@ -42,7 +42,7 @@ def _row(lookup: Lookup, c: "Comparison") -> Row:
 def _caption(spec: "TablesSpec") -> str:
     origin = spec.mit[0].provenance
     commit = (origin.get("commit") or "unknown commit")[:7]
-    patch = (f", with our setup patch {origin['patch']} (GPT-NeoX cache layout, --device/--dtype, our stream "
+    patch = (f", with our setup patch {origin['patch']} (GPT-NeoX cache layout, device and dtype options, our stream "
              "file, tokenizer file format; nothing that touches the attention or the eviction)"
              if origin.get("patch") else ", unmodified")
     return (f"MIT streaming-llm's examples/eval_long_ppl.py (commit {commit}{patch}) on the same model, "
