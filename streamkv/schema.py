@@ -43,7 +43,7 @@ class Result(TypedDict, total=False):
     created_utc: str             # ISO-8601 time the run finished
 
 
-# Kinds whose metrics must hold a perplexity (a bench file times decoding only).
+# Kinds whose metrics must hold a perplexity: every kind a writer produces (bench points are runs too).
 _SCORED_KINDS = ("run", "mit_reference")
 _HASH = re.compile(r"[0-9a-f]{64}")
 
@@ -58,7 +58,7 @@ def _is(value, kind) -> bool:
 
 def _check_metrics(metrics: dict, where: str) -> None:
     """Every known metric has its declared type or is null (a timing the run could not take); other keys
-    holding objects are per-method metrics (the bench file keys them by label) and are checked the same."""
+    holding objects are nested metrics (a MIT result's mit_reported) and are checked the same."""
     types = get_type_hints(Metrics)
     for key, value in metrics.items():
         if key in types:
@@ -78,7 +78,8 @@ def validate(doc) -> None:
     if not isinstance(doc, dict):
         raise ValueError(f"a JSON {type(doc).__name__}, not an object")
     required = {"schema_version": int, "kind": str, "slot": str, "config_hash": str, "metrics": dict}
-    optional = {"spec": dict, "fingerprint": dict, "engines": dict, "artifacts": dict, "created_utc": str}
+    optional = {"spec": dict, "code": dict, "fingerprint": dict, "engines": dict, "artifacts": dict,
+                "created_utc": str}
     for key, kind in required.items():
         if key not in doc:
             raise ValueError(f"no {key!r}")
