@@ -127,7 +127,9 @@ def test_a_bench_point_equal_to_the_baseline_is_copied_not_recomputed(fakes):
     """Bench points are ordinary points of the one loop: an equal spec is the same experiment."""
     profile, settings = fakes
     run(profile, settings(), ["baseline"])
-    whole_stream = settings(mit_bench_gen_tokens=N_TOKENS["long"] - profile.cap_total - 1)
+    # One timed run and no warm-up, as the baseline takes them: the same experiment in every knob.
+    whole_stream = settings(mit_bench_gen_tokens=N_TOKENS["long"] - profile.cap_total - 1, warmup_runs=0,
+                            repeat_runs=1)
     runner, outcome = run(profile, whole_stream, ["bench"])
     # Both streams are no longer than C + N + 1 tokens: each bench recompute point is its baseline.
     assert outcome.copied == ["mit_bench/long_benchmark_recompute", "mit_bench/short_benchmark_recompute"]
