@@ -119,6 +119,10 @@ class Profile:
         return (Variant("strict", f"Start+Recent (R = {self.strict_r})", (("compress_every", self.strict_r),)),
                 Variant("lazy", f"Lazy Pruning (R = {self.lazy_r})"))
 
+    def engine_variants(self) -> tuple[Variant, ...]:
+        """The bench's engine comparison: no eviction (R = 0, the cache grows from C), then the main points."""
+        return (Variant("no_eviction", "No eviction (R = 0)", (("compress_every", 0),)),) + self.main_variants()
+
     def ablations(self, quality: bool) -> tuple[Variant, ...]:
         r = self.lazy_r
         ladder = self.main_variants() + (

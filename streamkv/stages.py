@@ -145,6 +145,12 @@ def context(settings: Settings, *, tokenize: bool, random_weights: bool = False,
 
 
 # ----------------------------------------------------------------------------------------------- plans
+def warmup_runs(ctx: Context) -> int:
+    """WARMUP_RUNS, but at least one on CUDA: the first run pays compilation, graph capture and kernel plans."""
+    s = ctx.settings
+    return max(s.warmup_runs, 1) if ctx.profile.device.startswith("cuda") else s.warmup_runs
+
+
 def with_engines(ctx: Context, draft: RunSpec, engine: str | None = None) -> RunSpec:
     """`draft` with its perplexity engine (`engine`, else the profile's where it can realise the point, else
     decode, which realises every streaming point) and its timing protocol (streamkv/timing.py): the fastest
@@ -155,13 +161,10 @@ def with_engines(ctx: Context, draft: RunSpec, engine: str | None = None) -> Run
         preferred = ctx.profile.perplexity_engine
         engine = preferred if engines.get(preferred).supports(draft) is None else "decode"
     timing = engines.timing_engine(draft)   # what can time a point depends on the point, not its engine
-    s = ctx.settings
-    # On CUDA the first run pays compilation, graph capture and kernel plans: never a timed one.
-    warmup = max(s.warmup_runs, 1) if ctx.profile.device.startswith("cuda") else s.warmup_runs
     own = timing == engine
     return dataclasses.replace(draft, engine=engine, measure=MeasureSpec(
-        warmup_runs=warmup, repeat_runs=s.repeat_runs, timing_tokens=0 if own else ctx.profile.timing_tokens,
-        timing_engine="" if own else timing))
+        warmup_runs=warmup_runs(ctx), repeat_runs=ctx.settings.repeat_runs,
+        timing_tokens=0 if own else ctx.profile.timing_tokens, timing_engine="" if own else timing))
 
 
 def streaming_spec(ctx: Context, dataset: Dataset, variant: Variant) -> RunSpec | None:
@@ -230,27 +233,52 @@ def plan_sweeps(ctx: Context) -> list[Point]:
     return [p for points in _sweep_points(ctx).values() for p in points]
 
 
+# The engine comparison of the bench: the seed's style of decoding (HF forward, DynamicCache, eviction by
+# re-slicing the cache) beside the ring-buffer engine, each timing itself on the same tokens.
+BENCH_ENGINES = (("decode", "streaming", "HF decode (DynamicCache)"), ("fast", "fast", "fast (ring buffer, CUDA graph)"))
+
+
 def plan_bench(ctx: Context) -> list[Point]:
     """Decode speed and memory of each method on the first C + N + 1 tokens of each stream (N =
     MIT_BENCH_GEN_TOKENS): one prefill forward of C tokens, then N tokens decoded one per forward, fed from
     the stream (teacher forcing: a forward costs the same whichever token it is fed, and every method
     decodes the very same tokens). The seed guide filled this role with MIT's benchmark_streaming.py;
     here the paper's own engines do it: the decode engine for Start+Recent and Lazy Pruning (it times
-    itself), the recompute engine for the baseline. Each is an ordinary point with its own spec."""
+    itself), the recompute engine for the baseline. Each is an ordinary point with its own spec.
+    On the long stream, the engine comparison (`bench_engine_points`) adds no eviction and the fast engine."""
     p, points = ctx.profile, []
     for d in p.datasets:
-        data = ctx.data(dataclasses.replace(d, max_tokens=p.cap_total + ctx.settings.mit_bench_gen_tokens + 1))
-        timing = MeasureSpec(warmup_runs=ctx.settings.warmup_runs, repeat_runs=ctx.settings.repeat_runs)
-        common = dict(model=ctx.model, data=data, device=p.device, measure=timing)
-        for v in p.main_variants():
-            spec = None if data is None else RunSpec(
-                mode="streaming", policy=p.policy(v), position_mode=v.position_mode, rerotation=v.rerotation,
-                engine="decode", **common)
-            points.append(Point(f"mit_bench/{d.name}_benchmark_streaming_{v.label}", spec, v.display))
+        data = _bench_data(ctx, d)
+        points += _bench_points(ctx, d, data, "decode", p.main_variants())
         spec = None if data is None else RunSpec(mode="baseline", policy=p.baseline_policy(), engine="recompute",
-                                                 **common)
+                                                 model=ctx.model, data=data, device=p.device, measure=_bench_timing(ctx))
         points.append(Point(f"mit_bench/{d.name}_benchmark_recompute", spec, BASELINE_DISPLAY))
-    return points
+    return points + [pt for row in bench_engine_points(ctx) for pt in row[1]]
+
+
+def bench_engine_points(ctx: Context) -> list[tuple[str, list[Point]]]:
+    """(engine display, its points: no eviction, then the main variants) per engine of BENCH_ENGINES."""
+    d = ctx.profile.long
+    data = _bench_data(ctx, d)
+    return [(display, _bench_points(ctx, d, data, engine, ctx.profile.engine_variants()))
+            for engine, _, display in BENCH_ENGINES]
+
+
+def _bench_data(ctx: Context, d: Dataset):
+    return ctx.data(dataclasses.replace(d, max_tokens=ctx.profile.cap_total + ctx.settings.mit_bench_gen_tokens + 1))
+
+
+def _bench_timing(ctx: Context) -> MeasureSpec:
+    return MeasureSpec(warmup_runs=warmup_runs(ctx), repeat_runs=ctx.settings.repeat_runs)
+
+
+def _bench_points(ctx: Context, d: Dataset, data, engine: str, variants) -> list[Point]:
+    stem = next(stem for name, stem, _ in BENCH_ENGINES if name == engine)
+    p = ctx.profile
+    return [Point(f"mit_bench/{d.name}_benchmark_{stem}_{v.label}", None if data is None else RunSpec(
+                mode="streaming", policy=p.policy(v), position_mode=v.position_mode, rerotation=v.rerotation,
+                engine=engine, model=ctx.model, data=data, device=p.device, measure=_bench_timing(ctx)), v.display)
+            for v in variants]
 
 
 def plan_mit(ctx: Context) -> list[Point]:
@@ -471,6 +499,8 @@ def tables_spec(ctx: Context) -> tables.TablesSpec:
                      for knob, points in _sweep_points(ctx).items()) if "sweeps" in names else (),
         timing_indicative=not profile.device.startswith("cuda"),
         mit=_mit_comparisons(ctx) if "mit" in names else (),
+        engines=tuple(tables.EngineRow(profile.long.display, display, lines(points[:1])[0], lines(points[1:]))
+                      for display, points in bench_engine_points(ctx)) if "bench" in names else (),
     )
 
 

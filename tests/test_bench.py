@@ -41,6 +41,9 @@ def profile(monkeypatch, loads):
 
 SLOTS = [f"mit_bench/{d}_benchmark_{kind}" for d in ("demo-long", "demo-short")
          for kind in ("streaming_strict", "streaming_lazy", "recompute")]
+# The engine comparison on the long stream (its decode strict/lazy points are the slots above).
+ENGINE_SLOTS = [f"mit_bench/demo-long_benchmark_{kind}"
+                for kind in ("streaming_no_eviction", "fast_no_eviction", "fast_strict", "fast_lazy")]
 
 
 def run_bench(s: Settings, profile):
@@ -53,13 +56,13 @@ def test_bench_points_go_through_the_stage_loop_and_the_one_writer(tmp_path, pro
     monkeypatch.setattr(store_mod, "atomic_write", lambda path, data: (written.append(path), real_write(path, data)))
     s = Settings(results_dir=str(tmp_path), mit_bench_gen_tokens=GEN, warmup_runs=1, repeat_runs=2)
     outcome = run_bench(s, profile)
-    assert outcome.computed == SLOTS
+    assert outcome.computed == SLOTS + ENGINE_SLOTS
     store = store_mod.Store(tmp_path)
-    paths = [store.path(slot) for slot in SLOTS]
+    paths = [store.path(slot) for slot in SLOTS + ENGINE_SLOTS]
     assert set(paths) <= set(written)                                    # every JSON through atomic_write
     assert not [p for p in (tmp_path / "mit_bench").iterdir() if p.name.startswith(".")]   # no temp file left
 
-    docs = {slot: json.loads(path.read_text()) for slot, path in zip(SLOTS, paths)}
+    docs = {slot: json.loads(path.read_text()) for slot, path in zip(SLOTS + ENGINE_SLOTS, paths)}
     for slot, doc in docs.items():
         spec = RunSpec.from_dict(doc["spec"])
         assert doc["slot"] == slot and doc["config_hash"] == spec.config_hash()
@@ -77,18 +80,23 @@ def test_bench_points_go_through_the_stage_loop_and_the_one_writer(tmp_path, pro
     # Strict prunes every step back to S + W = 16; lazy lets R − 1 = 3 more tokens pile up first.
     assert strict["metrics"]["max_cached_tokens"] == CAP and lazy["metrics"]["max_cached_tokens"] == CAP + 3
     assert recompute["metrics"]["n_prunes"] == 0
+    dense, fast_dense, fast_strict, fast_lazy = (docs[slot] for slot in ENGINE_SLOTS)
+    assert [d["engines"]["timing"] for d in (dense, fast_dense, fast_strict, fast_lazy)] == ["decode"] + ["fast"] * 3
+    assert dense["metrics"]["n_prunes"] == fast_dense["metrics"]["n_prunes"] == 0
+    assert dense["metrics"]["max_cached_tokens"] == CAP + GEN                # no eviction: the cache only grows
+    assert fast_strict["spec"]["policy"] == strict["spec"]["policy"]         # the same schedule, another engine
     # `status` lists them once RUN_MIT_BENCH puts them in the paper (state unknown: synthetic streams are
     # not in the stream index, so status cannot hash them without generating the ids).
-    rows, _ = stages.status(s, profile=profile)
+    rows, _ = stages.status(replace(s, run_mit_bench=False), profile=profile)
     assert [slot for slot, _, _ in rows if slot.startswith("mit_bench")] == []
-    rows, _ = stages.status(replace(s, run_mit_bench=True), profile=profile)
-    assert [slot for slot, _, _ in rows if slot.startswith("mit_bench")] == SLOTS
+    rows, _ = stages.status(s, profile=profile)
+    assert [slot for slot, _, _ in rows if slot.startswith("mit_bench")] == SLOTS + ENGINE_SLOTS
 
 
 def test_bench_reuses_current_points(tmp_path, profile, loads):
     s = Settings(results_dir=str(tmp_path), mit_bench_gen_tokens=GEN)
-    assert len(run_bench(s, profile).computed) == 6
-    assert run_bench(s, profile).reused == SLOTS
+    assert len(run_bench(s, profile).computed) == 10
+    assert run_bench(s, profile).reused == SLOTS + ENGINE_SLOTS
     assert len(loads) == 1                      # the second run never loaded the model
     # Another decode length is another experiment: every point is measured again.
-    assert len(run_bench(replace(s, mit_bench_gen_tokens=GEN + 1), profile).computed) == 6
+    assert len(run_bench(replace(s, mit_bench_gen_tokens=GEN + 1), profile).computed) == 10

@@ -21,7 +21,7 @@ def test_defaults_follow_the_guide_except_stale_results_and_timing(tmp_path):
     assert (s.profile, s.run_sweeps, s.run_ablations) == ("demo", True, True)
     assert (s.warmup_runs, s.repeat_runs) == (1, 3)  # deliberate: the guide's stable setting, not its 0, 1
     assert (s.run_quality_heuristics, s.strict_baseline_check, s.auto_baseline) == (False, False, True)
-    assert (s.run_mit_reference, s.run_mit_bench, s.mit_bench_gen_tokens) == (False, False, 512)
+    assert (s.run_mit_reference, s.run_mit_bench, s.mit_bench_gen_tokens) == (False, True, 512)  # bench on: the engine comparison
     assert s.allow_stale_results is False  # deliberate: the seed's default 1 mixed stale rows into tables
     assert s.cap_total is None and s.sweep_r_values is None  # the profile decides
     assert s.results_dir == str(settings.ROOT / "results") and s.force is False

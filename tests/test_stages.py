@@ -50,7 +50,7 @@ def test_plans_name_their_slots(fakes):
         "ablations/long/lazy_slack", "ablations/long/lazy_slack_maxdrop"]
     assert [p.slot for p in quality if "sigma" in p.slot or "delta" in p.slot] == [
         "sweeps/long/sigma=0", "sweeps/long/sigma=2", "sweeps/long/delta=0", "sweeps/long/delta=2"]
-    assert stages.paper_stages(settings(run_sweeps=False, run_ablations=False)) == ("baseline", "main")
+    assert stages.paper_stages(settings(run_sweeps=False, run_ablations=False, run_mit_bench=False)) == ("baseline", "main")
 
 
 def test_specs_carry_the_knobs(fakes):
@@ -133,7 +133,7 @@ def test_a_bench_point_equal_to_the_baseline_is_copied_not_recomputed(fakes):
     runner, outcome = run(profile, whole_stream, ["bench"])
     # Both streams are no longer than C + N + 1 tokens: each bench recompute point is its baseline.
     assert outcome.copied == ["mit_bench/long_benchmark_recompute", "mit_bench/short_benchmark_recompute"]
-    assert not any(slot.endswith("recompute") for slot in runner.computed) and len(runner.computed) == 4
+    assert not any(slot.endswith("recompute") for slot in runner.computed) and len(runner.computed) == 8   # 4 streaming, 4 engine comparison
 
 
 def test_tables_find_stream_specs_when_the_stream_file_is_gone(fakes, tmp_path):
@@ -304,7 +304,7 @@ def test_tables_use_the_stream_index_and_mark_stale_results(fakes, tmp_path, mon
     report = stages.write_tables(settings(), out, profile=profile)
     # The R-sweep figure has no results to be drawn from, so it is not there.
     assert {p.name for p in report.written} == {"tables.tex", "ablations.tex", "sweeps.tex",
-                                                "negative_results.tex", "meta.tex", "fig_cache_len.pdf"}
+                                                "negative_results.tex", "engines.tex", "meta.tex", "fig_cache_len.pdf"}
     main_tex = (out / "tables.tex").read_text()
     assert "[INSERT DATA]" not in main_tex and "14.000" in main_tex   # the fake lazy point's PPL (10 + R)
     stale = {"ablations/long/lazy", "ablations/long/lazy_absolute", "ablations/long/lazy_composed_fp16",
@@ -324,7 +324,7 @@ def test_status_lists_every_planned_point(fakes, tmp_path):
     rows, problems = stages.status(settings(), profile=profile)
     state = {slot: s for slot, s, _ in rows}
     assert state["main/long/lazy"] == "current" and state["sweeps/long/R=2"] == "missing"
-    assert len(rows) == 2 + 4 + 6 + 3 and len(problems) == 1
+    assert len(rows) == 2 + 4 + 6 + 3 + 6 + 4 and len(problems) == 1   # ..., bench: 6 per-dataset, 4 engine comparison
     rows, _ = stages.status(settings(repeat_runs=5), profile=profile)   # 3 is the default now
     assert dict((slot, s) for slot, s, _ in rows)["main/long/lazy"] == "stale"
 

@@ -158,3 +158,23 @@ def test_tables_never_import_torch():
     code = "import streamkv.tables, sys; assert 'torch' not in sys.modules, 'torch was imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_engine_table_divides_by_the_same_engines_tpot_without_eviction():
+    from types import SimpleNamespace
+
+    from streamkv.store import Cell
+    from streamkv.tables import EngineRow, Line, engines
+
+    def cell(slot, tpot, spread=0.0):
+        return Cell(slot, {"tpot_ms": tpot, "tpot_ms_spread": spread}, "a" * 64)
+
+    cells = {c.slot: c for c in (cell("d0", 20.0, 4.0), cell("d1", 22.0), cell("d64", 18.0),
+                                 cell("f0", 2.5), cell("f1", 2.6, 0.01))}   # f64 missing
+    rows = (EngineRow("PG19", "HF decode", Line("No eviction", "d0"), (Line("strict", "d1"), Line("lazy", "d64"))),
+            EngineRow("PG19", "fast", Line("No eviction", "f0"), (Line("strict", "f1"), Line("lazy", "f64"))))
+    table = engines.build(cells.get, SimpleNamespace(engines=rows))   # the generator reads spec.engines only
+    texts = [[e.text for e in r.entries] for g in table.groups for r in g.rows]
+    assert texts[0] == ["PG19", "HF decode", "20.00 ± 4.00", "22.00", "1.100", "18.00", "0.900"]
+    assert texts[1] == ["PG19", "fast", "2.50", "2.60 ± 0.01", "1.040", "[INSERT DATA]", "[INSERT DATA]"]
+    assert table.headers[2] == "TPOT (ms), No eviction" and table.headers[4] == "Overhead (×)"

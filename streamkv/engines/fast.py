@@ -282,6 +282,7 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
                 captured.replay() if captured is not None else stream.step()
                 if progress and (k + 1) % PROGRESS_EVERY == 0:
                     bar.update(PROGRESS_EVERY)
+            bar.update(n_fed - bar.n)
             bar.close()
             ms = timer.stop()
     finally:

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import atomic_write
-from . import ablations, main, mit, negative, sweeps
+from . import ablations, engines, main, mit, negative, sweeps
 from .cells import Cell, Lookup
 from .meta import meta_tex
 from .render import to_latex, to_text
 
-__all__ = ["Block", "Cell", "Comparison", "Dataset", "Line", "Lookup", "TablesSpec", "build_tables", "render_text", "write_all"]
+__all__ = ["Block", "Cell", "Comparison", "Dataset", "EngineRow", "Line", "Lookup", "TablesSpec", "build_tables", "render_text", "write_all"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,16 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class EngineRow:
+    """A row of the engine comparison: one engine's TPOT without eviction and with each eviction policy."""
+
+    dataset: str                   # display name
+    engine: str                    # display name
+    no_eviction: Line              # R = 0: the cache grows from C; the denominator of the overhead
+    lines: tuple[Line, ...]        # strict, lazy: TPOT and overhead = TPOT / TPOT without eviction
+
+
+@dataclass(frozen=True)
 class TablesSpec:
     """What the tables need to know about the plan: which slots to ask for and how to label them.
 
@@ -73,6 +83,7 @@ class TablesSpec:
     sweeps: tuple[Block, ...] = ()                 # one block per swept knob; none when switched off
     timing_indicative: bool = False                # CPU timings: the paper marks them indicative only
     mit: tuple[Comparison, ...] = ()               # MIT reference rows; none when RUN_MIT_REFERENCE=0
+    engines: tuple[EngineRow, ...] = ()            # the bench's engine comparison; none when RUN_MIT_BENCH=0
 
     def sweep(self, knob: str) -> Block | None:
         return next((b for b in self.sweeps if b.knob == knob), None)
@@ -80,7 +91,7 @@ class TablesSpec:
 
 # (file stem, generator); a generator returns None when its table has no rows in this plan.
 GENERATORS = (("tables", main.build), ("ablations", ablations.build), ("sweeps", sweeps.build),
-              ("negative_results", negative.build), ("mit_reference", mit.build))
+              ("negative_results", negative.build), ("mit_reference", mit.build), ("engines", engines.build))
 
 
 def build_tables(lookup: Lookup, spec: TablesSpec):
