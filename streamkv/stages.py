@@ -235,7 +235,7 @@ def plan_sweeps(ctx: Context) -> list[Point]:
 
 # The engine comparison of the bench: the seed's style of decoding (HF forward, DynamicCache, eviction by
 # re-slicing the cache) beside the ring-buffer engine, each timing itself on the same tokens.
-BENCH_ENGINES = (("decode", "streaming", "HF decode (DynamicCache)"), ("fast", "fast", "fast (ring buffer, CUDA graph)"))
+BENCH_ENGINES = (("decode", "streaming", "HF decode"), ("fast", "fast", "fast (ring buffer)"))
 
 
 def plan_bench(ctx: Context) -> list[Point]:

@@ -32,7 +32,7 @@ def _tpot(cell) -> Entry:
 
 def _row(lookup: Lookup, row: "EngineRow") -> Row:
     reference = lookup(row.no_eviction.slot)
-    entries = [Entry(row.dataset), Entry(row.engine), _tpot(reference)]
+    entries = [Entry(row.engine), _tpot(reference)]
     for line in row.lines:
         cell = lookup(line.slot)
         entries += [_tpot(cell), _overhead(cell, reference)]
@@ -44,11 +44,12 @@ def build(lookup: Lookup, spec: "TablesSpec") -> Table | None:
     if not spec.engines:
         return None
     first = spec.engines[0]
-    headers = ["Dataset", "Engine", f"TPOT (ms), {first.no_eviction.display}"]
+    headers = ["Engine", first.no_eviction.display]
     for line in first.lines:
-        headers += [f"TPOT (ms), {line.display}", "Overhead (×)"]
-    caption = ("Decode engines on the same tokens (prefill C, then the bench's decoded tokens): TPOT as median "
-               "± half range over the timed repeats, and eviction overhead = TPOT with eviction / TPOT of the "
-               "same engine without eviction.")
-    return Table("engines", "tab:engines", caption, tuple(headers), ("l", "l") + ("r",) * (len(headers) - 2),
+        headers += [line.display, "Overhead"]
+    datasets = ", ".join(dict.fromkeys(r.dataset for r in spec.engines))
+    caption = (f"Decode engines on the same tokens of {datasets} (prefill C, then the bench's decoded tokens): "
+               "TPOT in ms as median ± half range over the timed repeats, and eviction overhead (×) = TPOT with "
+               "eviction / TPOT of the same engine without eviction.")
+    return Table("engines", "tab:engines", caption, tuple(headers), ("l",) + ("r",) * (len(headers) - 1),
                  (Group(None, tuple(_row(lookup, r) for r in spec.engines)),))
