@@ -69,8 +69,11 @@ def hold(path: Path | str, *, wait: bool = True) -> Iterator[bool]:
     if fd is None:
         yield False
         return
-    os.ftruncate(fd, 0)   # a holder killed by SIGKILL left its name in the file
-    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)   # a holder killed by SIGKILL left its name in the file
+        os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass   # a full disk: the name is for people and tests only; the lock itself holds without it
     _held[path] = 1
     try:
         yield True
