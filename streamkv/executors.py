@@ -116,8 +116,8 @@ def run(store: Store, units: list[Unit], opts: Options, bar: tqdm) -> None:
     missing = sorted({u.slot for u in units if not _point_done(store, u)})
     if missing:
         raise StageError(f"{len(missing)} points still missing after {opts.retries + 1} attempts "
-                            f"({', '.join(missing)}): {backend.failure() or 'the workers ended without them'}; "
-                            "finished points are kept, a re-run computes the rest")
+                         f"({', '.join(missing)}): {backend.failure() or 'the workers ended without them'}; "
+                         "finished points are kept, a re-run computes the rest")
 
 
 def _say(message: str) -> None:
@@ -231,9 +231,9 @@ class _Slurm(_Backend):
                     unresponsive_since = unresponsive_since or time.monotonic()
                     if time.monotonic() - unresponsive_since > NODE_GRACE_S:
                         raise StageError(f"slurm: no node of partition {self.opts.partition or '(default)'} "
-                                            f"responds (node states: {' '.join(states) or 'none'}); cancelled array "
-                                            f"job {array}; finished points are kept, re-run the stage when the "
-                                            "cluster is back")
+                                         f"responds (node states: {' '.join(states) or 'none'}); cancelled array "
+                                         f"job {array}; finished points are kept, re-run the stage when the "
+                                         "cluster is back")
                 time.sleep(POLL_S)
         except BaseException:
             subprocess.run(["scancel", array], capture_output=True, timeout=30)
