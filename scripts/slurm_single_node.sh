@@ -8,7 +8,7 @@ set -euo pipefail
 conf=/etc/slurm/slurm.conf
 case "${1:-start}" in
   stop-slurmd) kill "$(cat /run/slurmd.pid)"; exit 0 ;;
-  start-slurmd) slurmd; exit 0 ;;
+  start-slurmd) slurmd -N localhost; exit 0 ;;
   start) ;;
   *) echo "usage: $0 [start|stop-slurmd|start-slurmd]" >&2; exit 2 ;;
 esac
@@ -55,7 +55,7 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
 CONF
 
 pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+pgrep -x slurmd >/dev/null || slurmd -N localhost   # the node is named localhost whatever the hostname
 for _ in $(seq 60); do
   if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)$'; then
     sinfo
