@@ -63,6 +63,21 @@ def _knob_options(f):
         click.option("--cap-total", type=int, default=None, help="KV budget C of auto-cap  [env CAP_TOTAL]"),
         click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 1]"),
         click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 3]"),
+        click.option("--executor", default=None, help="local | slurm  [env STREAMKV_EXECUTOR, default local]"),
+        click.option("--workers", type=int, default=None,
+                     help="Worker processes (local) or array tasks (slurm)  [env STREAMKV_WORKERS, default: "
+                          "one per GPU; slurm: one per point]"),
+        click.option("--gpus", default=None, help="all | 0,1,3: one local worker pinned to each  [env STREAMKV_GPUS]"),
+        click.option("--retries", type=int, default=None,
+                     help="Resubmissions of points whose worker died  [env STREAMKV_RETRIES, default 1]"),
+        click.option("--slurm-partition", default=None, help="[env STREAMKV_SLURM_PARTITION]"),
+        click.option("--slurm-time", type=int, default=None,
+                     help="Minutes per array task  [env STREAMKV_SLURM_TIME, default 240]"),
+        click.option("--slurm-gpus-per-task", type=int, default=None, help="[env STREAMKV_SLURM_GPUS_PER_TASK, default 0]"),
+        click.option("--slurm-account", default=None, help="[env STREAMKV_SLURM_ACCOUNT]"),
+        click.option("--slurm-python", default=None,
+                     help="How array tasks start Python, e.g. 'apptainer exec --nv streamkv.sif python'  "
+                          "[env STREAMKV_SLURM_PYTHON, default: this Python]"),
     ]
     for option in reversed(options):
         f = option(f)

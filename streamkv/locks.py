@@ -4,7 +4,8 @@ slot at the same time.
 A lock is flock(2) on a small lock file. The kernel drops it when its holder exits, `kill -9` included,
 so a lock never goes stale and nobody has to guess whether a PID is still alive (Linux NFS clients map
 flock onto POSIX byte-range locks, so it also holds between the nodes of a cluster sharing the directory).
-The holder unlinks the file before releasing it, so no lock files pile up; a waiter that locked a file
+The holder writes its host and pid into the file (for people, and for tests that kill it) and unlinks
+the file before releasing it, so no lock files pile up; a waiter that locked a file
 unlinked meanwhile notices (its inode is no longer the path's) and tries again.
 
 Locks are re-entrant within one process (a stage that holds a slot's lock may call Store.write, which
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["hold"]
+__all__ = ["hold", "holder"]
 
 _held: dict[Path, int] = {}   # lock files this process holds -> nesting depth
 
@@ -67,6 +69,11 @@ def hold(path: Path | str, *, wait: bool = True) -> Iterator[bool]:
     if fd is None:
         yield False
         return
+    try:
+        os.ftruncate(fd, 0)   # a holder killed by SIGKILL left its name in the file
+        os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass   # a full disk: the name is for people and tests only; the lock itself holds without it
     _held[path] = 1
     try:
         yield True
@@ -76,3 +83,19 @@ def hold(path: Path | str, *, wait: bool = True) -> Iterator[bool]:
             path.unlink(missing_ok=True)   # while still locked: a waiter re-checks the inode (see _acquire)
         finally:
             os.close(fd)
+
+
+def holder(path: Path | str) -> int | None:
+    """The pid on this host that holds the lock file `path`, or None when nobody does (or the holder is on
+    another host). Asked from another process: probing takes the lock for an instant when it is free."""
+    path = Path(path).absolute()
+    try:
+        fields = path.read_text().split()   # empty for the instant a new holder writes its name
+    except FileNotFoundError:
+        return None
+    fd = _acquire(path, wait=False)
+    if fd is not None:                       # free: release it as hold() would
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        return None
+    return int(fields[1]) if len(fields) == 2 and fields[0] == socket.gethostname() else None

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from . import assets, engines, fingerprint, metrics, timing
+from . import assets, engines, fingerprint, metrics, shards, timing
+from .engines.base import EngineResult
 from .policies import build_schedule
 from .spec import RunSpec, SpecError
 from .store import Store, nll_bytes
@@ -56,16 +57,43 @@ class Runner:
 
     def run(self, slot: str, spec: RunSpec, *, output: Path | None = None) -> Path:
         """Evaluate `spec`, write its result for `slot` (at `output` if given) and return the JSON path."""
+        model, ids = self._load(spec)
+        schedule = None if spec.mode == "baseline" else build_schedule(spec.policy, len(ids))
+        quality, timed, timing_engine = self._evaluate(model, ids, spec, schedule)
+        return self._write(slot, spec, model, schedule, quality, timed, timing_engine, output)
+
+    def run_part(self, spec: RunSpec, part: tuple[int, int]) -> list[EngineResult]:
+        """The baseline's predicted tokens part[0]..part[1]−1 (streamkv/shards.py): its timed repeats, the
+        first of which gives the perplexity, under the same timing protocol as `run`."""
+        if spec.mode != "baseline":
+            raise ValueError(f"only the recompute baseline is split into parts, not a {spec.mode} point")
+        model, ids = self._load(spec)
+        recompute = engines.get(spec.engine).function
+
+        def run():
+            return recompute(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, part=part)
+        m = spec.measure
+        return timing.interleaved({spec.engine: run}, warmup=m.warmup_runs, repeats=m.repeat_runs)[spec.engine]
+
+    def write_merged(self, slot: str, spec: RunSpec, parts: list[tuple[tuple[int, int], list[EngineResult]]]) -> Path:
+        """Write the baseline result that `run` would have written, from every part's timed repeats."""
+        model = self._load(spec)[0]
+        prefill = min(spec.policy.cap_total, spec.data.n_tokens - 1)
+        timed = [shards.merge([(r, runs[k]) for r, runs in parts], prefill) for k in range(len(parts[0][1]))]
+        return self._write(slot, spec, model, None, timed[0], timed, spec.engine, None)
+
+    def _load(self, spec: RunSpec):
         if spec.device.startswith("cuda") and not torch.cuda.is_available():
             raise SpecError(f"device {spec.device} requested but torch sees no CUDA device "
                             "(use --profile demo on a machine without a GPU)")
-        model = self._model(spec)
-        ids = self._stream(spec)
-        schedule = None if spec.mode == "baseline" else build_schedule(spec.policy, len(ids))
-        quality, timed, timing_engine = self._evaluate(model, ids, spec, schedule)
+        return self._model(spec), self._stream(spec)
+
+    def _write(self, slot: str, spec: RunSpec, model, schedule, quality, timed, timing_engine,
+               output: Path | None) -> Path:
+        n_tokens = spec.data.n_tokens
         # Every method must score the same tokens (DESIGN: honest numbers); an engine that does not is a bug.
-        if quality.nll.numel() != len(ids) - 1:
-            raise RuntimeError(f"engine {spec.engine} scored {quality.nll.numel()} tokens, expected {len(ids) - 1}")
+        if quality.nll.numel() != n_tokens - 1:
+            raise RuntimeError(f"engine {spec.engine} scored {quality.nll.numel()} tokens, expected {n_tokens - 1}")
         if self._fingerprint is None:
             self._fingerprint = fingerprint.collect()
         result = {

@@ -101,13 +101,24 @@ class Settings:
     # default (one per core) made a tiny model's decode 8-40x slower through threads spinning on each other.
     cpu_threads: int = 1
     results_dir: str = DEFAULT_RESULTS_DIR
+    # Where points run (streamkv/executors.py): this host or a Slurm cluster, with how many workers.
+    executor: str = "local"
+    workers: int | None = None                   # local: one per GPU (1 without --gpus); slurm: one per unit
+    gpus: str | None = None                      # local: all | 0,1,3 (one worker pinned to each)
+    retries: int = 1                             # resubmissions of points whose worker died
+    slurm_partition: str | None = None
+    slurm_time: int = 240                        # minutes per array task
+    slurm_gpus_per_task: int = 0
+    slurm_account: str | None = None
+    slurm_python: str | None = None              # the command array tasks run Python with (a container)
 
     def __post_init__(self) -> None:
         if not self.results_dir.strip():
             raise SettingsError("RESULTS_DIR / --results-dir is empty: name a directory")
         at_least = {"cap_total": 1, "warmup_runs": 0, "repeat_runs": 1, "mit_bench_gen_tokens": 1, "cpu_threads": 1,
                     "baseline_sink": 0, "baseline_window": 1, "pg19_sample_length": 1,
-                    "wikitext_sample_length": 1}
+                    "wikitext_sample_length": 1, "workers": 1, "retries": 0, "slurm_time": 1,
+                    "slurm_gpus_per_task": 0}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and value < low:
@@ -148,6 +159,15 @@ KNOBS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "WIKITEXT_SAMPLE_LENGTH": ("wikitext_sample_length", _int),
     "FORCE": ("force", _bool),
     "RESULTS_DIR": ("results_dir", _str),
+    "STREAMKV_EXECUTOR": ("executor", _str),
+    "STREAMKV_WORKERS": ("workers", _int),
+    "STREAMKV_GPUS": ("gpus", _str),
+    "STREAMKV_RETRIES": ("retries", _int),
+    "STREAMKV_SLURM_PARTITION": ("slurm_partition", _str),
+    "STREAMKV_SLURM_TIME": ("slurm_time", _int),
+    "STREAMKV_SLURM_GPUS_PER_TASK": ("slurm_gpus_per_task", _int),
+    "STREAMKV_SLURM_ACCOUNT": ("slurm_account", _str),
+    "STREAMKV_SLURM_PYTHON": ("slurm_python", _str),
 }
 _ENV_OF = {field: env for env, (field, _) in KNOBS.items()}
 

@@ -411,8 +411,11 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
             todo.append((p, True))
     planned = {p.slot: _identity(store.path(p.slot)) for p, _ in todo}
     runners = _Runners(ctx, runner)
+    scale_out = None if runner is not None else _scale_out_options(s, todo)
     with tqdm(total=len(points), initial=len(points) - len(todo), desc=label, unit="point", file=sys.stderr,
               dynamic_ncols=True) as bar:
+        if scale_out is not None:
+            todo = _scale_out(ctx, todo, by_hash, scale_out, bar, out)
         for wait in (False, True):   # first what nobody holds, then wait for the rest
             held_elsewhere = []
             for p, may_copy in todo:
@@ -459,6 +462,55 @@ class _Runners:
             from .runner import Runner  # torch and the engines load only when a RunSpec must be computed
             self.run_runner = Runner(self.ctx.store, cpu_threads=self.ctx.settings.cpu_threads)
         return self.run_runner
+
+
+def _scale_out_options(settings: Settings, todo: list[tuple[Point, bool]]):
+    """executors.Options when the RunSpec points go to workers (--workers, --gpus, --executor slurm), else
+    None: one worker without GPUs computes in this process, as the loop in `execute` does."""
+    if not any(isinstance(p.spec, RunSpec) for p, _ in todo):
+        return None
+    from . import executors  # submitit, and torch with the engines, only when something must be computed
+
+    opts = executors.options(settings)
+    return None if opts.in_process else opts
+
+
+def _scale_out(ctx: Context, todo: list[tuple[Point, bool]], by_hash: dict, opts, bar: tqdm,
+               out: Outcome) -> list[tuple[Point, bool]]:
+    """The RunSpec points computed by workers (streamkv/executors.py), each equal spec once: copies of
+    existing results first, then the workers (the baseline split over them), then copies of what they made.
+    Returns the other points (the MIT reference's), which run in this process."""
+    from . import executors, worker
+
+    store, compute, planned, deferred = ctx.store, [], {}, []
+    rest = [(p, may_copy) for p, may_copy in todo if not isinstance(p.spec, RunSpec)]
+    for p, may_copy in todo:
+        if not isinstance(p.spec, RunSpec):
+            continue
+        h = p.spec.config_hash()
+        if may_copy and h in by_hash:
+            store.copy(by_hash[h], p.slot)
+            out.copied.append(p.slot)
+            bar.update()
+        elif may_copy and h in planned:
+            deferred.append(p)        # an equal spec computed in this run: copied once it lands
+        else:
+            planned.setdefault(h, p.slot)
+            compute.append(p)
+            path = store.path(p.slot)
+            # A current result to measure again (FORCE, STRICT_BASELINE_CHECK) is removed first, as a rewrite
+            # would, so that the workers' "already done" check does not keep it.
+            if store.lookup(p.slot, h, allow_stale=False) is not None:
+                with store.lock(path):
+                    path.unlink()
+    units = worker.units_of([(p.slot, p.spec) for p in compute], executors.worker_count(opts, len(compute)))
+    executors.run(store, units, opts, bar)
+    out.computed += [p.slot for p in compute]
+    for p in deferred:
+        store.copy(store.path(planned[p.spec.config_hash()]), p.slot)
+        out.copied.append(p.slot)
+        bar.update()
+    return rest
 
 
 def _report(out: Outcome, total: int, label: str) -> None:

@@ -1,0 +1,270 @@
+"""Where a stage's units of work run: this process, worker processes on this host, or a Slurm array job.
+
+- in the stage's own process (one worker, no --gpus): streamkv/stages.py, the model loaded once, engine
+  progress bars shown;
+- `local` with --workers N and/or --gpus all|0,1,3: N worker processes started by submitit's LocalExecutor,
+  worker k pinned to GPU gpus[k % len(gpus)] through CUDA_VISIBLE_DEVICES (without --gpus the workers
+  run on the CPU: CUDA is hidden from them);
+- `slurm`: one array job per stage through submitit's SlurmExecutor (partition, time, GPUs per task and
+  account from the flags or STREAMKV_SLURM_*), --workers tasks (default: one per unit).
+
+Every worker gets every unit (streamkv/worker.py: claims, done checks, results by slot and config_hash),
+so workers never collide, and this process only watches: it shows one progress bar over all points
+(counting results as they land in the shared results/ directory), echoes the workers' lines from their
+submitit logs, and when the workers are gone submits the points still missing again, at most
+`retries` times (a worker that was killed, failed or preempted; submitit itself requeues a Slurm task
+that is preempted or times out). The queue is watched with squeue, not sacct: a small cluster often has
+no accounting database. A Slurm partition without a responding node fails the stage in one line once
+`NODE_GRACE_S` has passed, keeping what was finished; a re-run computes the rest.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+from tqdm import tqdm
+
+from .settings import Settings, SettingsError
+from .stages import StageError
+from .store import Store
+from .worker import Task, Unit
+
+EXECUTORS = ("local", "slurm")
+SUBMITIT = ".submitit"
+POLL_S = 1.0
+NODE_GRACE_S = 30.0        # how long a partition may have no responding node before the stage gives up
+_NOT_RESPONDING = ("down", "drain", "drng", "fail", "unk", "maint", "futr", "npc", "powered_down")
+
+
+@dataclass(frozen=True)
+class Options:
+    executor: str = "local"
+    workers: int | None = None           # None: one per GPU (local), one per unit (slurm)
+    gpus: tuple[int, ...] | None = None  # local: CUDA devices, one worker pinned to each in turn
+    retries: int = 1
+    partition: str | None = None
+    time_min: int = 240
+    gpus_per_task: int = 0
+    account: str | None = None
+    python: str | None = None            # slurm: how tasks start Python, e.g. through apptainer
+    cpu_threads: int = 1                 # torch CPU threads of every worker (CPU_THREADS)
+
+    @property
+    def in_process(self) -> bool:
+        return self.executor == "local" and self.gpus is None and (self.workers or 1) == 1
+
+
+def parse_gpus(raw: str | None) -> tuple[int, ...] | None:
+    """--gpus / STREAMKV_GPUS: `all` (every device torch sees), `0,1,3`, or unset/`none` (no pinning)."""
+    if raw is None or raw.strip().lower() in ("", "none"):
+        return None
+    if raw.strip().lower() == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise SettingsError("--gpus all: torch sees no CUDA device")
+        return tuple(range(count))
+    try:
+        gpus = tuple(int(g) for g in raw.split(","))
+    except ValueError:
+        raise SettingsError(f"--gpus / STREAMKV_GPUS must be all, none or a list like 0,1,3, got {raw!r}") from None
+    if min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        raise SettingsError(f"--gpus / STREAMKV_GPUS must list distinct device numbers >= 0, got {raw!r}")
+    return gpus
+
+
+def options(settings: Settings) -> Options:
+    if settings.executor not in EXECUTORS:
+        raise SettingsError(f"--executor / STREAMKV_EXECUTOR must be one of {', '.join(EXECUTORS)}, "
+                            f"got {settings.executor!r}")
+    gpus = parse_gpus(settings.gpus)
+    if settings.executor == "slurm" and gpus is not None:
+        raise SettingsError("--gpus pins local workers; on Slurm ask for GPUs with --slurm-gpus-per-task")
+    return Options(settings.executor, settings.workers, gpus, settings.retries, settings.slurm_partition,
+                   settings.slurm_time, settings.slurm_gpus_per_task, settings.slurm_account, settings.slurm_python,
+                   settings.cpu_threads)
+
+
+def worker_count(opts: Options, n_units: int) -> int:
+    if opts.workers is not None:
+        return opts.workers
+    return len(opts.gpus) if opts.executor == "local" and opts.gpus else (n_units if opts.executor == "slurm" else 1)
+
+
+def run(store: Store, units: list[Unit], opts: Options, bar: tqdm) -> None:
+    """Compute every unit on workers (module doc); returns when each point has its result, else raises
+    StageError. One worker without --gpus runs in the stage's own process instead (streamkv/stages.py)."""
+    if opts.in_process:
+        raise ValueError("one local worker without --gpus runs in the stage's process, not through submitit")
+    backend = _Slurm(store, opts) if opts.executor == "slurm" else _Local(store, opts)
+    base = bar.n        # points done before these units (reused, copied)
+    for attempt in range(opts.retries + 1):
+        missing = [u for u in units if not _point_done(store, u)]
+        if not missing:
+            return
+        if attempt:
+            _say(f"{len({u.slot for u in missing})} points missing after attempt {attempt}: submitting them again "
+                 f"(attempt {attempt + 1} of {opts.retries + 1})")
+        backend.submit(missing, min(worker_count(opts, len(missing)), len(missing)))
+        backend.wait(lambda: _show(store, units, bar, base))
+    missing = sorted({u.slot for u in units if not _point_done(store, u)})
+    if missing:
+        raise StageError(f"{len(missing)} points still missing after {opts.retries + 1} attempts "
+                         f"({', '.join(missing)}): {backend.failure() or 'the workers ended without them'}; "
+                         "finished points are kept, a re-run computes the rest")
+
+
+def _say(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def _point_done(store: Store, unit: Unit) -> bool:
+    return store.lookup(unit.slot, unit.config_hash, allow_stale=False) is not None
+
+
+def _show(store: Store, units: list[Unit], bar: tqdm, base: int) -> None:
+    landed = len({u.slot for u in units if _point_done(store, u)})
+    if base + landed > bar.n:
+        bar.update(base + landed - bar.n)
+
+
+class _Backend:
+    """Submits workers through a submitit executor and follows their logs."""
+
+    def __init__(self, store: Store, opts: Options):
+        self.store, self.opts = store, opts
+        self.jobs: list = []
+        self._echoed: dict[Path, int] = {}
+
+    def _folder(self) -> Path:
+        return self.store.root / SUBMITIT / "%j"
+
+    def _echo(self) -> None:
+        """Print the workers' new log lines (they write to submitit's log files, not to this terminal)."""
+        for job in self.jobs:
+            log = Path(job.paths.stderr)
+            try:
+                with open(log, "rb") as f:
+                    f.seek(self._echoed.get(log, 0))
+                    text = f.read()
+            except OSError:
+                continue
+            complete = text[:text.rfind(b"\n") + 1]
+            self._echoed[log] = self._echoed.get(log, 0) + len(complete)
+            for line in complete.decode(errors="replace").splitlines():
+                if line.startswith("worker "):
+                    _say(line)
+
+    def failure(self) -> str | None:
+        """What the first failed worker left: its error's last line, or that it left no result at all.
+        Only result files are read: asking submitit about a job without one would query sacct and wait."""
+        for job in self.jobs:
+            if not Path(job.paths.result_pickle).exists():
+                return f"job {job.job_id} ended without a result (killed, or its node was lost)"
+            error = job.exception()
+            if error is not None:
+                lines = str(error).strip().splitlines()
+                return f"job {job.job_id}: {lines[-1] if lines else repr(error)}"
+        return None
+
+
+class _Local(_Backend):
+    def submit(self, units: list[Unit], count: int) -> None:
+        self.jobs = []
+        for k in range(count):
+            executor = submitit.LocalExecutor(folder=self._folder(), max_num_timeout=self.opts.retries)
+            gpu = () if self.opts.gpus is None else (self.opts.gpus[k % len(self.opts.gpus)],)
+            executor.update_parameters(timeout_min=self.opts.time_min, gpus_per_node=len(gpu), visible_gpus=gpu)
+            self.jobs.append(executor.submit(Task(self.opts.cpu_threads), str(self.store.root), units, k, count))
+
+    def wait(self, show) -> None:
+        try:
+            while not all(job.done() for job in self.jobs):
+                self._echo()
+                show()
+                time.sleep(POLL_S)
+        except BaseException:
+            for job in self.jobs:
+                job.cancel(check=False)
+            raise
+        self._echo()
+        show()
+
+
+class _Slurm(_Backend):
+    def __init__(self, store: Store, opts: Options):
+        super().__init__(store, opts)
+        self._partition_states()   # fail early, in one line, when Slurm is not reachable
+
+    def submit(self, units: list[Unit], count: int) -> None:
+        executor = submitit.SlurmExecutor(folder=self._folder(), max_num_timeout=self.opts.retries,
+                                          python=self.opts.python)
+        params = dict(time=self.opts.time_min, array_parallelism=count, job_name="streamkv",
+                      gpus_per_task=self.opts.gpus_per_task or None, partition=self.opts.partition,
+                      account=self.opts.account)
+        executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        root = str(self.store.root.resolve())
+        try:
+            self.jobs = executor.map_array(Task(self.opts.cpu_threads), [root] * count, [units] * count, range(count), [count] * count)
+        except (subprocess.CalledProcessError, OSError) as err:
+            raise StageError(f"slurm: sbatch failed: {_last_line(err)}") from None
+        _say(f"slurm: submitted array job {self.jobs[0].job_id.split('_')[0]} ({count} tasks)")
+
+    def wait(self, show) -> None:
+        array = self.jobs[0].job_id.split("_")[0]
+        unresponsive_since = None
+        try:
+            while self._queued(array):
+                self._echo()
+                show()
+                states = self._partition_states()
+                # A trailing * is Slurm's "not responding"; the other states name nodes that run nothing.
+                if any(not s.endswith("*") and not s.startswith(_NOT_RESPONDING) for s in states):
+                    unresponsive_since = None
+                else:
+                    unresponsive_since = unresponsive_since or time.monotonic()
+                    if time.monotonic() - unresponsive_since > NODE_GRACE_S:
+                        raise StageError(f"slurm: no node of partition {self.opts.partition or '(default)'} "
+                                         f"responds (node states: {' '.join(states) or 'none'}); cancelled array "
+                                         f"job {array}; finished points are kept, re-run the stage when the "
+                                         "cluster is back")
+                time.sleep(POLL_S)
+        except BaseException:
+            subprocess.run(["scancel", array], capture_output=True, timeout=30)
+            raise
+        self._echo()
+        show()
+
+    def _queued(self, array: str) -> bool:
+        out = _slurm(["squeue", "-h", "-j", array, "-o", "%i"], "squeue")
+        return bool(out.strip())
+
+    def _partition_states(self) -> list[str]:
+        command = ["sinfo", "-h", "-o", "%t"] + (["-p", self.opts.partition] if self.opts.partition else [])
+        return _slurm(command, "sinfo").split()
+
+
+def _slurm(command: list[str], name: str) -> str:
+    """The output of a Slurm client command; StageError in one line when Slurm cannot be reached."""
+    if shutil.which(command[0]) is None:
+        raise StageError(f"slurm is not reachable: {command[0]} is not installed (use --executor local)")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise StageError(f"slurm is not reachable: {name} did not answer within 60 s") from None
+    if done.returncode != 0:
+        if name == "squeue" and "Invalid job id" in done.stderr:
+            return ""     # the array has left the queue (squeue forgets finished jobs after MinJobAge)
+        raise StageError(f"slurm is not reachable: {name} failed ({_last_line(done.stderr)})")
+    return done.stdout
+
+
+def _last_line(err) -> str:
+    text = str(getattr(err, "stderr", None) or err).strip()
+    return text.splitlines()[-1] if text else repr(err)
