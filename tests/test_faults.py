@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from streamkv import assets, files, settings as settings_mod, stages
+from streamkv import assets, files, stages
 from streamkv.assets import AssetError
 from streamkv.spec import ModelSpec
 from streamkv.store import Store, StoreError, read_nll

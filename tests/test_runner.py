@@ -8,32 +8,13 @@ import math
 import pytest
 import torch
 
-from streamkv import assets, fingerprint
+from streamkv import fingerprint
 from streamkv.policies import build_schedule
 from streamkv.runner import Runner
-from streamkv.spec import DataSpec, MeasureSpec, ModelSpec, PolicySpec, RunSpec, SpecError
+from streamkv.spec import MeasureSpec, PolicySpec, SpecError
 from streamkv.store import Store, read_nll
 
-from tiny_models import tiny_gpt_neox, token_stream
-
-
-@pytest.fixture
-def tiny(tmp_path, monkeypatch):
-    """The real runner and engines on a tiny random GPT-NeoX: (store, spec factory)."""
-    ids = token_stream(48)
-    data = DataSpec(name="long", path="x.json", sha256="f" * 64, n_tokens=48)
-    monkeypatch.setattr(assets, "load_model", lambda spec, device: tiny_gpt_neox(dtype=torch.float32))
-    monkeypatch.setattr(assets, "load_tokenizer", lambda spec: object())
-    monkeypatch.setattr(assets, "load_stream",
-                        lambda name, path, tok, n: (ids[:n], dataclasses.replace(data, n_tokens=n)))
-    monkeypatch.setattr(fingerprint, "collect", lambda: {"torch": torch.__version__})
-
-    def spec(**kw):
-        knobs = dict(model=ModelSpec("tiny", "0" * 40, "float32"), data=data, mode="streaming",
-                     policy=PolicySpec(n_sink=2, window=14, compress_every=4), measure=MeasureSpec(repeat_runs=2))
-        return RunSpec(**{**knobs, **kw})
-
-    return Store(tmp_path / "results"), spec
+from tiny_runner import tiny  # noqa: F401 (fixture)
 
 
 def test_runner_streaming_result(tiny):

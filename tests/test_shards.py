@@ -2,18 +2,18 @@
 perplexity and config_hash equal the unsharded run's exactly."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 
-from streamkv import assets, fingerprint, shards
+from streamkv import shards
 from streamkv.engines.recompute import evaluate_recompute
 from streamkv.runner import Runner
-from streamkv.spec import DataSpec, MeasureSpec, ModelSpec, PolicySpec, RunSpec
+from streamkv.spec import PolicySpec
 from streamkv.store import Store, read_nll
 
 from tiny_models import tiny_gpt_neox, token_stream
+from tiny_runner import tiny  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("n_tokens,cap,parts", [(48, 16, 1), (48, 16, 2), (48, 16, 5), (48, 16, 100),
@@ -53,16 +53,9 @@ def test_merge_refuses_ranges_that_do_not_tile():
         shards.merge([(a, pieces[a]), (c, pieces[c])], prefill=16)
 
 
-def test_runner_writes_the_same_baseline_from_parts(tmp_path, monkeypatch):
-    ids = token_stream(48)
-    data = DataSpec(name="long", path="x.json", sha256="f" * 64, n_tokens=48)
-    monkeypatch.setattr(assets, "load_model", lambda spec, device: tiny_gpt_neox(dtype=torch.float32))
-    monkeypatch.setattr(assets, "load_tokenizer", lambda spec: object())
-    monkeypatch.setattr(assets, "load_stream",
-                        lambda name, path, tok, n: (ids[:n], dataclasses.replace(data, n_tokens=n)))
-    monkeypatch.setattr(fingerprint, "collect", lambda: {"torch": torch.__version__})
-    spec = RunSpec(model=ModelSpec("tiny", "0" * 40, "float32"), data=data, mode="baseline", engine="recompute",
-                   policy=PolicySpec(n_sink=4, window=12), measure=MeasureSpec(repeat_runs=2))
+def test_runner_writes_the_same_baseline_from_parts(tmp_path, tiny):
+    _, make_spec = tiny
+    spec = make_spec(mode="baseline", engine="recompute", policy=PolicySpec(n_sink=4, window=12))
     whole_store, split_store = Store(tmp_path / "whole"), Store(tmp_path / "split")
     whole = whole_store.read(Runner(whole_store, progress=False).run("baselines/long", spec))
     runner = Runner(split_store, progress=False)

@@ -29,7 +29,6 @@ Refused up front (Unsupported): refresh tokens (not one contiguous run) and the 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
