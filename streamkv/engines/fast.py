@@ -267,18 +267,19 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     _Active.ring = ring
     try:
         with swapped_attention(model, ATTN_IMPLEMENTATION, "fast"):
-            captured = None
+            step = stream.step
+            # Capturing needs GRAPH_WARMUP_STEPS steps of the stream itself; a stream shorter than that
+            # (tests, tiny runs) decodes eagerly: the same step, the same numbers.
             if graph and n_decode > GRAPH_WARMUP_STEPS:
                 stream.prefill()
-                captured = _capture(torch.compile(stream.step, dynamic=False) if compile else stream.step)
+                step = _capture(torch.compile(stream.step, dynamic=False) if compile else stream.step).replay
             timer = PhaseTimer(device)
             timer.phase("prefill")
             stream.prefill()
             timer.phase("decode")
-            bar = tqdm(total=n_fed, initial=n_prefill, disable=not progress, desc="fast",
-                       unit="tok")
+            bar = tqdm(total=n_fed, initial=n_prefill, disable=not progress, desc="fast", unit="tok")
             for k in range(n_decode):
-                captured.replay() if captured is not None else stream.step()
+                step()
                 if progress and (k + 1) % PROGRESS_EVERY == 0:
                     bar.update(PROGRESS_EVERY)
             bar.update(n_fed - bar.n)
