@@ -29,9 +29,9 @@ each query and each key comes out of the model's own rotary bit for bit as in th
   60 tokens already miss the reference by 5e-6).
 
 Plumbing: the attention function is registered with transformers' AttentionInterface and swapped in for
-the evaluation (engines/attention.py). The per-chunk plan reaches it through a ContextVar that only `evaluate` sets; the model's
-previous attention implementation is restored on exit. Earlier chunks' keys live in the model's own
-DynamicCache (at their computed angles), trimmed after every chunk.
+the evaluation (engines/attention.py), which restores the model's previous implementation on exit. The
+per-chunk plan reaches it through a ContextVar that only `evaluate` sets. Earlier chunks' keys live in the
+model's own DynamicCache (at their computed angles), trimmed after every chunk.
 """
 from __future__ import annotations
 
