@@ -10,7 +10,9 @@ CPU check at demo size:
 Each worker count runs in a fresh results directory (nothing reused); with --gpus, workers are started by
 submitit's LocalExecutor for every count (so the one-worker row pays the same start-up; without --gpus one
 worker runs in this process, as `streamkv` does); wall time includes each
-worker's model load. The JSON is rewritten after every row, so an interrupted run keeps what it measured.
+worker's model load. Each row also keeps every point's TPOT and how many workers shared its GPU, so the
+cost of sharing one GPU shows beside the wall time. The JSON is rewritten after every row, so an
+interrupted run keeps what it measured.
 """
 from __future__ import annotations
 
@@ -70,6 +72,9 @@ def main() -> None:
             docs = {s: store.read(store.path(s)) for s in slots}
             row = {"workers": count, "points": len(slots), "units": len(work), "wall_s": wall,
                    "perplexity": {s: d["metrics"]["perplexity"] for s, d in docs.items()},
+                   # What sharing a GPU does to the timings the tables print (schema.Metrics.device_shared_by).
+                   "tpot_ms": {s: d["metrics"]["tpot_ms"] for s, d in docs.items()},
+                   "device_shared_by": {s: d["metrics"]["device_shared_by"] for s, d in docs.items()},
                    "config_hash": {s: d["config_hash"] for s, d in docs.items()}}
         report["rows"].append(row)
         print(f"{count} worker(s): {len(slots)} points ({len(work)} units) in {wall:.1f} s", file=sys.stderr)

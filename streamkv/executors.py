@@ -174,14 +174,33 @@ class _Backend:
         return None
 
 
+def placement(gpus: tuple[int, ...] | None, count: int) -> list[tuple[int | None, int]]:
+    """(GPU, workers pinned to it) for each of `count` local workers: worker k gets gpus[k % len(gpus)].
+    Without --gpus the workers run on the CPU, (None, 1): CPU timings are marked indicative anyway."""
+    if gpus is None:
+        return [(None, 1)] * count
+    chosen = [gpus[k % len(gpus)] for k in range(count)]
+    return [(gpu, chosen.count(gpu)) for gpu in chosen]
+
+
 class _Local(_Backend):
     def submit(self, units: list[Unit], count: int) -> None:
         self.jobs = []
-        for k in range(count):
+        workers = placement(self.opts.gpus, count)
+        most = max(shared for _, shared in workers)
+        if most > 1:
+            # Measured on one H200 (README): two workers on one GPU finished the paper R sweep no sooner
+            # than one, and each point's decode timing ran about twice as long.
+            _say(f"note: {count} workers on {len(self.opts.gpus)} GPU(s): up to {most} share a GPU and slow "
+                 "each other down; their timings are marked as taken on a shared GPU (‡ in the tables). "
+                 "Time with one worker per GPU.")
+        for k, (gpu, shared) in enumerate(workers):
             executor = submitit.LocalExecutor(folder=self._folder(), max_num_timeout=self.opts.retries)
-            gpu = () if self.opts.gpus is None else (self.opts.gpus[k % len(self.opts.gpus)],)
-            executor.update_parameters(timeout_min=self.opts.time_min, gpus_per_node=len(gpu), visible_gpus=gpu)
-            self.jobs.append(executor.submit(Task(self.opts.cpu_threads), str(self.store.root), units, k, count))
+            visible = () if gpu is None else (gpu,)
+            executor.update_parameters(timeout_min=self.opts.time_min, gpus_per_node=len(visible),
+                                       visible_gpus=visible)
+            self.jobs.append(executor.submit(Task(self.opts.cpu_threads, shared), str(self.store.root), units, k,
+                                             count))
 
     def wait(self, show) -> None:
         try:

@@ -44,10 +44,15 @@ def _name(text: str, *cells: Cell) -> str:
     return text + (" †" if any(c.stale for c in cells) else "")
 
 
-def _finish(fig: Figure, cells: list[Cell]) -> None:
+def _finish(fig: Figure, cells: list[Cell], *, timed: bool = False) -> None:
+    """Footnotes for the marks the figure carries; the shared-GPU one only where it shows timings."""
+    notes = []
     if any(c.stale for c in cells):
-        fig.supxlabel("† stale result: its configuration no longer matches the plan (ALLOW_STALE_RESULTS=1)",
-                      fontsize=6, x=0.99, ha="right")
+        notes.append("† stale result: its configuration no longer matches the plan (ALLOW_STALE_RESULTS=1)")
+    if timed and any(c.timed_on_shared_device for c in cells):
+        notes.append("‡ timed while other workers ran on the same GPU: the time includes their work")
+    if notes:
+        fig.supxlabel("\n".join(notes), fontsize=6, x=0.99, ha="right")
 
 
 def _provenance(cells: list[Cell]) -> str:
@@ -97,8 +102,10 @@ def r_sweep_figure(lookup: Lookup, spec: TablesSpec) -> tuple[Figure, list[Cell]
         log.warning("%s not drawn: a sweep result lacks perplexity or tpot_ms", R_SWEEP)
         return None
     baseline = lookup(block.baseline.slot)
+    used = cells + ([baseline] if baseline is not None else [])
     fig = Figure(figsize=(5.5, 1.7), layout="constrained")
-    panels = (("perplexity", None, "PPL"), ("tpot_ms", "tpot_ms_spread", "TPOT (ms, median)"))
+    shared = " ‡" if any(c.timed_on_shared_device for c in used) else ""
+    panels = (("perplexity", None, "PPL"), ("tpot_ms", "tpot_ms_spread", f"TPOT (ms, median){shared}"))
     for ax, (key, spread_key, ylabel) in zip(fig.subplots(1, 2), panels):
         ys = [c.metric(key) for c in cells]
         errs = [c.metric(spread_key) or 0.0 for c in cells] if spread_key else None
@@ -112,8 +119,7 @@ def r_sweep_figure(lookup: Lookup, spec: TablesSpec) -> tuple[Figure, list[Cell]
         ax.set_xticks(grid, [str(r) for r in grid])
         ax.set(xlabel="R", ylabel=ylabel, title=spec.long.display)
     fig.axes[0].legend()
-    used = cells + ([baseline] if baseline is not None else [])
-    _finish(fig, used)
+    _finish(fig, used, timed=True)
     return fig, used
 
 

@@ -28,9 +28,10 @@ from .store import Store, nll_bytes
 class Runner:
     """Runs specs one after another, keeping the last model loaded: a stage runs many points on one."""
 
-    def __init__(self, store: Store, *, progress: bool = True, cpu_threads: int = 1):
+    def __init__(self, store: Store, *, progress: bool = True, cpu_threads: int = 1, device_shared_by: int = 1):
         self.store = store
         self.progress = progress
+        self.device_shared_by = device_shared_by   # recorded in every result's metrics (schema.Metrics)
         # Explicit, never torch's default; the fingerprint records it (fingerprint.collect).
         torch.set_num_threads(cpu_threads)
         self._loaded: tuple | None = None          # (ModelSpec, device, model)
@@ -104,7 +105,8 @@ class Runner:
             "code": spec.code_identity(),
             # The loaded weights' dtype, as torch spells it: compare() reads it as a dtype.
             "fingerprint": {**self._fingerprint, "dtype": str(next(model.parameters()).dtype)},
-            "metrics": _metrics(spec, model.config, schedule, quality, timed),
+            "metrics": {**_metrics(spec, model.config, schedule, quality, timed),
+                        "device_shared_by": self.device_shared_by},
             "engines": {"perplexity": quality.engine, "timing": timing_engine},
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -98,6 +98,11 @@ class Cell:
         """The metric, or None when the result does not record it."""
         return self.metrics.get(key)
 
+    @property
+    def timed_on_shared_device(self) -> bool:
+        """Other workers ran on the same GPU while this was timed (more --workers than --gpus)."""
+        return (self.metric("device_shared_by") or 1) > 1
+
 
 def read_cache_len(path: Path) -> list[int]:
     """A `cache_len` artifact: the cache length after every step; ValueError when it is not one."""

@@ -81,8 +81,9 @@ def _say(message: str) -> None:
 
 
 class Worker:
-    def __init__(self, store: Store, *, name: str = "worker", cpu_threads: int = 1):
+    def __init__(self, store: Store, *, name: str = "worker", cpu_threads: int = 1, device_shared_by: int = 1):
         self.store, self.name, self.cpu_threads = store, name, cpu_threads
+        self.device_shared_by = device_shared_by   # workers on this worker's GPU, itself included
         self._runner = None
 
     @property
@@ -90,7 +91,8 @@ class Worker:
         if self._runner is None:
             from .runner import Runner  # torch and the engines load only when something must be computed
             # No engine bars: the stage's process shows one bar over all points.
-            self._runner = Runner(self.store, progress=False, cpu_threads=self.cpu_threads)
+            self._runner = Runner(self.store, progress=False, cpu_threads=self.cpu_threads,
+                                  device_shared_by=self.device_shared_by)
         return self._runner
 
     def work(self, units: list[Unit], index: int = 0, count: int = 1) -> None:
@@ -148,9 +150,10 @@ class Task(submitit.helpers.Checkpointable):
     """What an executor submits: worker `index` of `count` over `units`, writing under `results_dir`.
     Checkpointable: on preemption or timeout submitit requeues the same call, which skips done units."""
 
-    def __init__(self, cpu_threads: int = 1):
+    def __init__(self, cpu_threads: int = 1, device_shared_by: int = 1):
         self.cpu_threads = cpu_threads   # CPU_THREADS of the stage: explicit, recorded in every fingerprint
+        self.device_shared_by = device_shared_by
 
     def __call__(self, results_dir: str, units: list[Unit], index: int, count: int) -> None:
-        Worker(Store(results_dir), name=f"worker {index + 1}/{count}", cpu_threads=self.cpu_threads).work(
-            units, index, count)
+        Worker(Store(results_dir), name=f"worker {index + 1}/{count}", cpu_threads=self.cpu_threads,
+               device_shared_by=self.device_shared_by).work(units, index, count)

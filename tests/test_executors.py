@@ -44,9 +44,9 @@ def computed_lines(results: Path) -> Counter:
     return found
 
 
-def run(results: Path, units, workers: int = 2) -> None:
+def run(results: Path, units, workers: int = 2, gpus: tuple[int, ...] | None = None) -> None:
     with tqdm(total=len({u.slot for u in units}), disable=True) as bar:
-        executors.run(Store(results), units, executors.Options(workers=workers), bar)
+        executors.run(Store(results), units, executors.Options(workers=workers, gpus=gpus), bar)
 
 
 def assert_complete_and_clean(results: Path, units) -> None:
@@ -85,6 +85,24 @@ def test_two_workers_compute_every_point_once_and_split_the_baseline(tmp_path):
     counts = computed_lines(results)
     assert sorted(counts.values()) == [1] * len(units)
     assert len(counts) == len(units)
+
+
+def test_workers_placed_on_one_gpu_record_that_they_shared_it(tmp_path, capsys):
+    assert executors.placement((0, 1), 3) == [(0, 2), (1, 1), (0, 2)]
+    assert executors.placement((0, 1), 2) == [(0, 1), (1, 1)]
+    assert executors.placement(None, 2) == [(None, 1), (None, 1)]
+    # Two workers pinned to "GPU 0" (the demo profile computes on the CPU, so no GPU is needed to see
+    # the count travel from the placement through the worker and the runner into every result).
+    results = tmp_path / "results"
+    units = [u for u in demo_units(results) if u.part is None][:2]
+    run(results, units, workers=2, gpus=(0,))
+    store = Store(results)
+    assert [store.read(store.path(u.slot))["metrics"]["device_shared_by"] for u in units] == [2, 2]
+    assert "up to 2 share a GPU" in capsys.readouterr().err
+    alone = tmp_path / "alone"
+    unit = [u for u in demo_units(alone) if u.part is None][0]
+    worker.Worker(Store(alone)).work([unit])      # one worker in the stage's process: alone on its device
+    assert Store(alone).read(Store(alone).path(unit.slot))["metrics"]["device_shared_by"] == 1
 
 
 def test_a_worker_killed_mid_point_costs_that_point_only(tmp_path):

@@ -76,6 +76,16 @@ def test_figures_are_drawn_deterministically_from_measured_data(tmp_path):
     assert (out / figures.CACHE_LEN).read_bytes() != first[figures.CACHE_LEN]
 
 
+def test_the_r_sweep_marks_timings_taken_on_a_shared_gpu(tmp_path):
+    cells = sweep_cells(tmp_path)
+    assert not figures.r_sweep_figure(cells.get, SPEC)[0].axes[1].get_ylabel().endswith("‡")
+    slot = "sweeps/demo-long/R=4"
+    cells[slot] = result(tmp_path, slot, None, **cells[slot].metrics, device_shared_by=2)
+    fig = figures.r_sweep_figure(cells.get, SPEC)[0]
+    assert fig.axes[0].get_ylabel() == "PPL" and fig.axes[1].get_ylabel().endswith("‡")
+    assert "same GPU" in fig.get_supxlabel()
+
+
 def test_figures_are_absent_without_their_inputs_and_old_copies_are_removed(tmp_path):
     out = tmp_path / "generated"
     cells = {**main_cells(tmp_path), **sweep_cells(tmp_path)}

@@ -90,6 +90,24 @@ def test_stale_baseline_marks_the_values_derived_from_it():
     assert r"6.81$^{\dagger}$" in row and r"+0.557$^{\dagger}$" in row and r"20.318$^{\dagger}$" not in row
 
 
+def test_timings_taken_on_a_shared_gpu_are_marked_and_what_derives_from_them():
+    alone, shared = dict(device_shared_by=1), dict(device_shared_by=2)
+    cells = (cell("baselines/pg19", 19.761, 97.91, **alone), cell("main/pg19/lazy", 20.318, 14.37, **shared),
+             cell("main/pg19/strict", 20.181, 19.57, **alone))
+    tex = to_latex(main.build(lookup_of(*cells), SPEC))
+    lazy, strict = row_of(tex, "Lazy Pruning"), row_of(tex, "Start+Recent")
+    # TPOT and the speedup carry the mark; the perplexity and memory of the same run do not.
+    assert r"& 14.37$^{\ddagger}$ & 6.81$^{\ddagger}$ & 20.318 & +0.557 &" in lazy
+    assert r"\ddagger" not in strict and r"\ddagger" not in row_of(tex, "Baseline")
+    assert r"Timed while other workers ran on the same GPU" in tex
+    # A baseline timed on a shared GPU marks every speedup divided by it, not the other TPOTs.
+    cells = (cell("baselines/pg19", 19.761, 97.91, **shared), cell("main/pg19/strict", 20.181, 19.57, **alone))
+    strict = row_of(to_latex(main.build(lookup_of(*cells), SPEC)), "Start+Recent")
+    assert r"& 19.57 & 5.00$^{\ddagger}$ &" in strict
+    # Results written before the count was recorded are not marked.
+    assert r"\ddagger" not in to_latex(main.build(lookup_of(cell("main/pg19/lazy", 20.318, 14.37)), SPEC))
+
+
 def test_memory_falls_back_to_marked_kv_bytes_and_unrecorded_metrics_show_dashes():
     cells = (cell("baselines/pg19", 19.761, 97.91), cell("main/pg19/lazy", 20.318, 14.37, kv_cache_bytes=3 << 20))
     tex = to_latex(main.build(lookup_of(*cells), SPEC))
@@ -177,5 +195,8 @@ def test_engine_table_divides_by_the_same_engines_tpot_without_eviction():
     texts = [[e.text for e in r.entries] for g in table.groups for r in g.rows]
     assert texts[0] == ["HF decode", "20.00 ± 4.00", "22.00", "1.100", "18.00", "0.900"]
     assert texts[1] == ["fast", "2.50", "2.60 ± 0.01", "1.040", "[INSERT DATA]", "[INSERT DATA]"]
+    cells["d64"] = Cell("d64", {"tpot_ms": 18.0, "device_shared_by": 2}, "a" * 64)   # timed beside a worker
+    table = engines.build(cells.get, SimpleNamespace(engines=rows))
+    assert [e.marks for e in table.groups[0].rows[0].entries][3:] == [(), ("shared",), ("shared",)]
     assert table.headers == ("Engine", "No eviction", "strict", "Overhead", "lazy", "Overhead")
     assert "PG19" in table.caption

@@ -36,14 +36,21 @@ def _own(key: str, fmt: str) -> Callable[[Cell, Cell | None], Entry]:
     return lambda cell, base: _number(cell.metric(key), fmt)
 
 
-def _against_baseline(combine: Callable[[float, float], float | None], key: str, fmt: str):
-    """A value derived from the result and its baseline; a stale baseline makes the derived value stale."""
+def shared(*cells: Cell | None) -> tuple[str, ...]:
+    """The "shared" note for a timing derived from these cells when any was timed beside other workers."""
+    return ("shared",) if any(c is not None and c.timed_on_shared_device for c in cells) else ()
+
+
+def _against_baseline(combine: Callable[[float, float], float | None], key: str, fmt: str, *, timed: bool = False):
+    """A value derived from the result and its baseline; a stale baseline makes the derived value stale, and
+    a timing (`timed`) taken on a shared GPU, by either, marks it too."""
     def compute(cell: Cell, base: Cell | None) -> Entry:
         if base is None:
             return Entry(INSERT)
         mine, ref = cell.metric(key), base.metric(key)
         value = None if mine is None or ref is None else combine(mine, ref)
-        return _number(value, fmt, ("stale",) if base.stale else ())
+        stale = ("stale",) if base.stale else ()
+        return _number(value, fmt, stale + (shared(cell, base) if timed else ()))
     return compute
 
 
@@ -61,13 +68,14 @@ def _median_spread(cell: Cell, base: Cell | None) -> Entry:
     repeat was timed."""
     median, spread = cell.metric("tpot_ms"), cell.metric("tpot_ms_spread")
     if median is None or not spread:
-        return _number(median, ".2f")
-    return Entry(f"{median:.2f} ± {spread:.2f}")
+        return _number(median, ".2f", shared(cell))
+    return Entry(f"{median:.2f} ± {spread:.2f}", shared(cell))
 
 
 TPOT = Column("TPOT (ms)", _median_spread)
 # A zero TPOT (a broken result) has no speedup; it must not crash `make tex`.
-SPEEDUP = Column("Speedup (×)", _against_baseline(lambda mine, ref: ref / mine if mine else None, "tpot_ms", ".2f"))
+SPEEDUP = Column("Speedup (×)", _against_baseline(lambda mine, ref: ref / mine if mine else None, "tpot_ms", ".2f",
+                                                  timed=True))
 PPL = Column("PPL", _own("perplexity", ".3f"))
 DELTA_PPL = Column("ΔPPL", _against_baseline(lambda mine, ref: mine - ref, "perplexity", "+.3f"))
 MEMORY = Column("Memory (MB)", _memory)

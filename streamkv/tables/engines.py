@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .cells import Lookup
-from .columns import TPOT, trace
+from .columns import TPOT, shared, trace
 from .layout import INSERT, Entry, Group, Row, Table
 
 if TYPE_CHECKING:
@@ -23,7 +23,8 @@ def _overhead(cell, reference) -> Entry:
     mine, base = cell.metric("tpot_ms"), reference.metric("tpot_ms")
     if not mine or not base:
         return Entry(INSERT)
-    return Entry(format(mine / base, ".3f"), ("stale",) if cell.stale or reference.stale else ())
+    stale = ("stale",) if cell.stale or reference.stale else ()
+    return Entry(format(mine / base, ".3f"), stale + shared(cell, reference))
 
 
 def _tpot(cell) -> Entry:

@@ -26,6 +26,11 @@ NOTES = {
                   r"shown only because \texttt{ALLOW\_STALE\_RESULTS=1}.",
                   "† Stale result: its configuration hash no longer matches the current plan; "
                   "shown only because ALLOW_STALE_RESULTS=1."),
+    "shared": Note(r"$^{\ddagger}$", "‡",
+                   r"$^{\ddagger}$\,Timed while other workers ran on the same GPU (more \texttt{--workers} than "
+                   r"GPUs): the time includes their work. Time with one worker per GPU.",
+                   "‡ Timed while other workers ran on the same GPU (more --workers than GPUs): the time "
+                   "includes their work. Time with one worker per GPU."),
     "kv": Note(r"$^{\ast}$", "*",
                r"$^{\ast}$\,Analytic KV-cache size: no CUDA peak-memory statistics were recorded (CPU run).",
                "* Analytic KV-cache size: no CUDA peak-memory statistics were recorded (CPU run)."),
