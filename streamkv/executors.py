@@ -189,8 +189,8 @@ class _Local(_Backend):
         workers = placement(self.opts.gpus, count)
         most = max(shared for _, shared in workers)
         if most > 1:
-            # Measured on one H200 (README): two workers on one GPU finished the paper R sweep no sooner
-            # than one, and each point's decode timing ran about twice as long.
+            # Measured on one H200 (README): two workers on one GPU finished the paper-profile R sweep at
+            # most 1.16x sooner than one, and the TPOT each measured while the other ran was 2.1x.
             _say(f"note: {count} workers on {len(self.opts.gpus)} GPU(s): up to {most} share a GPU and slow "
                  "each other down; their timings are marked as taken on a shared GPU (‡ in the tables). "
                  "Time with one worker per GPU.")

@@ -50,7 +50,7 @@ def _finish(fig: Figure, cells: list[Cell], *, timed: bool = False) -> None:
     if any(c.stale for c in cells):
         notes.append("† stale result: its configuration no longer matches the plan (ALLOW_STALE_RESULTS=1)")
     if timed and any(c.timed_on_shared_device for c in cells):
-        notes.append("‡ timed while other workers ran on the same GPU: the time includes their work")
+        notes.append("‡ timed by one of several workers on the same GPU: the time may include the others' work")
     if notes:
         fig.supxlabel("\n".join(notes), fontsize=6, x=0.99, ha="right")
 

@@ -27,8 +27,8 @@ class Metrics(TypedDict, total=False):
     max_visible_tokens: int      # most keys one query attended to, itself included
     n_prunes: int                # prune events over the stream
     repeat_runs: list            # per-repeat {"ttft_ms", "tpot_ms", "wall_s", "peak_memory_mb"}
-    device_shared_by: int        # workers pinned to the run's GPU at once (1: alone; absent in older results):
-                                 # above 1, the timings include the others' work (tables mark them)
+    device_shared_by: int        # workers placed on the run's GPU, itself included (1: alone; absent in older
+                                 # results): above 1, the timings may include the others' work (tables mark them)
 
 
 class Result(TypedDict, total=False):

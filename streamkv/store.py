@@ -100,7 +100,8 @@ class Cell:
 
     @property
     def timed_on_shared_device(self) -> bool:
-        """Other workers ran on the same GPU while this was timed (more --workers than --gpus)."""
+        """Other workers were placed on this run's GPU (more --workers than --gpus): its timings may include
+        their work. Placement, not observed overlap: a worker alone at the end of a stage is marked too."""
         return (self.metric("device_shared_by") or 1) > 1
 
 

@@ -99,7 +99,7 @@ def test_timings_taken_on_a_shared_gpu_are_marked_and_what_derives_from_them():
     # TPOT and the speedup carry the mark; the perplexity and memory of the same run do not.
     assert r"& 14.37$^{\ddagger}$ & 6.81$^{\ddagger}$ & 20.318 & +0.557 &" in lazy
     assert r"\ddagger" not in strict and r"\ddagger" not in row_of(tex, "Baseline")
-    assert r"Timed while other workers ran on the same GPU" in tex
+    assert "Timed by one of several workers placed on the same GPU" in tex
     # A baseline timed on a shared GPU marks every speedup divided by it, not the other TPOTs.
     cells = (cell("baselines/pg19", 19.761, 97.91, **shared), cell("main/pg19/strict", 20.181, 19.57, **alone))
     strict = row_of(to_latex(main.build(lookup_of(*cells), SPEC)), "Start+Recent")

@@ -27,10 +27,11 @@ NOTES = {
                   "† Stale result: its configuration hash no longer matches the current plan; "
                   "shown only because ALLOW_STALE_RESULTS=1."),
     "shared": Note(r"$^{\ddagger}$", "‡",
-                   r"$^{\ddagger}$\,Timed while other workers ran on the same GPU (more \texttt{--workers} than "
-                   r"GPUs): the time includes their work. Time with one worker per GPU.",
-                   "‡ Timed while other workers ran on the same GPU (more --workers than GPUs): the time "
-                   "includes their work. Time with one worker per GPU."),
+                   r"$^{\ddagger}$\,Timed by one of several workers placed on the same GPU (more "
+                   r"\texttt{--workers} than GPUs): the time may include the others' work. Time with one worker "
+                   r"per GPU.",
+                   "‡ Timed by one of several workers placed on the same GPU (more --workers than GPUs): the "
+                   "time may include the others' work. Time with one worker per GPU."),
     "kv": Note(r"$^{\ast}$", "*",
                r"$^{\ast}$\,Analytic KV-cache size: no CUDA peak-memory statistics were recorded (CPU run).",
                "* Analytic KV-cache size: no CUDA peak-memory statistics were recorded (CPU run)."),
