@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 
 from tqdm import tqdm  # noqa: E402
 
-from streamkv import assets, executors, fingerprint, profiles, stages, worker  # noqa: E402
+from streamkv import assets, context, executors, fingerprint, plans, profiles, worker  # noqa: E402
 from streamkv.settings import Settings  # noqa: E402
 from streamkv.store import Store  # noqa: E402
 
@@ -42,8 +42,8 @@ def units(results: Path, profile_name: str, max_tokens: int | None, split: int) 
     if max_tokens:
         synthetic = dataclasses.replace(synthetic, max_tokens=max_tokens)
     profile = dataclasses.replace(profile, long=synthetic, short=synthetic)
-    ctx = stages.context(settings, tokenize=True, random_weights=True, profile=profile)
-    return worker.units_of([(p.slot, p.spec) for p in stages.plan(ctx, ["sweeps"])], split)
+    ctx = context.context(settings, tokenize=True, random_weights=True, profile=profile)
+    return worker.units_of([(p.slot, p.spec) for p in plans.plan(ctx, ["sweeps"])], split)
 
 
 def main() -> None:

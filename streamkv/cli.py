@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from . import assets, fingerprint, profiles, settings as settings_mod, stages
+from . import assets, context, fingerprint, plans, profiles, reports, settings as settings_mod, stages
 from .assets import AssetError
 from .fetch import FetchError, fetch_command, verify_assets_command
 from .paper import PaperError, build_pdf, pdf_command
@@ -24,7 +24,7 @@ from .settings import SettingsError
 from .spec import MeasureSpec, PolicySpec, RunSpec, SpecError
 from .store import StoreError
 
-USER_ERRORS = (SpecError, SettingsError, AssetError, FetchError, PaperError, StoreError, stages.StageError)
+USER_ERRORS = (SpecError, SettingsError, AssetError, FetchError, PaperError, StoreError, context.StageError)
 GENERATED = "NeurIPS/generated"   # under the repository root unless --out-dir says otherwise
 
 
@@ -148,7 +148,7 @@ def paper(random_weights: bool, pdf: bool, **flags) -> None:
         raise SpecError("the paper stage refuses --random-weights: its perplexities would be meaningless")
     s = _settings(**flags)
     # A failed MIT reference (an optional sanity check) is reported by the stage and does not stop the paper.
-    stages.run_stages(s, stages.paper_stages(s))
+    stages.run_stages(s, plans.paper_stages(s))
     _write_tables(s, settings_mod.under_root(GENERATED))
     if pdf and shutil.which("latexmk"):
         click.echo(build_pdf())
@@ -157,7 +157,7 @@ def paper(random_weights: bool, pdf: bool, **flags) -> None:
 
 
 def _write_tables(s: settings_mod.Settings, out_dir: Path) -> None:
-    report = stages.write_tables(s, out_dir)
+    report = reports.write_tables(s, out_dir)
     click.echo(report.text)
     click.echo(f"wrote {', '.join(str(p) for p in report.written)}", err=True)
     for slot in report.stale:
@@ -182,7 +182,7 @@ def tables(profile: str | None, results_dir: str | None, out_dir: Path | None) -
 @click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
 def status(profile: str | None, results_dir: str | None) -> None:
     """Every planned point: current, missing, stale, or unknown (stream never tokenized here)."""
-    rows, problems = stages.status(_settings(profile=profile, results_dir=results_dir))
+    rows, problems = reports.status(_settings(profile=profile, results_dir=results_dir))
     click.echo(tabulate(rows, headers=("slot", "state", "engine")))
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
@@ -227,7 +227,7 @@ def run(**o) -> None:
     """One evaluation with explicit knobs (always computed, never reused)."""
     s = _settings(profile=o["profile"], cap_total=o["cap_total"], warmup_runs=o["warmup_runs"],
                   repeat_runs=o["repeat_runs"], results_dir=o["results_dir"])
-    ctx = stages.context(s, tokenize=False, random_weights=o["random_weights"])
+    ctx = context.context(s, tokenize=False, random_weights=o["random_weights"])
     p = ctx.profile
     name = o["dataset"] or p.long.name
     # Random ids over the model's vocabulary stand in for text only where the weights are random too.
@@ -244,12 +244,12 @@ def run(**o) -> None:
     draft = RunSpec(model=model, data=None, mode=o["mode"], policy=policy, position_mode=o["position_mode"],
                     rerotation=o["rerotation"], engine="recompute" if o["mode"] == "baseline" else "decode",
                     device=p.device, measure=MeasureSpec(s.warmup_runs, s.repeat_runs))
-    probe = stages.with_engines(ctx, draft, o["engine"]) if o["mode"] != "baseline" else draft
+    probe = plans.with_engines(ctx, draft, o["engine"]) if o["mode"] != "baseline" else draft
     if o["output"] is not None:
         _check_writable(o["output"])
     else:
         ctx.store.check_writable()
-    data = stages.resolve_data(p, dataset, ctx.store, tokenize=True)
+    data = context.resolve_data(p, dataset, ctx.store, tokenize=True)
     spec = dataclasses.replace(probe, data=data)
     from .runner import Runner  # loads torch and the engines: only once the knobs are known to be valid
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import submitit
 from tqdm import tqdm
 
+from .context import StageError
 from .settings import Settings, SettingsError
-from .stages import StageError
 from .store import Store
 from .worker import Task, Unit
 

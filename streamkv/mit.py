@@ -1,10 +1,10 @@
 """The MIT reference points: mit-han-lab/streaming-llm's own perplexity script, run beside our numbers.
 
 When MIT_REPO points at a checkout of https://github.com/mit-han-lab/streaming-llm, `plan` gives one
-point per dataset and reference (a MitSpec), which streamkv.stages plans, reuses and lists like every
-other point; `MitRunner.run` runs `examples/eval_long_ppl.py` in a subprocess (PYTHON_BIN, default this
-interpreter) with the knobs of our Start+Recent run and writes its perplexity, with our fingerprint,
-through the store:
+point per dataset and reference (a MitSpec), which streamkv.plans plans and streamkv.stages reuses and
+lists like every other point; `MitRunner.run` runs `examples/eval_long_ppl.py` in a subprocess
+(PYTHON_BIN, default this interpreter) with the knobs of our Start+Recent run and writes its perplexity,
+with our fingerprint, through the store:
   results/mit_bench/{dataset}_mit_reference.json              start_size = S, recent_size = strict's window
   results/mit_bench/{dataset}_mit_reference_windowmatch.json  same S, recent_size = Lazy Pruning's window
 (the guide's window-matched variant: it isolates the "recent window got smaller" confound when Lazy

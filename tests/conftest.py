@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamkv import assets, cli, engines, fingerprint, profiles, runner as runner_mod, settings as settings_mod, stages, tables
+from streamkv import (assets, cli, context, engines, fingerprint, plans, profiles, runner as runner_mod,
+                      settings as settings_mod, stages, tables)
 from streamkv.profiles import SWEEP_SYMBOLS, Dataset, Profile
 from streamkv.settings import Settings
 from streamkv.spec import DataSpec, ModelSpec
@@ -81,10 +82,10 @@ class FakeRunner:
 
 def tables_spec(long: tables.Dataset, short: tables.Dataset, *, lazy_r: int, ablations=(), sweeps=None,
                 **fields) -> tables.TablesSpec:
-    """A TablesSpec shaped as streamkv.stages.tables_spec builds it from a plan, for the renderer tests.
+    """A TablesSpec shaped as streamkv.reports.tables_spec builds it from a plan, for the renderer tests.
     ablations: (label, display) pairs; sweeps: {knob: values}."""
     def base(d):
-        return tables.Line(stages.BASELINE_DISPLAY, f"baselines/{d.name}")
+        return tables.Line(plans.BASELINE_DISPLAY, f"baselines/{d.name}")
 
     main = tuple(tables.Block(d.display, base(d), (tables.Line("Start+Recent (R = 1)", f"main/{d.name}/strict"),
                                                    tables.Line(f"Lazy Pruning (R = {lazy_r})", f"main/{d.name}/lazy")))
@@ -163,8 +164,8 @@ def worker_main(tmp: str, delay: str) -> None:
     install_fakes(Patch())
     profile = fake_profile(Path(tmp))
     settings = Settings(results_dir=str(Path(tmp) / "results"))
-    ctx = stages.context(settings, tokenize=True, profile=profile)
-    points = stages.plan(ctx, stages.paper_stages(settings))
+    ctx = context.context(settings, tokenize=True, profile=profile)
+    points = plans.plan(ctx, plans.paper_stages(settings))
     stages.execute(ctx, points, runner=FakeRunner(ctx.store, delay=float(delay), announce=True))
 
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from streamkv import assets, profiles, stages, store as store_mod
+from streamkv import assets, profiles, reports, stages, store as store_mod
 from streamkv.profiles import Dataset
 from streamkv.settings import Settings
 from streamkv.spec import ModelSpec, RunSpec
@@ -87,9 +87,9 @@ def test_bench_points_go_through_the_stage_loop_and_the_one_writer(tmp_path, pro
     assert fast_strict["spec"]["policy"] == strict["spec"]["policy"]         # the same schedule, another engine
     # `status` lists them once RUN_MIT_BENCH puts them in the paper (state unknown: synthetic streams are
     # not in the stream index, so status cannot hash them without generating the ids).
-    rows, _ = stages.status(replace(s, run_mit_bench=False), profile=profile)
+    rows, _ = reports.status(replace(s, run_mit_bench=False), profile=profile)
     assert [slot for slot, _, _ in rows if slot.startswith("mit_bench")] == []
-    rows, _ = stages.status(s, profile=profile)
+    rows, _ = reports.status(s, profile=profile)
     assert [slot for slot, _, _ in rows if slot.startswith("mit_bench")] == SLOTS + ENGINE_SLOTS
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
-from streamkv import executors, locks, profiles, stages, worker
+from streamkv import context, executors, locks, plans, profiles, worker
 from streamkv.settings import Settings, SettingsError
 from streamkv.store import Store
 
@@ -26,8 +26,8 @@ def demo_units(results: Path) -> list[worker.Unit]:
     settings = Settings(results_dir=str(results), sweep_r_values=(1, 4, 16))
     profile = profiles.resolve(settings)
     profile = dataclasses.replace(profile, long=dataclasses.replace(profile.long, max_tokens=N_TOKENS))
-    ctx = stages.context(settings, tokenize=True, profile=profile)
-    points = stages.plan(ctx, ["sweeps"])
+    ctx = context.context(settings, tokenize=True, profile=profile)
+    points = plans.plan(ctx, ["sweeps"])
     return worker.units_of([(p.slot, p.spec) for p in points], split=2)
 
 
@@ -173,7 +173,7 @@ def test_without_retries_a_dead_worker_fails_the_stage_in_one_line(tmp_path):
 
     killer = threading.Thread(target=kill_it)
     killer.start()
-    with pytest.raises(stages.StageError, match=r"1 points still missing after 1 attempts .*re-run computes the rest"):
+    with pytest.raises(context.StageError, match=r"1 points still missing after 1 attempts .*re-run computes the rest"):
         with tqdm(total=1, disable=True) as bar:
             executors.run(Store(results), units, executors.Options(workers=2, retries=0), bar)
     killer.join()

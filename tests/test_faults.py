@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from streamkv import assets, files, stages
+from streamkv import assets, context, files, plans, reports, stages
 from streamkv.assets import AssetError
 from streamkv.spec import ModelSpec
 from streamkv.store import Store, StoreError, read_nll
@@ -160,8 +160,8 @@ def test_the_sweep_leaves_a_slot_alone_while_another_process_writes_it(tmp_path)
 
 def test_a_stage_run_removes_what_killed_writes_left(fakes, capsys):
     profile, settings = fakes
-    ctx = stages.context(settings(), tokenize=True, profile=profile)
-    points = stages.plan(ctx, ["main"])
+    ctx = context.context(settings(), tokenize=True, profile=profile)
+    points = plans.plan(ctx, ["main"])
     stages.execute(ctx, points, runner=FakeRunner(ctx.store))
     folder = ctx.store.path("main/long/lazy").parent
     leftovers = [folder / ".lazy.json.abc123.tmp", folder / "lazy.0123456789ab.nll.f32",
@@ -186,9 +186,9 @@ def test_concurrent_runs_on_one_results_directory_compute_each_point_once(tmp_pa
     computed = Counter(line.split()[1] for out, _ in outputs for line in out.splitlines())
     assert max(computed.values()) == 1                                      # 0 points computed twice
     assert sum(1 for out, _ in outputs if out.strip()) >= 2                 # the work was split
-    ctx = stages.context(settings(), tokenize=True, profile=profile)
-    points = stages.plan(ctx, stages.paper_stages(settings()))
-    assert {stages.classify(ctx, p) for p in points} == {"current"}
+    ctx = context.context(settings(), tokenize=True, profile=profile)
+    points = plans.plan(ctx, plans.paper_stages(settings()))
+    assert {context.classify(ctx, p) for p in points} == {"current"}
     assert len(computed) == len({p.spec.config_hash() for p in points})    # equal specs copied, not redone
     assert ctx.store.scan().problems == []
 
@@ -252,19 +252,19 @@ HOSTILE = {
 
 def test_hostile_result_json_is_reported_never_rendered_and_recomputed(fakes):
     profile, settings = fakes
-    ctx = stages.context(settings(), tokenize=True, profile=profile)
-    points = stages.plan(ctx, ["main"])
+    ctx = context.context(settings(), tokenize=True, profile=profile)
+    points = plans.plan(ctx, ["main"])
     stages.execute(ctx, points, runner=FakeRunner(ctx.store))
     for slot, change in HOSTILE.items():
         path = ctx.store.path(slot)
         path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
-    report = stages.write_tables(settings(), ctx.store.root / "gen", profile=profile)   # `make tex`
+    report = reports.write_tables(settings(), ctx.store.root / "gen", profile=profile)   # `make tex`
     assert len(report.problems) == len(HOSTILE) and all("invalid result" in p for p in report.problems)
     assert "12.5" not in report.text and "[INSERT DATA]" in report.text
     runner = FakeRunner(ctx.store)
-    stages.execute(ctx, stages.plan(ctx, ["main"]), runner=runner)             # `make main`
+    stages.execute(ctx, plans.plan(ctx, ["main"]), runner=runner)             # `make main`
     assert sorted(runner.computed) == sorted(HOSTILE)
-    assert stages.write_tables(settings(), ctx.store.root / "gen", profile=profile).problems == []
+    assert reports.write_tables(settings(), ctx.store.root / "gen", profile=profile).problems == []
 
 
 # ---------------------------------------------------------------------------------- bad command lines

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamkv import cli, mit, profiles, stages
+from streamkv import cli, context, mit, profiles, reports, stages
 from streamkv.profiles import Dataset, Variant
 from streamkv.settings import Settings
 from streamkv.spec import ModelSpec, PolicySpec, digest
@@ -265,8 +265,8 @@ def test_patched_checkout_runs_on_our_device_dtype_and_stream_and_the_table_comp
     ours = {"kind": "run", "slot": "main/pg19/strict", "config_hash": "0" * 64, "spec": {},
             "metrics": {"perplexity": 19.5, "n_predicted_tokens": 49}}
     Store(s.results_dir).write(ours)
-    ctx = stages.context(s, tokenize=False, profile=profile)
-    spec = stages.tables_spec(ctx)
+    ctx = context.context(s, tokenize=False, profile=profile)
+    spec = reports.tables_spec(ctx)
     assert [(c.reference.slot, c.ours.slot) for c in spec.mit] == [
         ("mit_bench/pg19_mit_reference", "main/pg19/strict"), ("mit_bench/pg19_mit_reference_windowmatch",
                                                               "main/pg19/lazy"),

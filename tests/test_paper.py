@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from streamkv import figures, paper, stages
+from streamkv import context, figures, paper, reports
 from streamkv.settings import Settings
 from streamkv.tables import Comparison, Dataset, Line, write_all
 from streamkv.tables.cells import Cell
@@ -122,8 +122,8 @@ def test_streams_cite_their_papers_only_in_the_paper_profile(tmp_path):
     keys = set(re.findall(r"@\w+\{([^,]+),", (NEURIPS / "references.bib").read_text(encoding="utf-8")))
     metas = {}
     for name in ("demo", "paper"):
-        ctx = stages.context(Settings(profile=name, results_dir=str(tmp_path)), tokenize=False)
-        metas[name] = write_all(lambda slot: None, stages.tables_spec(ctx), tmp_path / name)[-1].read_text()
+        ctx = context.context(Settings(profile=name, results_dir=str(tmp_path)), tokenize=False)
+        metas[name] = write_all(lambda slot: None, reports.tables_spec(ctx), tmp_path / name)[-1].read_text()
     assert r"\citep" not in metas["demo"] and "pydoc" in metas["demo"]
     cited = set(re.findall(r"\\citep\{([^}]+)\}", metas["paper"]))
     assert cited == {"rae2020compressive", "merity2017pointer"} and cited <= keys

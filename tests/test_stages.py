@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamkv import assets, engines, stages
+from streamkv import assets, context, engines, plans, reports, stages
 from streamkv.engines.contiguous import Unsupported
 from streamkv.policies import build_schedule
 from streamkv.spec import DataSpec, ModelSpec, PolicySpec, RunSpec
@@ -26,14 +26,14 @@ TESTS = Path(__file__).resolve().parent
 
 
 def points_of(profile, settings, names, **kw):
-    ctx = stages.context(settings, tokenize=True, profile=profile)
-    return ctx, stages.plan(ctx, names, **kw)
+    ctx = context.context(settings, tokenize=True, profile=profile)
+    return ctx, plans.plan(ctx, names, **kw)
 
 
 def run(profile, settings, names, runner_factory=FakeRunner, **kw):
-    ctx = stages.context(settings, tokenize=True, profile=profile)
+    ctx = context.context(settings, tokenize=True, profile=profile)
     runner = runner_factory(ctx.store)
-    outcome = stages.execute(ctx, stages.plan(ctx, names, **kw), runner=runner)
+    outcome = stages.execute(ctx, plans.plan(ctx, names, **kw), runner=runner)
     return runner, outcome
 
 
@@ -50,7 +50,7 @@ def test_plans_name_their_slots(fakes):
         "ablations/long/lazy_slack", "ablations/long/lazy_slack_maxdrop"]
     assert [p.slot for p in quality if "sigma" in p.slot or "delta" in p.slot] == [
         "sweeps/long/sigma=0", "sweeps/long/sigma=2", "sweeps/long/delta=0", "sweeps/long/delta=2"]
-    assert stages.paper_stages(settings(run_sweeps=False, run_ablations=False, run_mit_bench=False)) == ("baseline", "main")
+    assert plans.paper_stages(settings(run_sweeps=False, run_ablations=False, run_mit_bench=False)) == ("baseline", "main")
 
 
 def test_specs_carry_the_knobs(fakes):
@@ -142,7 +142,7 @@ def test_tables_find_stream_specs_when_the_stream_file_is_gone(fakes, tmp_path):
     run(profile, settings(), ["main"])
     for dataset in profile.datasets:
         (Path(dataset.path) if Path(dataset.path).is_absolute() else assets.REPO / dataset.path).unlink()
-    report = stages.write_tables(settings(), tmp_path / "generated", profile=profile)
+    report = reports.write_tables(settings(), tmp_path / "generated", profile=profile)
     assert report.stale == [] and "[INSERT DATA]" not in (tmp_path / "generated" / "tables.tex").read_text()
 
 
@@ -164,7 +164,7 @@ def test_a_bumped_engine_version_makes_exactly_its_points_stale_and_tables_mark_
     streaming = ["main/long/strict", "main/long/lazy", "main/short/strict", "main/short/lazy"]
     bump_version(monkeypatch, "parallel")
     out = tmp_path / "generated"
-    report = stages.write_tables(settings(allow_stale_results=True), out, profile=profile)
+    report = reports.write_tables(settings(allow_stale_results=True), out, profile=profile)
     assert report.stale == sorted(streaming)
     dagger = [line for line in (out / "tables.tex").read_text().splitlines() if "dagger" in line and "&" in line]
     assert [line.split(" & ")[0] for line in dagger] == ["Start+Recent (R = 1)$^{\\dagger}$",
@@ -249,7 +249,7 @@ def test_baseline_dtype_spelled_differently_is_not_a_mismatch(fakes, capsys):
 
 def test_missing_baseline_is_generated_or_refused(fakes):
     profile, settings = fakes
-    with pytest.raises(stages.StageError, match="AUTO_BASELINE=0"):
+    with pytest.raises(context.StageError, match="AUTO_BASELINE=0"):
         run(profile, settings(auto_baseline=False), ["main"])
     assert not Path(settings().results_dir, "paper_experiments").exists()   # refused before computing
     runner, _ = run(profile, settings(), ["ablations"])                     # AUTO_BASELINE=1 (default)
@@ -278,10 +278,10 @@ def test_kill_9_then_resume_recomputes_only_unfinished_points(tmp_path, fakes):
     finally:
         worker.wait()
     assert worker.returncode == -signal.SIGKILL
-    ctx = stages.context(settings(), tokenize=True, profile=profile)
+    ctx = context.context(settings(), tokenize=True, profile=profile)
     assert ctx.store.scan().problems == []
-    points = stages.plan(ctx, stages.paper_stages(settings()))
-    finished = {p.slot for p in points if stages.classify(ctx, p) == "current"}
+    points = plans.plan(ctx, plans.paper_stages(settings()))
+    finished = {p.slot for p in points if context.classify(ctx, p) == "current"}
     assert set(done) <= finished and len(finished) < len(points)
     runner = FakeRunner(ctx.store)
     outcome = stages.execute(ctx, points, runner=runner)
@@ -301,7 +301,7 @@ def test_tables_use_the_stream_index_and_mark_stale_results(fakes, tmp_path, mon
 
     monkeypatch.setattr(assets, "load_tokenizer", no_tokenizer)
     out = tmp_path / "generated"
-    report = stages.write_tables(settings(), out, profile=profile)
+    report = reports.write_tables(settings(), out, profile=profile)
     # The R-sweep figure has no results to be drawn from, so it is not there.
     assert {p.name for p in report.written} == {"tables.tex", "ablations.tex", "sweeps.tex",
                                                 "negative_results.tex", "engines.tex", "meta.tex", "fig_cache_len.pdf"}
@@ -311,21 +311,21 @@ def test_tables_use_the_stream_index_and_mark_stale_results(fakes, tmp_path, mon
              "ablations/long/lazy_no_sink", "ablations/long/lazy_window_matched", "ablations/long/strict"}
     assert set(report.stale) == stale
     assert "[INSERT DATA]" in (out / "ablations.tex").read_text()      # refused: ALLOW_STALE_RESULTS=0
-    report = stages.write_tables(settings(allow_stale_results=True), out, profile=profile)
+    report = reports.write_tables(settings(allow_stale_results=True), out, profile=profile)
     assert "dagger" in (out / "ablations.tex").read_text() and "†" in report.text
 
 
 def test_status_lists_every_planned_point(fakes, tmp_path):
     profile, settings = fakes
-    rows, problems = stages.status(settings(), profile=profile)
+    rows, problems = reports.status(settings(), profile=profile)
     assert {state for _, state, _ in rows} == {"unknown"}        # no stream tokenized yet
     run(profile, settings(), ["main"])
     Path(settings().results_dir, "paper_experiments", "bad.json").write_text("{")
-    rows, problems = stages.status(settings(), profile=profile)
+    rows, problems = reports.status(settings(), profile=profile)
     state = {slot: s for slot, s, _ in rows}
     assert state["main/long/lazy"] == "current" and state["sweeps/long/R=2"] == "missing"
     assert len(rows) == 2 + 4 + 6 + 3 + 6 + 4 and len(problems) == 1   # ..., bench: 6 per-dataset, 4 engine comparison
-    rows, _ = stages.status(settings(repeat_runs=5), profile=profile)   # 3 is the default now
+    rows, _ = reports.status(settings(repeat_runs=5), profile=profile)   # 3 is the default now
     assert dict((slot, s) for slot, s, _ in rows)["main/long/lazy"] == "stale"
 
 

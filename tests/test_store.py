@@ -178,13 +178,14 @@ def test_atomic_write_leaves_a_world_readable_file(tmp_path):
 
 
 def test_store_atomic_write_is_the_shared_writer():
-    # stages.py and mit.py import atomic_write from the store; there is one implementation (streamkv.files).
+    # context.py and mit.py import atomic_write from the store; there is one implementation (streamkv.files).
     assert store_mod.atomic_write is files_mod.atomic_write
 
 
 def test_the_store_imports_nothing_above_it():
     """The GPU runner writes through the store: it must not drag in the tables, the stages or torch."""
-    code = ("import streamkv.store, sys; above = [m for m in ('streamkv.tables', 'streamkv.stages', 'streamkv.figures', "
-            "'torch') if m in sys.modules]; assert not above, above")
+    code = ("import streamkv.store, sys; above = [m for m in ('streamkv.tables', 'streamkv.context', 'streamkv.plans', "
+            "'streamkv.stages', 'streamkv.reports', 'streamkv.figures', 'torch') if m in sys.modules]; "
+            "assert not above, above")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -65,7 +65,7 @@ REGISTRY: dict[str, Engine] = {e.name: e for e in (
     Baseline("recompute", version="1", self_timed=True, entry="evaluate_recompute"),
 )}
 
-# Timing engines, fastest first: a point is timed by the first that supports it (stages.measure).
+# Timing engines, fastest first: a point is timed by the first that supports it (`timing_engine`).
 TIMING_PREFERENCE = ("fast", "decode")
 
 

@@ -69,7 +69,7 @@ class EngineRow:
 class TablesSpec:
     """What the tables need to know about the plan: which slots to ask for and how to label them.
 
-    Built by streamkv.stages.tables_spec from the plan itself, so a slot name or a row label exists once."""
+    Built by streamkv.reports.tables_spec from the plan itself, so a slot name or a row label exists once."""
 
     profile: str                                   # "demo" | "paper"; "demo" puts a notice on the title page
     model: str                                     # display name, e.g. "Pythia-2.8B"
