@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
 
-from . import assets, mit, profiles
+from . import assets, console, mit, profiles
 from .profiles import Dataset, Profile
 from .settings import Settings
 from .spec import DataSpec, RunSpec
@@ -89,11 +87,6 @@ def classify(ctx: Context, point: Point) -> str:
     return "stale" if cell.stale else "current"
 
 
-def say(message: str) -> None:
-    """One line on stderr, above any progress bar."""
-    tqdm.write(message, file=sys.stderr)
-
-
 # ------------------------------------------------------------------------------------------ stream index
 def _index_key(profile: Profile, dataset: Dataset) -> dict:
     """What a stream's DataSpec depends on. The file's sha256 is None when the file is absent (a machine that
@@ -125,7 +118,7 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
     except (OSError, ValueError, KeyError, TypeError) as err:
         # The index is a cache, never a source of truth, but without it `tables` and `status` cannot tell
         # current results from stale ones: say which file is broken (a stage run rewrites it).
-        say(f"warning: stream index {index} is unreadable ({type(err).__name__}: {err}); "
+        console.say(f"warning: stream index {index} is unreadable ({type(err).__name__}: {err}); "
             f"{dataset.name} results cannot be matched until a stage re-tokenizes the stream")
         entries = []
     if not tokenize:

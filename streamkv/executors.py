@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import submitit
 from tqdm import tqdm
 
 from .context import StageError
+from .console import say
 from .settings import Settings, SettingsError
 from .store import Store
 from .worker import Task, Unit
@@ -109,7 +109,7 @@ def run(store: Store, units: list[Unit], opts: Options, bar: tqdm) -> None:
         if not missing:
             return
         if attempt:
-            _say(f"{len({u.slot for u in missing})} points missing after attempt {attempt}: submitting them again "
+            say(f"{len({u.slot for u in missing})} points missing after attempt {attempt}: submitting them again "
                  f"(attempt {attempt + 1} of {opts.retries + 1})")
         backend.submit(missing, min(worker_count(opts, len(missing)), len(missing)))
         backend.wait(lambda: _show(store, units, bar, base))
@@ -118,10 +118,6 @@ def run(store: Store, units: list[Unit], opts: Options, bar: tqdm) -> None:
         raise StageError(f"{len(missing)} points still missing after {opts.retries + 1} attempts "
                          f"({', '.join(missing)}): {backend.failure() or 'the workers ended without them'}; "
                          "finished points are kept, a re-run computes the rest")
-
-
-def _say(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
 
 
 def _point_done(store: Store, unit: Unit) -> bool:
@@ -159,7 +155,7 @@ class _Backend:
             self._echoed[log] = self._echoed.get(log, 0) + len(complete)
             for line in complete.decode(errors="replace").splitlines():
                 if line.startswith("worker "):
-                    _say(line)
+                    say(line)
 
     def failure(self) -> str | None:
         """What the first failed worker left: its error's last line, or that it left no result at all.
@@ -191,7 +187,7 @@ class _Local(_Backend):
         if most > 1:
             # Measured on one H200 (README): two workers on one GPU finished the paper-profile R sweep at
             # most 1.16x sooner than one, and the TPOT each measured while the other ran was 2.1x.
-            _say(f"note: {count} workers on {len(self.opts.gpus)} GPU(s): up to {most} share a GPU and slow "
+            say(f"note: {count} workers on {len(self.opts.gpus)} GPU(s): up to {most} share a GPU and slow "
                  "each other down; their timings are marked as taken on a shared GPU (‡ in the tables). "
                  "Time with one worker per GPU.")
         for k, (gpu, shared) in enumerate(workers):
@@ -233,7 +229,7 @@ class _Slurm(_Backend):
             self.jobs = executor.map_array(Task(self.opts.cpu_threads), [root] * count, [units] * count, range(count), [count] * count)
         except (subprocess.CalledProcessError, OSError) as err:
             raise StageError(f"slurm: sbatch failed: {_last_line(err)}") from None
-        _say(f"slurm: submitted array job {self.jobs[0].job_id.split('_')[0]} ({count} tasks)")
+        say(f"slurm: submitted array job {self.jobs[0].job_id.split('_')[0]} ({count} tasks)")
 
     def wait(self, show) -> None:
         array = self.jobs[0].job_id.split("_")[0]

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import figures, tables
-from .context import Context, Point, classify, context, say, variant_slot
+from .console import say
+from .context import Context, Point, classify, context, variant_slot
 from .plans import bench_engine_points, paper_stages, plan, plan_ablations, plan_baseline, plan_main, sweep_points
 from .profiles import SWEEP_SYMBOLS, Profile
 from .settings import Settings, default_results_dir

@@ -19,7 +19,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import fingerprint, mit
-from .context import Context, Point, classify, context, say
+from .console import say
+from .context import Context, Point, classify, context
 from .plans import plan
 from .profiles import Profile
 from .settings import Settings

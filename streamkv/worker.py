@@ -21,15 +21,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
-from tqdm import tqdm
 
 from . import shards
+from .console import say
 from .spec import RunSpec
 from .store import Store, atomic_write
 
@@ -76,10 +75,6 @@ def _part_path(store: Store, unit: Unit, part: tuple[int, int]) -> Path:
     return store.root / PARTS / unit.config_hash / f"{part[0]}-{part[1]}.pt"
 
 
-def _say(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
-
-
 class Worker:
     def __init__(self, store: Store, *, name: str = "worker", cpu_threads: int = 1, device_shared_by: int = 1):
         self.store, self.name, self.cpu_threads = store, name, cpu_threads
@@ -117,7 +112,7 @@ class Worker:
             else:
                 self._write_part(unit, self.runner.run_part(unit.spec, unit.part))
             what = unit.slot if unit.part is None else f"{unit.slot} tokens {unit.part[0]}..{unit.part[1] - 1}"
-            _say(f"{self.name}: computed {what} ({time.perf_counter() - began:.1f} s)")
+            say(f"{self.name}: computed {what} ({time.perf_counter() - began:.1f} s)")
         if unit.part is not None:
             self._merge(unit)
 
@@ -143,7 +138,7 @@ class Worker:
                      for r, p in zip(unit.ranges, paths)]
             self.runner.write_merged(unit.slot, unit.spec, parts)
             shutil.rmtree(paths[0].parent, ignore_errors=True)
-            _say(f"{self.name}: merged {len(parts)} ranges into {unit.slot}")
+            say(f"{self.name}: merged {len(parts)} ranges into {unit.slot}")
 
 
 class Task(submitit.helpers.Checkpointable):
