@@ -6,8 +6,9 @@ result JSON. `config_hash` is the sha256 of the canonical JSON (sorted keys, no 
   marked NOT_HASHED (the stream's file path: the sha256 of the evaluated ids covers its content); the
   baseline hashes its recompute window C, not the seed's S/W split of it; a streaming point hashes its
   recent run W + O, not W and O apart (overlap only widens the window, so under auto-cap every O is the
-  same experiment). A field added later takes `since(neutral)`: it stays out of the hash while it holds
-  the value that reproduces the old behaviour, so adding it leaves every stored result current.
+  same experiment), and δ only where it can act (σ ≥ R > 0). A field added later takes `since(neutral)`:
+  it stays out of the hash while it holds the value that reproduces the old behaviour, so adding it leaves
+  every stored result current.
 - `code_identity()`: the versions of the code that produces the numbers (the engines that evaluate and
   time the point, and the policy module for streaming points). Bumping one makes exactly the results that
   code made stale.
@@ -227,6 +228,10 @@ class RunSpec:
             # The schedule only sees soft = S + (W + O) + B.
             policy = view["policy"]
             policy["recent"] = policy.pop("window") + policy.pop("overlap")
+            # δ acts only when σ ≥ R > 0: otherwise every δ gives the schedule of δ = 0 (streamkv/policies.py,
+            # tested there), so it is hashed as 0 and such points are one experiment, reused as one.
+            if not 0 < policy["compress_every"] <= policy["cache_slack"]:
+                policy["max_drop"] = 0
         return view
 
     def code_identity(self) -> dict:

@@ -53,6 +53,12 @@ def test_hash_leaves_out_what_cannot_move_a_number():
     assert plain.window == overlapped.window + 3
     assert RunSpec(**dict(STREAMING, policy=plain)).config_hash() == \
         RunSpec(**dict(STREAMING, policy=overlapped)).config_hash()
+    # δ cannot act while σ < R or R = 0 (test_policies proves the schedules equal); where it can, it counts.
+    def lazy(R, sigma, delta):
+        return RunSpec(**dict(STREAMING, policy=PolicySpec.auto_cap(8, 1, compress_every=R, cache_slack=sigma,
+                                                                   max_drop=delta))).config_hash()
+    assert lazy(4, 3, 2) == lazy(4, 3, 0) and lazy(0, 4, 2) == lazy(0, 4, 0)
+    assert lazy(4, 4, 2) != lazy(4, 4, 0) and lazy(4, 3, 0) != lazy(4, 4, 0)
     # The baseline's S/W split is the seed's record; only their sum, the recompute window, counts.
     split = dict(BASELINE, policy=PolicySpec(n_sink=2, window=6))
     assert RunSpec(**split).config_hash() == RunSpec(**BASELINE).config_hash()
