@@ -31,7 +31,7 @@ class StageError(ValueError):
 class Point:
     slot: str
     # None: the dataset's DataSpec is unknown (planning without tokenizing). Any spec has config_hash(),
-    # to_dict() and engine; a RunSpec is run by runner.Runner, a mit.MitSpec by mit.MitRunner.
+    # to_dict() and engine; a RunSpec is run by runner.Runner, a mit.MitSpec by mit_runner.MitRunner.
     spec: RunSpec | mit.MitSpec | None
     display: str = ""         # the label tables and figures print for it
     value: int | None = None  # a sweep point's knob value

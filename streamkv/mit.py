@@ -1,54 +1,48 @@
-"""The MIT reference points: mit-han-lab/streaming-llm's own perplexity script, run beside our numbers.
+"""The MIT reference points: mit-han-lab/streaming-llm's own perplexity script, planned beside our numbers.
 
 When MIT_REPO points at a checkout of https://github.com/mit-han-lab/streaming-llm, `plan` gives one
-point per dataset and reference (a MitSpec), which streamkv.plans plans and streamkv.stages reuses and
-lists like every other point; `MitRunner.run` runs `examples/eval_long_ppl.py` in a subprocess
-(PYTHON_BIN, default this interpreter) with the knobs of our Start+Recent run and writes its perplexity,
-with our fingerprint, through the store:
+point per dataset and reference (a MitSpec: how to call `examples/eval_long_ppl.py` with the knobs of our
+Start+Recent run), which streamkv.plans plans and streamkv.stages reuses and lists like every other point;
+streamkv.mit_runner runs them. The two references, per dataset:
   results/mit_bench/{dataset}_mit_reference.json              start_size = S, recent_size = strict's window
   results/mit_bench/{dataset}_mit_reference_windowmatch.json  same S, recent_size = Lazy Pruning's window
 (the guide's window-matched variant: it isolates the "recent window got smaller" confound when Lazy
 Pruning spends part of the budget on slack). Nothing of MIT's code is vendored: we only call the script.
+Planning runs none of MIT's code: it hashes the checkout, reads its commit and asks MIT's interpreter for
+its package versions (python_packages, provenance).
 
 The script's interface (upstream examples/eval_long_ppl.py + streaming_llm/utils.py:parse_args):
   --model_name_or_path --dataset_name --task --split {validation,test} --num_samples --output_dir
   --enable_start_recent_kv_cache --start_size --recent_size --enable_pos_shift --num_eval_tokens
-It feeds the text one token per forward from an empty cache, applies StartRecentKVCache (keep the first
-start_size and the last recent_size entries once the cache exceeds their sum: our strict R = 1 rule),
-appends each token's NLL to {output_dir}/log.txt, and writes exp(mean NLL) to {output_dir}/ppl.txt
-(also the last line of its stdout). Upstream reads the text with datasets.load_dataset(name, task, split)
-and scores rows from the first one on. Its cache-dimension switch (as of upstream commit fee538a) looks
-for "pythia" in model_type, which is "gpt_neox" for Pythia: with --enable_start_recent_kv_cache upstream
-itself stops with "ValueError: got gpt_neox" on the paper's model, and the stage reports that failure.
+It feeds the text one token per forward from an empty cache and applies StartRecentKVCache (keep the first
+start_size and the last recent_size entries once the cache exceeds their sum: our strict R = 1 rule).
+Upstream reads the text with datasets.load_dataset(name, task, split) and scores rows from the first one
+on. Its cache-dimension switch (as of upstream commit fee538a) looks for "pythia" in model_type, which is
+"gpt_neox" for Pythia: with --enable_start_recent_kv_cache upstream itself stops with "ValueError: got
+gpt_neox" on the paper's model, and the stage reports that failure.
 The seed's offline copy ("mit-streaming-llm") accepts gpt_neox and adds --data-json (a JSON file with a
 "text" key: exactly our stream files), --max-eval-tokens and --output-json; when the checkout's script
 declares --data-json we pass our stream file, so both sides score the same tokens.
 
-A reference that cannot run is skipped with one line (MIT_REPO unset or not a checkout, a dataset the
-script cannot read). A script that fails leaves no JSON (MitFailure: the stage prints one line with its
-exit code and goes on) and the tails of its stdout/stderr in results/mit_bench/{dataset}_{label}.log.
+A reference that cannot run is skipped at planning with one line (MitSkip: MIT_REPO unset or not a
+checkout, a dataset the script cannot read).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import re
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import click
 
-from . import assets, fingerprint
+from . import assets
 from .profiles import Dataset, Profile
 from .settings import Settings
 from .spec import NOT_HASHED, ModelSpec, PolicySpec, digest, hashed_fields
-from .store import Store, atomic_write, nll_bytes
 
 SCRIPT = "examples/eval_long_ppl.py"
 # Written by scripts/mit/setup.sh into the checkout it prepares: the commit and the sha256 of PATCH_FILE.
@@ -66,7 +60,6 @@ HUB_DATASETS = {"pg19": ("pg19", "default", "test"), "wikitext": ("wikitext", "w
 # Upstream stops after --num_samples rows or --num_eval_tokens tokens; rows are lines (wikitext) or books
 # (pg19), so it gets every row and --num_eval_tokens alone decides where it stops.
 ALL_ROWS = 10**9
-LOG_TAIL_LINES = 200
 
 
 class MitSkip(Exception):
@@ -110,24 +103,6 @@ def code_sha256(repo: Path) -> str:
     for f in files:
         h.update(f.relative_to(repo).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
-
-
-def model_path(model: ModelSpec) -> str:
-    """A local directory for --model_name_or_path, so the script loads our pinned weights offline:
-    upstream's load() calls from_pretrained(name) and ignores its own --revision."""
-    local = Path(model.name) if Path(model.name).is_absolute() else assets.REPO / model.name
-    if not local.is_dir():
-        import huggingface_hub
-
-        try:
-            local = Path(huggingface_hub.snapshot_download(model.name, revision=model.revision,
-                                                           local_files_only=True))
-        except OSError:
-            raise assets.AssetError(f"model {model.name}@{model.revision} is not in the local Hugging Face "
-                                    f"cache; {assets.FETCH_HINT}") from None
-    # Upstream loads with trust_remote_code=True: refuse a checkpoint that would run code of its own.
-    assets.refuse_remote_code(local, model.name)
-    return str(local)
 
 
 def _declares(script_text: str, flag: str) -> bool:
@@ -221,7 +196,6 @@ def invocation(repo: Path, dataset: Dataset, model: ModelSpec, device: str, ref:
                    matches=matches, provenance=origin)
 
 
-# ----------------------------------------------------------------------------------------------- running
 def python_packages(python: str) -> dict:
     """Versions the MIT interpreter sees: its transformers decides whether pos-shift can work."""
     code = ("import json, importlib.metadata as m\n"
@@ -249,114 +223,6 @@ def provenance(repo: Path) -> dict:
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "patch": None}
     return {"commit": done.stdout.strip() or None, "patch": None}
-
-
-def _tail(path: Path) -> list[str]:
-    # tqdm redraws with carriage returns: each redraw counts as a line.
-    lines = [s for s in re.split(r"[\r\n]+", path.read_text(encoding="utf-8", errors="replace")) if s.strip()]
-    return lines[-LOG_TAIL_LINES:]
-
-
-def _write_log(path: Path, command: list[str], rc: int, out_dir: Path) -> list[str]:
-    """The run's log beside the results; returns the stderr tail."""
-    stderr = _tail(out_dir / "stderr.txt")
-    text = "\n".join([f"$ {' '.join(command)}", f"exit code: {rc}",
-                      f"--- stdout (last {LOG_TAIL_LINES} lines) ---", *_tail(out_dir / "stdout.txt"),
-                      f"--- stderr (last {LOG_TAIL_LINES} lines) ---", *stderr, ""])
-    atomic_write(path, text.encode())
-    return stderr
-
-
-def _read_outputs(out_dir: Path) -> tuple[float, list[float], dict | None]:
-    """(ppl.txt, log.txt's per-token NLL, the --output-json metrics if written); ValueError if unusable."""
-    reported = out_dir / "metrics.json"
-    try:
-        ppl = float((out_dir / "ppl.txt").read_text().split()[0])
-        nll = [float(line) for line in (out_dir / "log.txt").read_text().split()]
-        metrics = json.loads(reported.read_text())["metrics"] if reported.is_file() else None
-    except (OSError, IndexError, KeyError, ValueError) as e:
-        raise ValueError(f"exit 0 but unusable outputs in its --output_dir ({type(e).__name__}: {e})") from None
-    if not nll:
-        raise ValueError("exit 0 but log.txt holds no token NLL")
-    return ppl, nll, metrics
-
-
-class MitFailure(RuntimeError):
-    """The MIT script failed; the message is the stage's one line."""
-
-
-class MitRunner:
-    """Runs MIT points one after another (the stage's runner for MitSpecs)."""
-
-    def __init__(self, store: Store, settings: Settings):
-        self.store, self.python = store, settings.python_bin
-        self.repo = checkout(settings.mit_repo)
-        self._fingerprint: dict | None = None
-
-    def run(self, slot: str, spec: MitSpec) -> Path:
-        """Run the script once and write the slot's JSON; MitFailure (and no JSON) when it fails."""
-        # The slot's lock covers the log as well as the JSON: Store.sweep never takes its temp files.
-        with self.store.lock(self.store.path(slot)):
-            return self._run(slot, spec)
-
-    def _run(self, slot: str, spec: MitSpec) -> Path:
-        if code_sha256(self.repo) != spec.code_sha256:
-            raise MitFailure(f"{slot}: {self.repo} changed since it was planned; run the stage again")
-        path = self.store.path(slot)
-        log = path.with_suffix(".log")
-        # A JSON must never outlive the run it describes: drop the old one before the new run can fail.
-        path.unlink(missing_ok=True)
-        model_dir = model_path(ModelSpec(name=spec.model["name"], revision=spec.model["revision"]))
-        # The script's --output_dir lives outside results/: a run killed half-way leaves nothing there that
-        # a scan of results/ could mistake for a result.
-        with tempfile.TemporaryDirectory(prefix=f"streamkv-{path.stem}.") as tmp:
-            out_dir = Path(tmp)
-            command = [self.python, SCRIPT, "--model_name_or_path", model_dir, *spec.args, "--output_dir",
-                       str(out_dir)]
-            if spec.output_json:
-                command += ["--output-json", str(out_dir / "metrics.json")]
-            # Upstream installs streaming_llm with `setup.py develop`; the checkout on the path does the same.
-            # No network at run time: MIT's script calls load_dataset / from_pretrained, which would download.
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo), os.environ.get("PYTHONPATH")]))}
-            with open(out_dir / "stdout.txt", "wb") as so, open(out_dir / "stderr.txt", "wb") as se:
-                rc = subprocess.run(command, cwd=self.repo, env=env, stdout=so, stderr=se).returncode
-            stderr = _write_log(log, command, rc, out_dir)
-            if rc != 0:
-                last = stderr[-1].strip() if stderr else "no stderr"
-                raise MitFailure(f"{slot}: {SCRIPT} failed with exit code {rc} ({last}); "
-                                 f"stdout/stderr tails in {log}")
-            try:
-                ppl, nll, reported = _read_outputs(out_dir)
-            except ValueError as e:
-                raise MitFailure(f"{slot}: {SCRIPT} {e}; log in {log}") from None
-        nll_sum = math.fsum(nll)
-        limitations = list(spec.limitations)
-        if len(nll) != spec.expected_predictions:
-            limitations.append(f"It scored {len(nll)} tokens; our runs on this dataset score "
-                               f"{spec.expected_predictions}.")
-        self._fingerprint = self._fingerprint or fingerprint.collect()
-        result = {
-            "kind": "mit_reference",
-            "slot": slot,
-            "config_hash": spec.config_hash(),
-            "spec": spec.to_dict(),
-            "fingerprint": self._fingerprint,
-            "metrics": {"perplexity": ppl, "nll_sum": nll_sum, "n_predicted_tokens": len(nll),
-                        # exp(mean) of the logged NLLs in fp64: agrees with MIT's own number to its rounding
-                        "perplexity_from_log": math.exp(nll_sum / len(nll)),
-                        **({"mit_reported": reported} if reported else {})},
-            "mit": {"repository": str(self.repo), **spec.provenance, "python": self.python,
-                    "command": command[1:], "matches": spec.matches},
-            "limitations": limitations,
-            # The guide: MIT numbers stay out of the main table unless verified in this environment.
-            "use_in_main_table": False,
-            "artifacts": {"log": log.name},
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        self.store.write(result, nll=nll_bytes(nll))
-        click.echo(f"mit-reference: {slot}: PPL {ppl:.3f}", err=True)
-        return path
 
 
 @dataclass(frozen=True)

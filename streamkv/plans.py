@@ -9,7 +9,7 @@ streamkv/reports.py takes the tables' rows and curves from the same plans. Slots
   mit_bench/{dataset}_benchmark_{streaming_strict,streaming_lazy,recompute}
                                            bench: decode speed and memory on the first C + N + 1 tokens
   mit_bench/{dataset}_mit_reference[_windowmatch]
-                                           MIT's eval_long_ppl.py (a mit.MitSpec), run by mit.MitRunner
+                                           MIT's eval_long_ppl.py (a mit.MitSpec), run by mit_runner.MitRunner
 
 The baseline is reused across runs whatever REPEAT_RUNS says (only `baseline --runs N` asks for another
 count). The other stages need it: a missing one is generated when AUTO_BASELINE=1.

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import fingerprint, mit
 from .console import say
 from .context import Context, Point, classify, context
+from .mit_runner import MitFailure, MitRunner
 from .plans import plan
 from .profiles import Profile
 from .settings import Settings
@@ -128,7 +129,7 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
                         else:
                             try:
                                 by_hash[h] = runners.of(p.spec).run(p.slot, p.spec)
-                            except mit.MitFailure as failure:   # a reference that cannot run: the paper goes on
+                            except MitFailure as failure:   # a reference that cannot run: the paper goes on
                                 say(str(failure))
                                 out.failed.append(p.slot)
                             else:
@@ -148,7 +149,7 @@ class _Runners:
 
     def of(self, spec):
         if isinstance(spec, mit.MitSpec):
-            self.mit_runner = self.mit_runner or mit.MitRunner(self.ctx.store, self.ctx.settings)
+            self.mit_runner = self.mit_runner or MitRunner(self.ctx.store, self.ctx.settings)
             return self.mit_runner
         if self.run_runner is None:
             from .runner import Runner  # torch and the engines load only when a RunSpec must be computed

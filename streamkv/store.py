@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import locks
-from .files import atomic_write  # re-exported: context.py and mit.py import it from here
+from .files import atomic_write  # re-exported: context.py and mit_runner.py import it from here
 from .schema import SCHEMA_VERSION, Result, validate
 
 RESULT_KINDS = ("run", "mit_reference")

@@ -178,7 +178,8 @@ def test_atomic_write_leaves_a_world_readable_file(tmp_path):
 
 
 def test_store_atomic_write_is_the_shared_writer():
-    # context.py and mit.py import atomic_write from the store; there is one implementation (streamkv.files).
+    # context.py and mit_runner.py import atomic_write from the store; there is one implementation
+    # (streamkv.files).
     assert store_mod.atomic_write is files_mod.atomic_write
 
 
