@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import click
-
 from . import assets
+from .console import say
 from .profiles import Dataset, Profile
 from .settings import Settings
 from .spec import NOT_HASHED, ModelSpec, PolicySpec, digest, hashed_fields
@@ -240,7 +239,7 @@ def plan(profile: Profile, settings: Settings, main_slot: Callable[[Dataset, str
     try:
         repo = checkout(settings.mit_repo)
     except MitSkip as skip:
-        _say(f"skipped: {skip}")
+        say(f"mit-reference: skipped: {skip}")
         return []
     strict_v, lazy_v = profile.main_variants()
     strict, lazy = profile.policy(strict_v), profile.policy(lazy_v)
@@ -259,11 +258,7 @@ def plan(profile: Profile, settings: Settings, main_slot: Callable[[Dataset, str
                 spec = invocation(repo, dataset, profile.model, profile.device, ref, pos_shift, code, packages,
                                   matches, origin)
             except MitSkip as skip:
-                _say(f"{slot}: skipped: {skip}")
+                say(f"mit-reference: {slot}: skipped: {skip}")
                 continue
             points.append(Planned(slot, spec, ref, dataset))
     return points
-
-
-def _say(message: str) -> None:
-    click.echo(f"mit-reference: {message}", err=True)

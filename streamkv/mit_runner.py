@@ -20,9 +20,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import click
-
 from . import assets, fingerprint
+from .console import say
 from .mit import SCRIPT, MitSpec, checkout, code_sha256
 from .settings import Settings
 from .spec import ModelSpec
@@ -153,5 +152,5 @@ class MitRunner:
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self.store.write(result, nll=nll_bytes(nll))
-        click.echo(f"mit-reference: {slot}: PPL {ppl:.3f}", err=True)
+        say(f"mit-reference: {slot}: PPL {ppl:.3f}")
         return path

@@ -25,8 +25,6 @@ from types import MappingProxyType
 
 from . import engines
 
-from . import engines
-
 REFRESH_POLICIES = ("none", "uniform", "middle")
 POSITION_MODES = ("cache", "absolute")
 # How a kept key is moved to its new cache slot in `cache` position mode:
