@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from streamkv.assets import AssetError
 from streamkv.spec import ModelSpec
 from streamkv.store import Store, StoreError, read_nll
 
-from conftest import FakeRunner, assert_one_line_error
+from conftest import FakeRunner, assert_one_line_error, worker_main
 from fault_workers import NEW_NLL, OLD_NLL, SLOT, write_parts
 
 TESTS = Path(__file__).resolve().parent
@@ -176,20 +177,63 @@ def test_a_stage_run_removes_what_killed_writes_left(fakes, capsys):
 
 
 # ----------------------------------------------------------------------------------------- concurrency
+RUNS = 3
+
+
+def concurrent_run(tmp: str) -> None:
+    """One of the concurrent runs (`python tests/test_faults.py <tmp>`): every stage of the fake profile
+    (conftest.worker_main), whose first computation stops at the test's barrier: it says
+    `computing <slot>` and waits for `go` on stdin (or ends at EOF, when the test is gone)."""
+    run, first = FakeRunner.run, []
+
+    def run_after_the_barrier(self, slot, spec, **kw):
+        if not first:
+            first.append(slot)
+            print(f"computing {slot}", flush=True)
+            if sys.stdin.readline() != "go\n":
+                raise SystemExit("the test went away before the barrier opened")
+        return run(self, slot, spec, **kw)
+
+    FakeRunner.run = run_after_the_barrier
+    worker_main(tmp, "0.2")
+
+
 def test_concurrent_runs_on_one_results_directory_compute_each_point_once(tmp_path, fakes):
-    profile, settings = fakes   # the workers build the same fake profile in tmp_path
-    workers = [subprocess.Popen([sys.executable, str(TESTS / "conftest.py"), str(tmp_path), "0.2"],
-                                env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(3)]
-    outputs = [w.communicate(timeout=120) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0, 0], [err[-2000:] for _, err in outputs]
-    computed = Counter(line.split()[1] for out, _ in outputs for line in out.splitlines())
-    assert max(computed.values()) == 1                                      # 0 points computed twice
-    assert sum(1 for out, _ in outputs if out.strip()) >= 2                 # the work was split
+    """Three runs at once. No sleep decides the outcome: each run's first computation waits until all three
+    are computing (the barrier), so they overlap however the machine schedules them. Each run's first point
+    is then one that nobody else holds (the claims), and every later point meets the others' claims and
+    results. A run that ignored the claims would start on the same point as the others, and compute it again."""
+    profile, settings = fakes   # the runs build the same fake profile in tmp_path
+    runs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=WORKER_ENV, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(RUNS)]
+    watchdog = threading.Timer(120, lambda: [r.kill() for r in runs])   # a hang fails the test, never blocks it
+    watchdog.start()
+    try:
+        first = [r.stdout.readline().split() for r in runs]   # each run at its first computation
+        if not all(f[:1] == ["computing"] for f in first):      # a run ended (or hung) before: its stderr
+            for r in runs:
+                r.kill()
+            pytest.fail(f"a run never reached its first computation: {[r.communicate()[1][-2000:] for r in runs]}")
+        for r in runs:                                           # all three computing: open the barrier
+            r.stdin.write("go\n")
+            r.stdin.flush()
+        outputs = [r.communicate() for r in runs]
+    finally:
+        watchdog.cancel()
+        for r in runs:
+            if r.poll() is None:
+                r.kill()
+                r.wait()
+    assert [r.returncode for r in runs] == [0] * RUNS, [err[-2000:] for _, err in outputs]
     ctx = context.context(settings(), tokenize=True, profile=profile)
     points = plans.plan(ctx, plans.paper_stages(settings()))
+    hash_of = {p.slot: p.spec.config_hash() for p in points}
+    assert len({hash_of[slot] for _, slot in first}) == RUNS                 # held at once: 3 experiments
+    computed = Counter(line.split()[1] for out, _ in outputs for line in out.splitlines())
+    assert max(computed.values()) == 1                                      # 0 points computed twice
+    assert all(f"computed {slot}\n" in out for (_, slot), (out, _) in zip(first, outputs))   # the work was split
     assert {context.classify(ctx, p) for p in points} == {"current"}
-    assert len(computed) == len({p.spec.config_hash() for p in points})    # equal specs copied, not redone
+    assert len(computed) == len(set(hash_of.values()))                      # equal specs copied, not redone
     assert ctx.store.scan().problems == []
 
 
@@ -337,3 +381,7 @@ def test_the_working_directory_changes_no_path(invoke, faked, tmp_path, monkeypa
     assert not (elsewhere / "results").exists() and not (elsewhere / "NeurIPS").exists()
     lazy = json.loads((tmp_path / "results" / "paper_experiments" / "main" / "long" / "lazy.json").read_text())
     assert lazy["spec"]["measure"]["repeat_runs"] == 2   # the root's .env, read from a subdirectory
+
+
+if __name__ == "__main__":
+    concurrent_run(*sys.argv[1:])
