@@ -6,6 +6,7 @@ runs, and every failure is one `streamkv: error: ...` line with exit code 2.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -79,18 +80,49 @@ def test_a_read_only_results_directory_fails_in_one_line_before_computing(invoke
     assert faked == []   # no runner was made: nothing was computed
 
 
+_CLONE_FS, _CLONE_NEWNS = 0x00000200, 0x00020000            # <sched.h>
+_MS_REC, _MS_PRIVATE, _MNT_DETACH = 0x4000, 0x40000, 2      # <sys/mount.h>
+
+
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs: a disk that really fills up. Needs mount(2), i.e. root (CI runs as root)."""
+    """A 1 MiB tmpfs: a disk that really fills up. Needs mount(2), i.e. root (CI runs as root).
+
+    It is mounted in a private mount namespace that only this thread (and the processes and threads it
+    starts) enters: unshare(CLONE_NEWNS), left again with setns(2). Nobody else ever sees the mount, and
+    nothing can leave it behind: the kernel drops it with the namespace when pytest dies in the middle of
+    the test (kill -9 included). Skipped where the namespace or the mount cannot be made."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "unshare") or not hasattr(libc, "setns"):
+        pytest.skip("no unshare(2)/setns(2) here: the tmpfs needs a private mount namespace (Linux)")
+    home = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY)
+    cwd = os.open(".", os.O_RDONLY)   # setns(2) moves the thread to the namespace's root
     try:
-        yield mount
+        if libc.unshare(_CLONE_NEWNS) != 0:
+            pytest.skip(f"cannot make a private mount namespace here: {os.strerror(ctypes.get_errno())}")
+        try:
+            # The copies of the mounts turn private, so that the tmpfs does not propagate back out.
+            if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+                pytest.skip(f"cannot make the mounts private here: {os.strerror(ctypes.get_errno())}")
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                                  capture_output=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+            yield mount
+        finally:
+            # Back home. A thread started during the test (tqdm's monitor) shares this thread's filesystem
+            # context and stays in the namespace: unmount the tmpfs now rather than when that thread ends,
+            # and take a context of our own, which setns(2) requires.
+            libc.umount2(bytes(mount), _MNT_DETACH)
+            if libc.unshare(_CLONE_FS) != 0 or libc.setns(home, _CLONE_NEWNS) != 0:
+                raise OSError(ctypes.get_errno(), f"cannot leave the tmpfs's mount namespace: "
+                                                  f"{os.strerror(ctypes.get_errno())}")
+            os.fchdir(cwd)
     finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        os.close(home)
+        os.close(cwd)
 
 
 def test_main_on_a_really_full_disk_loses_nothing(invoke, faked, tiny_disk):
