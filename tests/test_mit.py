@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from streamkv import cli, context, mit, profiles, reports, stages
+from streamkv import cli, context, mit, mit_runner, profiles, reports, stages
 from streamkv.profiles import Dataset, Variant
 from streamkv.settings import Settings
 from streamkv.spec import ModelSpec, PolicySpec, digest
@@ -179,6 +179,18 @@ def test_equal_windows_copy_instead_of_rerunning(tmp_path, profile, capsys):
     assert len(calls(repo)) == 2                # σ = 0: the window-matched run would repeat the plain one
     assert read(tmp_path, "pg19_mit_reference_windowmatch")["spec"] == read(tmp_path, "pg19_mit_reference")["spec"]
     assert "2 copied from an equal spec" in capsys.readouterr().err
+
+
+def test_a_checkout_changed_after_planning_is_not_run(tmp_path, profile):
+    """The config_hash names MIT's code as planned; running other code under it would mislabel the number."""
+    repo = fake_checkout(tmp_path / "streaming-llm")
+    s = settings(tmp_path, repo)
+    ctx = context.context(s, tokenize=False, profile=profile)
+    point = next(p for p in ctx.mit())
+    (repo / mit.SCRIPT).write_text((repo / mit.SCRIPT).read_text() + "# edited after planning\n")
+    with pytest.raises(mit_runner.MitFailure, match="changed since it was planned"):
+        mit_runner.MitRunner(ctx.store, s).run(point.slot, point.spec)
+    assert not (repo / "calls.jsonl").exists() and not list((tmp_path / "results").rglob("*.json"))
 
 
 def test_seed_copy_scores_our_stream_file(tmp_path, profile):
