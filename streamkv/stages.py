@@ -81,8 +81,11 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
     # kind hashes its own spec type, so equal hashes are the same experiment whatever the kind).
     by_hash = {} if s.force else {e.config_hash: e.path for e in scan.entries}
     here = None
-    todo = []
+    todo, planned = [], {}
     for p in points:
+        # The slot's file as this run found it, taken before it is classified: whatever another run writes
+        # from here on counts as computed elsewhere (_written_meanwhile), never as a copy of itself.
+        planned[p.slot] = _identity(store.path(p.slot))
         state = "missing" if s.force else classify(ctx, p)
         if state == "current" and p.slot.startswith("baselines/"):
             here = here or fingerprint.collect()
@@ -102,7 +105,6 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
             if state == "stale":
                 out.stale_replaced.append(p.slot)
             todo.append((p, True))
-    planned = {p.slot: _identity(store.path(p.slot)) for p, _ in todo}
     runners = _Runners(ctx, runner)
     scale_out = None if runner is not None else _scale_out_options(s, todo)
     with tqdm(total=len(points), initial=len(points) - len(todo), desc=label, unit="point", file=sys.stderr,

@@ -206,6 +206,27 @@ def test_corrupt_and_foreign_results_are_reported_and_recomputed(fakes, capsys):
     assert Store(root).scan().problems == []
 
 
+def test_a_result_another_run_writes_while_this_one_classifies_counts_as_theirs(fakes, monkeypatch):
+    """The race window between classifying a slot and taking its file identity: a result written there by
+    another run is theirs (computed elsewhere), not computed again, and not copied onto itself."""
+    profile, settings = fakes
+    ctx, points = points_of(profile, settings(), ["main"])
+    target = next(p for p in points if p.slot == "main/long/lazy")
+    classify = stages.classify
+
+    def classify_while_another_run_writes(ctx, point):
+        state = classify(ctx, point)
+        if point.slot == target.slot:
+            FakeRunner(Store(ctx.store.root)).run(point.slot, point.spec)   # the other run, just then
+        return state
+    monkeypatch.setattr(stages, "classify", classify_while_another_run_writes)
+    runner = FakeRunner(ctx.store)
+    outcome = stages.execute(ctx, points, runner=runner)
+    assert outcome.elsewhere == [target.slot]
+    assert target.slot not in outcome.copied + runner.computed
+    assert sorted(runner.computed) == sorted(p.slot for p in points if p.slot != target.slot)
+
+
 # ------------------------------------------------------------------------------------------ baseline
 def test_baseline_runs_flag_and_reuse(fakes):
     profile, settings = fakes
