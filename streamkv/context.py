@@ -20,7 +20,7 @@ from . import assets, console, mit, profiles
 from .profiles import Dataset, Profile
 from .settings import Settings
 from .spec import DataSpec, RunSpec
-from .store import Store, atomic_write
+from .store import Store
 
 
 class StageError(ValueError):
@@ -109,7 +109,7 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
     index = store.root / "streams" / f"{dataset.name}.json"
     key = _index_key(profile, dataset)
     try:
-        entries = json.loads(index.read_text(encoding="utf-8"))["entries"]
+        entries = store.tree.read_json(index)["entries"]
         for entry in reversed(entries):
             if _matches(entry["key"], key):
                 return DataSpec(**entry["data"])
@@ -130,5 +130,5 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
         # Every key stays (the file is a few lines per token budget): evicting the stages' own entry would
         # leave `make tex` without the DataSpecs it needs to recognise current results.
         entries = [e for e in entries if e.get("key") != key] + [{"key": key, "data": dataclasses.asdict(data)}]
-        atomic_write(index, json.dumps({"entries": entries}, indent=2).encode())
+        store.tree.write(index, json.dumps({"entries": entries}, indent=2).encode())
     return data

@@ -5,12 +5,14 @@ just streamkv/__init__.py, fetch.py and this file copied in (see the Dockerfile)
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
-__all__ = ["atomic_write", "sha256_file"]
+__all__ = ["atomic_write", "atomic_write_at", "sha256_file"]
 
 
 def sha256_file(path: Path) -> str:
@@ -23,28 +25,54 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` so that a crash leaves either the old file or the new one, never a part.
-
-    A temp file in the same directory is written, fsynced and renamed over `path`, then the directory is
-    fsynced so that the rename survives a power cut too. The temp file is removed if anything fails. The
-    result is 0644 whatever the umask: results and generated files are shared (and written by a --user
-    container).
-    """
+    """Replace `path` by `data` so that a crash leaves either the old file or the new one, never a part
+    (atomic_write_at in the path's directory, made if needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fchmod(fd, 0o644)   # mkstemp creates 0600
+        atomic_write_at(dir_fd, path.name, data, where=path)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_at(dir_fd: int, name: str, data: bytes, *, where: Path | None = None) -> None:
+    """Replace the file `name` of the directory `dir_fd` by `data`, atomically.
+
+    A temp file in the same directory (created with O_EXCL and O_NOFOLLOW: never an existing file or a
+    link) is written, fsynced and renamed over `name`, then the directory is fsynced so that the rename
+    survives a power cut too. The temp file is removed if anything fails. What is there under `name` must be
+    a regular file or nothing: a link, FIFO or device node is never replaced (OSError naming it, `where`).
+    The result is 0644 whatever the umask: results and generated files are shared (and written by a --user
+    container).
+    """
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EEXIST, f"{where or name} is not a regular file (a link, FIFO or device node): "
+                          "never replaced")
+    while True:
+        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    try:
+        os.fchmod(fd, 0o644)   # created 0600, as mkstemp does, until it is whole
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    os.fsync(dir_fd)

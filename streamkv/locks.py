@@ -11,6 +11,9 @@ unlinked meanwhile notices (its inode is no longer the path's) and tries again.
 Locks are re-entrant within one process (a stage that holds a slot's lock may call Store.write, which
 takes it too): flock would otherwise make a process wait for itself through a second descriptor.
 
+Lock files are opened as streamkv.confined opens everything under the results directory: a link or a FIFO
+planted under a lock's name is refused, never followed or opened for writing.
+
 Stdlib only.
 """
 from __future__ import annotations
@@ -22,41 +25,52 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .confined import Tree
+
 __all__ = ["hold", "holder"]
 
 _held: dict[Path, int] = {}   # lock files this process holds -> nesting depth
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def _same_file(fd: int, dir_fd: int, name: str) -> bool:
     try:
-        here, there = os.fstat(fd), os.stat(path)
+        here, there = os.fstat(fd), os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _acquire(path: Path, wait: bool) -> int | None:
-    """A descriptor holding the lock on `path`, or None when wait=False and another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        if _same_file(fd, path):
-            return fd
-        os.close(fd)   # the previous holder unlinked it after we opened it: lock the new file instead
+def _acquire(tree: Tree, path: Path, wait: bool) -> tuple[int, int] | None:
+    """(directory descriptor, descriptor holding the lock on `path`), or None when wait=False and another
+    process holds it. The lock file is opened relative to its directory, walked down from the tree's root
+    without following links, and must be a regular file (streamkv.confined)."""
+    *parents, name = tree.parts(path)
+    dir_fd = tree.open_directory(tuple(parents), create=True)
+    try:
+        while True:
+            fd = tree.open_regular(dir_fd, name, path, os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                os.close(dir_fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, dir_fd, name):
+                return dir_fd, fd
+            os.close(fd)   # the previous holder unlinked it after we opened it: lock the new file instead
+    except BaseException:
+        os.close(dir_fd)
+        raise
 
 
 @contextmanager
-def hold(path: Path | str, *, wait: bool = True) -> Iterator[bool]:
+def hold(path: Path | str, *, wait: bool = True, root: Path | str | None = None) -> Iterator[bool]:
     """Hold the lock file `path` for the block; yields True. With wait=False, yields False at once (and
-    holds nothing) when another process holds it."""
+    holds nothing) when another process holds it. `root`: the directory below which no link is followed
+    on the way to `path` (default: its own directory)."""
     path = Path(path).absolute()
     if path in _held:
         _held[path] += 1
@@ -65,10 +79,12 @@ def hold(path: Path | str, *, wait: bool = True) -> Iterator[bool]:
         finally:
             _held[path] -= 1
         return
-    fd = _acquire(path, wait)
-    if fd is None:
+    tree = Tree(Path(root).absolute() if root is not None else path.parent)
+    held = _acquire(tree, path, wait)
+    if held is None:
         yield False
         return
+    dir_fd, fd = held
     try:
         os.ftruncate(fd, 0)   # a holder killed by SIGKILL left its name in the file
         os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
@@ -80,9 +96,11 @@ def hold(path: Path | str, *, wait: bool = True) -> Iterator[bool]:
     finally:
         del _held[path]
         try:
-            path.unlink(missing_ok=True)   # while still locked: a waiter re-checks the inode (see _acquire)
+            if _same_file(fd, dir_fd, path.name):   # while still locked: a waiter re-checks the inode
+                os.unlink(path.name, dir_fd=dir_fd)
         finally:
             os.close(fd)
+            os.close(dir_fd)
 
 
 def holder(path: Path | str) -> int | None:
@@ -90,12 +108,15 @@ def holder(path: Path | str) -> int | None:
     another host). Asked from another process: probing takes the lock for an instant when it is free."""
     path = Path(path).absolute()
     try:
-        fields = path.read_text().split()   # empty for the instant a new holder writes its name
+        # empty for the instant a new holder writes its name
+        fields = Tree(path.parent).read(path, 4096).decode(errors="replace").split()
     except FileNotFoundError:
         return None
-    fd = _acquire(path, wait=False)
-    if fd is not None:                       # free: release it as hold() would
-        path.unlink(missing_ok=True)
+    held = _acquire(Tree(path.parent), path, wait=False)
+    if held is not None:                     # free: release it as hold() would
+        dir_fd, fd = held
+        os.unlink(path.name, dir_fd=dir_fd)
         os.close(fd)
+        os.close(dir_fd)
         return None
     return int(fields[1]) if len(fields) == 2 and fields[0] == socket.gethostname() else None

@@ -25,7 +25,7 @@ from .console import say
 from .mit import SCRIPT, MitSpec, checkout, code_sha256
 from .settings import Settings
 from .spec import ModelSpec
-from .store import Store, atomic_write, nll_bytes
+from .store import Store, nll_bytes
 
 LOG_TAIL_LINES = 200
 
@@ -54,13 +54,13 @@ def _tail(path: Path) -> list[str]:
     return lines[-LOG_TAIL_LINES:]
 
 
-def _write_log(path: Path, command: list[str], rc: int, out_dir: Path) -> list[str]:
+def _write_log(store: Store, path: Path, command: list[str], rc: int, out_dir: Path) -> list[str]:
     """The run's log beside the results; returns the stderr tail."""
     stderr = _tail(out_dir / "stderr.txt")
     text = "\n".join([f"$ {' '.join(command)}", f"exit code: {rc}",
                       f"--- stdout (last {LOG_TAIL_LINES} lines) ---", *_tail(out_dir / "stdout.txt"),
                       f"--- stderr (last {LOG_TAIL_LINES} lines) ---", *stderr, ""])
-    atomic_write(path, text.encode())
+    store.tree.write(path, text.encode())
     return stderr
 
 
@@ -102,7 +102,7 @@ class MitRunner:
         path = self.store.path(slot)
         log = path.with_suffix(".log")
         # A JSON must never outlive the run it describes: drop the old one before the new run can fail.
-        path.unlink(missing_ok=True)
+        self.store.tree.unlink(path)
         model_dir = model_path(ModelSpec(name=spec.model["name"], revision=spec.model["revision"]))
         # The script's --output_dir lives outside results/: a run killed half-way leaves nothing there that
         # a scan of results/ could mistake for a result.
@@ -118,7 +118,7 @@ class MitRunner:
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo), os.environ.get("PYTHONPATH")]))}
             with open(out_dir / "stdout.txt", "wb") as so, open(out_dir / "stderr.txt", "wb") as se:
                 rc = subprocess.run(command, cwd=self.repo, env=env, stdout=so, stderr=se).returncode
-            stderr = _write_log(log, command, rc, out_dir)
+            stderr = _write_log(self.store, log, command, rc, out_dir)
             if rc != 0:
                 last = stderr[-1].strip() if stderr else "no stderr"
                 raise MitFailure(f"{slot}: {SCRIPT} failed with exit code {rc} ({last}); "

@@ -4,10 +4,13 @@ Bump SCHEMA_VERSION when a key changes meaning; readers report files of another 
 """
 from __future__ import annotations
 
+import math
 import re
-from typing import TypedDict, get_type_hints
+from typing import Sequence, TypedDict, get_type_hints
 
-SCHEMA_VERSION = 2   # 2: ttft_ms/tpot_ms are medians with *_spread (were means with *_std)
+# 2: ttft_ms/tpot_ms are medians with *_spread (were means with *_std); 3: artifact_sha256, and the metrics
+# that can be re-derived are checked on every read (check_derived)
+SCHEMA_VERSION = 3
 
 
 class Metrics(TypedDict, total=False):
@@ -42,12 +45,21 @@ class Result(TypedDict, total=False):
     metrics: Metrics
     engines: dict                # which engine produced what: {"perplexity": "parallel", "timing": "decode"}
     artifacts: dict              # files beside the JSON, relative names: {"nll": "x.nll.f32", "cache_len": ...}
+    artifact_sha256: dict        # file name -> sha256 of each artifact, checked by every reader (store.py)
     created_utc: str             # ISO-8601 time the run finished
 
 
 # Kinds whose metrics must hold a perplexity: every kind a writer produces (bench points are runs too).
 _SCORED_KINDS = ("run", "mit_reference")
 _HASH = re.compile(r"[0-9a-f]{64}")
+# How closely the stored metrics must agree with what they are derived from. The NLL artifact holds the
+# per-token values as float32: a run sums exactly those (fp64), MIT's log holds them in full precision
+# before they are stored as float32 (relative differences ~1e-8). A perplexity is exp of the stored mean,
+# computed in fp64 from the same numbers. MIT's own perplexity is averaged and exponentiated in the model's
+# dtype (fp16: 11 bits), so it can only be held to that precision.
+_NLL_SUM_REL = 1e-6
+_PPL_REL = 1e-9
+_MIT_OWN_PPL_REL = 4e-3
 
 
 def _is(value, kind) -> bool:
@@ -81,7 +93,7 @@ def validate(doc) -> None:
         raise ValueError(f"a JSON {type(doc).__name__}, not an object")
     required = {"schema_version": int, "kind": str, "slot": str, "config_hash": str, "metrics": dict}
     optional = {"spec": dict, "code": dict, "fingerprint": dict, "engines": dict, "artifacts": dict,
-                "created_utc": str}
+                "artifact_sha256": dict, "created_utc": str}
     for key, kind in required.items():
         if key not in doc:
             raise ValueError(f"no {key!r}")
@@ -94,6 +106,9 @@ def validate(doc) -> None:
         names = name if isinstance(name, list) else [name]
         if not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
             raise ValueError(f"artifact {name!r:.60} is not a file name beside the result")
+        digests = doc.get("artifact_sha256") or {}
+        if not all(isinstance(digests.get(n), str) and _HASH.fullmatch(digests[n]) for n in names):
+            raise ValueError(f"artifact {name!r:.60} has no sha256 in artifact_sha256")
     _check_metrics(doc["metrics"], "metrics.")
     if doc["kind"] in _SCORED_KINDS:
         if doc["metrics"].get("perplexity") is None:
@@ -101,3 +116,39 @@ def validate(doc) -> None:
         # exp(mean NLL) is positive; a diverged run may honestly store inf or nan, so those stay readable.
         if doc["metrics"]["perplexity"] <= 0:
             raise ValueError(f"metrics.perplexity {doc['metrics']['perplexity']} is not positive")
+
+
+def _agrees(stored, derived: float, rel: float) -> bool:
+    if not isinstance(stored, (int, float)) or isinstance(stored, bool):
+        return False
+    if isinstance(stored, float) and math.isnan(stored):
+        return math.isnan(derived)   # a diverged run: nan stays nan
+    return math.isclose(stored, derived, rel_tol=rel, abs_tol=0.0)
+
+
+def check_derived(doc: dict, nll: Sequence[float] | None) -> None:
+    """Raise ValueError (one line, quoting no number) unless the metrics of a validated result agree with
+    what they are derived from: the per-token NLL artifact `nll` (n_predicted_tokens = its length, nll_sum
+    = its sum) and, from those, the perplexity exp(nll_sum / n_predicted_tokens). A scored result must have
+    them all, so that a perplexity cannot be edited alone by dropping what it is checked against."""
+    if doc["kind"] not in _SCORED_KINDS:
+        return
+    m = doc["metrics"]
+    for key in ("nll_sum", "n_predicted_tokens"):
+        if m.get(key) is None:
+            raise ValueError(f"metrics.{key} is missing: the perplexity cannot be checked")
+    if nll is None:
+        raise ValueError("no per-token NLL artifact: the perplexity cannot be checked")
+    if m["n_predicted_tokens"] != len(nll) or len(nll) == 0:
+        raise ValueError("metrics.n_predicted_tokens is not the length of the per-token NLL artifact")
+    if not _agrees(m["nll_sum"], math.fsum(nll), _NLL_SUM_REL):
+        raise ValueError("metrics.nll_sum is not the sum of the per-token NLL artifact")
+    derived = math.exp(m["nll_sum"] / m["n_predicted_tokens"]) if not math.isnan(m["nll_sum"]) else math.nan
+    if doc["kind"] == "mit_reference":   # MIT's own number, beside the one from its log
+        if not _agrees(m.get("perplexity_from_log"), derived, _PPL_REL):
+            raise ValueError("metrics.perplexity_from_log is not exp(nll_sum / n_predicted_tokens)")
+        if not _agrees(m["perplexity"], derived, _MIT_OWN_PPL_REL):
+            raise ValueError("metrics.perplexity (MIT's own) is not exp(nll_sum / n_predicted_tokens) to fp16 "
+                             "precision")
+    elif not _agrees(m["perplexity"], derived, _PPL_REL):
+        raise ValueError("metrics.perplexity is not exp(nll_sum / n_predicted_tokens)")

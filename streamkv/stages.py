@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -45,22 +44,13 @@ class Outcome:
     elsewhere: list[str] = field(default_factory=list)   # written by a concurrent run while this one waited
 
 
-def _identity(path: Path) -> tuple | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
-
-
 def _written_meanwhile(store: Store, slot: str, config_hash: str, planned: tuple | None) -> bool:
     """Whether another process wrote the slot's result for this hash since this run planned it. File
     identity, not clocks: nodes sharing a results directory need not agree on the time."""
-    path = store.path(slot)
-    if _identity(path) == planned:
+    if store.identity(slot) == planned:
         return False
     try:
-        return store.read(path)["config_hash"] == config_hash
+        return store.read(store.path(slot))["config_hash"] == config_hash
     except ValueError:
         return False
 
@@ -84,8 +74,10 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
     todo, planned = [], {}
     for p in points:
         # The slot's file as this run found it, taken before it is classified: whatever another run writes
-        # from here on counts as computed elsewhere (_written_meanwhile), never as a copy of itself.
-        planned[p.slot] = _identity(store.path(p.slot))
+        # from here on counts as computed elsewhere (_written_meanwhile), never as a copy of itself. A slot
+        # whose directory or file is a link or a special file stops the stage here, before anything is
+        # computed (Store.identity).
+        planned[p.slot] = store.identity(p.slot)
         state = "missing" if s.force else classify(ctx, p)
         if state == "current" and p.slot.startswith("baselines/"):
             here = here or fingerprint.collect()
@@ -197,7 +189,7 @@ def _scale_out(ctx: Context, todo: list[tuple[Point, bool]], by_hash: dict, opts
             # would, so that the workers' "already done" check does not keep it.
             if store.lookup(p.slot, h, allow_stale=False) is not None:
                 with store.lock(path):
-                    path.unlink()
+                    store.tree.unlink(path)
     units = worker.units_of([(p.slot, p.spec) for p in compute], executors.worker_count(opts, len(compute)))
     executors.run(store, units, opts, bar)
     out.computed += [p.slot for p in compute]

@@ -21,6 +21,15 @@ Concurrency: each slot's files are written under the slot's lock (streamkv.locks
 also removes temp files and unreferenced artifacts that killed writers left behind (`sweep` does the same
 for every slot that nobody is writing).
 
+Shared directories: every file under the results directory is reached through streamkv.confined (no link
+followed, only regular files read, replaced or removed, bounded reads), so a link, FIFO or device node
+planted in results/ makes a command stop or skip in one line naming it, never read, write or delete outside.
+
+Integrity: a result records the sha256 of each artifact it points to (`artifact_sha256`), and a reader
+re-derives what it can (streamkv.schema.check_derived: nll_sum and the token count from the NLL artifact,
+the perplexity from them). A result that fails is unusable, like a corrupt one: reported in one line,
+recomputed by the stages, never shown in a table; the message never quotes the disagreeing numbers.
+
 Reuse rule: a result is current exactly when its config_hash equals the planned one. Anything else in a
 slot is stale: `lookup` returns it only with allow_stale, marked, and remembers it for the stage to list.
 """
@@ -30,6 +39,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import stat
 import sys
 from array import array
 from dataclasses import dataclass, field
@@ -37,8 +48,8 @@ from pathlib import Path
 from typing import Iterable
 
 from . import locks
-from .files import atomic_write  # re-exported: context.py and mit_runner.py import it from here
-from .schema import SCHEMA_VERSION, Result, validate
+from .confined import Refused, Tree, loads
+from .schema import SCHEMA_VERSION, Result, check_derived, validate
 
 RESULT_KINDS = ("run", "mit_reference")
 _TOP_LEVEL = ("mit_bench", "runs")           # slot roots stored as <results>/<slot>.json
@@ -57,7 +68,11 @@ def _artifact_of(stem: str) -> re.Pattern:
 
 
 def _named(stem: str, kind: str, data: bytes) -> tuple[str, bytes]:
-    return f"{stem}.{hashlib.sha256(data).hexdigest()[:12]}.{kind}", data
+    return f"{stem}.{_sha256(data)[:12]}.{kind}", data
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _problem(err: OSError) -> str:
@@ -75,12 +90,17 @@ def nll_bytes(values: Iterable[float]) -> bytes:
     return data.tobytes()
 
 
-def read_nll(path: Path) -> array:
+def nll_values(raw: bytes) -> array:
+    """The per-token NLL values of an `nll` artifact's bytes (see nll_bytes)."""
     data = array("f")
-    data.frombytes(Path(path).read_bytes())
+    data.frombytes(raw[:len(raw) - len(raw) % 4])   # a truncated file fails its sha256 before it gets here
     if sys.byteorder != "little":
         data.byteswap()
     return data
+
+
+def read_nll(path: Path) -> array:
+    return nll_values(Tree(Path(path).parent).read(path))
 
 
 @dataclass(frozen=True)
@@ -108,8 +128,8 @@ class Cell:
 def read_cache_len(path: Path) -> list[int]:
     """A `cache_len` artifact: the cache length after every step; ValueError when it is not one."""
     try:
-        lengths = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        lengths = Tree(Path(path).parent).read_json(path)
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable ({e})") from None
     if not isinstance(lengths, list) or not lengths or not all(type(n) is int for n in lengths):
         raise ValueError(f"{path}: not a non-empty list of ints")
@@ -133,6 +153,7 @@ class ScanReport:
 class Store:
     def __init__(self, root: Path | str):
         self.root = Path(root)
+        self.tree = Tree(self.root)            # every file below the root is reached through it
         self.stale: dict[str, Cell] = {}       # stale results lookup() met, by slot, for the stage to list
         self.problems: dict[str, str] = {}     # unreadable results lookup() met, by slot
 
@@ -146,24 +167,45 @@ class Store:
             return self.root.joinpath(*parts[:-1], f"{parts[-1]}.json")
         return self.root.joinpath("paper_experiments", *parts[:-1], f"{parts[-1]}.json")
 
+    def _tree(self, path: Path) -> Tree:
+        """The tree a result path lies in: the results directory, or for `run --output` elsewhere, the
+        directory the user named."""
+        try:
+            self.tree.parts(path)
+        except ValueError:
+            return Tree(Path(path).parent)
+        return self.tree
+
     def lock(self, path: Path):
         """The lock of the result at `path` and its artifacts (re-entrant); every writer holds it."""
-        return locks.hold(path.parent / f".{path.name.removesuffix('.json')}.lock")
+        return locks.hold(path.parent / f".{path.name.removesuffix('.json')}.lock", root=self._tree(path).root)
 
     def claim(self, config_hash: str, *, wait: bool):
         """The claim on computing one experiment (streamkv.locks.hold: yields whether it is ours); held
         while a stage computes, copies or skips a point of that hash, so no two runs compute it twice."""
-        return locks.hold(self.root / ".claims" / f"{config_hash}.lock", wait=wait)
+        return locks.hold(self.root / ".claims" / f"{config_hash}.lock", wait=wait, root=self.root)
+
+    def identity(self, slot: str) -> tuple | None:
+        """The slot's result file as it is now (inode, mtime, size), None when absent. Refused (one line)
+        when its directory or the file is a link or not a regular file: a stage stops before it computes
+        a point it could not write."""
+        path = self.path(slot)
+        st = self.tree.lstat(path)
+        if st is None:
+            return None
+        self.tree.is_file(path)
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def write(self, result: Result, *, nll: bytes | None = None, cache_len: list[int] | None = None,
               repeats: list[dict] = (), path: Path | None = None) -> Path:
         """Write a result and its artifacts (at `path`, default the slot's path); returns the JSON path.
 
         nll: raw little-endian float32 (see nll_bytes); repeats: per-repeat timing metrics, kept as files
-        when there is more than one. Raises StoreError (the previous result kept) when it cannot write.
+        when there is more than one. Artifacts the result already names (MIT's log) must be beside it.
+        Raises StoreError (the previous result kept) when it cannot write.
         """
         path = Path(path) if path is not None else self.path(result["slot"])
-        stem = path.name.removesuffix(".json")
+        tree, stem = self._tree(path), path.name.removesuffix(".json")
         files: dict = {}
         if nll is not None:
             files["nll"] = _named(stem, "nll.f32", nll)
@@ -177,21 +219,22 @@ class Store:
                 for k, metrics in enumerate(repeats, 1)]
         artifacts = {k: [n for n, _ in v] if k == "repeats" else v[0] for k, v in files.items()}
         doc = {**result, "schema_version": SCHEMA_VERSION, "artifacts": {**result.get("artifacts", {}), **artifacts}}
-        blobs = [f for v in files.values() for f in (v if isinstance(v, list) else [v])]
+        blobs = dict(f for v in files.values() for f in (v if isinstance(v, list) else [v]))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             with self.lock(path):
                 self._tidy(path)
+                doc["artifact_sha256"] = {name: _sha256(blobs[name]) if name in blobs
+                                          else _sha256(tree.read(path.parent / name)) for name in _artifact_names(doc)}
                 made = []
                 try:
-                    for name, data in blobs:
-                        if not (path.parent / name).is_file():   # same name, same bytes: already there
+                    for name, data in blobs.items():
+                        if not self._holds(tree, path.parent / name, doc["artifact_sha256"][name]):
                             made.append(path.parent / name)
-                            atomic_write(made[-1], data)
-                    atomic_write(path, _json_bytes(doc))
+                            tree.write(made[-1], data)
+                    tree.write(path, _json_bytes(doc))
                 except BaseException:
                     for file in made:
-                        file.unlink(missing_ok=True)
+                        tree.unlink(file)
                     raise
                 self._tidy(path)   # the old result's artifacts, now that nothing refers to them
         except OSError as err:
@@ -199,36 +242,43 @@ class Store:
                              "replaced (a previous result, if any, is kept)") from None
         return path
 
+    @staticmethod
+    def _holds(tree: Tree, file: Path, sha256: str) -> bool:
+        """Whether `file` is there with these bytes already (content-addressed: an equal artifact)."""
+        try:
+            return _sha256(tree.read(file)) == sha256
+        except FileNotFoundError:
+            return False
+
     def _tidy(self, path: Path) -> list[Path]:
         """Remove, beside the result at `path`, temp files and artifacts its JSON does not refer to: what a
         killed or failed writer left. Only under the slot's lock, when no writer can be half-way."""
-        stem = path.name.removesuffix(".json")
+        tree, stem = self._tree(path), path.name.removesuffix(".json")
         try:
-            keep = set(_artifact_names(json.loads(path.read_text(encoding="utf-8"))))
+            keep = set(_artifact_names(tree.read_json(path)))
         except (OSError, ValueError, AttributeError, TypeError):
             keep = set()   # absent or unreadable: none of its artifacts can be used
         artifact = _artifact_of(stem)
         removed = []
-        for file in path.parent.iterdir():
-            temp = _TEMP.fullmatch(file.name)
+        for name, _ in tree.listing(path.parent):
+            temp = _TEMP.fullmatch(name)
             target = temp and temp["target"]
-            if (target and (target == path.name or artifact.fullmatch(target) or target == f"{stem}.log")) \
-                    or (artifact.fullmatch(file.name) and file.name not in keep):
-                file.unlink(missing_ok=True)
-                removed.append(file)
+            if ((target and (target == path.name or artifact.fullmatch(target) or target == f"{stem}.log"))
+                    or (artifact.fullmatch(name) and name not in keep)) and tree.unlink(path.parent / name):
+                removed.append(path.parent / name)
         return removed
 
     def sweep(self) -> list[Path]:
         """Tidy every slot that no other process is writing; returns the files removed."""
         results = set()
         for top in _SCANNED:
-            for file in (self.root / top).rglob("*"):
+            for file, mode in self.tree.walk(self.root / top):
                 name = file.name.lstrip(".")
-                if file.is_file() and not name.endswith(".lock"):
+                if stat.S_ISREG(mode) and not name.endswith(".lock"):
                     results.add(file.parent / f"{name.split('.')[0]}.json")
         removed = []
         for path in sorted(results):
-            with locks.hold(path.parent / f".{path.stem}.lock", wait=False) as mine:
+            with locks.hold(path.parent / f".{path.stem}.lock", wait=False, root=self.root) as mine:
                 if mine:
                     removed += self._tidy(path)
         return removed
@@ -237,11 +287,12 @@ class Store:
         """Before a stage computes anything: the results directory exists (or is created) and takes files."""
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"results directory {self.root} is not a directory")
+        # One byte takes a block: a full disk fails here, not after a run. A fresh name each time, so that
+        # nothing planted under it can stand in the way.
+        probe = self.root / f".write-probe.{os.getpid()}.{secrets.token_hex(4)}"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-probe.{os.getpid()}"
-            probe.write_bytes(b"\0")   # one byte takes a block: a full disk fails here, not after a run
-            probe.unlink()
+            self.tree.write(probe, b"\0")
+            self.tree.unlink(probe)
         except OSError as err:
             raise StoreError(f"results directory {self.root} cannot be written: {_problem(err)}") from None
 
@@ -257,13 +308,20 @@ class Store:
         return False
 
     def read(self, path: Path) -> Result:
-        """A result file, validated; raises ValueError with a one-line reason when it is unusable."""
+        """A result file, validated and checked against its artifacts (module doc); raises ValueError with
+        a one-line reason when it is unusable."""
+        path, tree = Path(path), self._tree(Path(path))
         try:
-            doc = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: corrupt JSON ({e})") from None
+            doc = tree.read_json(path)
+        except Refused as e:
+            raise ValueError(str(e)) from None
+        except OSError as e:
+            raise ValueError(f"{path}: unreadable ({_problem(e)})") from None
         if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION \
                 or doc.get("kind") not in RESULT_KINDS:
+            if isinstance(doc, dict) and doc.get("schema_version") == 2 and doc.get("kind") in RESULT_KINDS:
+                raise ValueError(f"{path}: written before results recorded their artifacts' sha256 (schema 2): "
+                                 "it cannot be checked, so it is computed again (once)")
             what = {k: doc.get(k) for k in ("schema_version", "kind")} if isinstance(doc, dict) else type(doc)
             raise ValueError(f"{path}: foreign JSON ({what}), not a streamkv result of schema "
                              f"{SCHEMA_VERSION}")
@@ -271,32 +329,60 @@ class Store:
             validate(doc)
         except ValueError as e:
             raise ValueError(f"{path}: invalid result ({e})") from None
-        missing = [a for a in _artifact_names(doc) if not (Path(path).parent / a).is_file()]
+        contents, missing = {}, []
+        for name in _artifact_names(doc):
+            try:
+                contents[name] = tree.read(path.parent / name)
+            except FileNotFoundError:
+                missing.append(name)
+                continue
+            except OSError as e:
+                raise ValueError(f"{path}: artifact {name}: {_problem(e)}") from None
+            if _sha256(contents[name]) != doc["artifact_sha256"][name]:
+                raise ValueError(f"{path}: artifact {name} is not the file this result was written with (its "
+                                 "sha256 differs): the result is not used")
         if missing:
             raise ValueError(f"{path}: missing artifacts {missing}")
+        nll = (doc.get("artifacts") or {}).get("nll")
+        try:
+            check_derived(doc, None if nll is None else nll_values(contents[nll]))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}: the result is not used (edited after it was written?)") from None
         return doc
 
     def copy(self, source: Path, slot: str) -> Path:
         """Store the result at `source` (and its artifacts) again under `slot`: two slots whose specs hash
         equally are the same experiment (e.g. main/pg19/lazy and sweeps/pg19/R=64), computed once."""
-        doc = self.read(source)
+        doc, tree = self.read(source), self._tree(source)
         names = doc.get("artifacts") or {}
 
         def artifact(key: str) -> bytes | None:
-            return (source.parent / names[key]).read_bytes() if key in names else None
+            return tree.read(source.parent / names[key]) if key in names else None
 
         cache_len = artifact("cache_len")
-        repeats = [json.loads((source.parent / n).read_text())["metrics"] for n in names.get("repeats", [])]
-        result = {k: v for k, v in doc.items() if k != "artifacts"}
+        repeats = [tree.read_json(source.parent / n)["metrics"] for n in names.get("repeats", [])]
+        result = {k: v for k, v in doc.items() if k not in ("artifacts", "artifact_sha256")}
         return self.write({**result, "slot": slot}, nll=artifact("nll"),
-                          cache_len=None if cache_len is None else json.loads(cache_len), repeats=repeats)
+                          cache_len=None if cache_len is None else loads(cache_len, str(source)), repeats=repeats)
 
     def scan(self) -> ScanReport:
-        """Every result under the results directory; bad files are reported, never raised."""
+        """Every result under the results directory; bad files (links and special files among them) are
+        reported, never raised."""
         report = ScanReport()
         for top in _SCANNED:
-            for path in sorted((self.root / top).rglob("*.json")):
-                if path.name.startswith(".") or _ARTIFACT.search(path.name):
+            try:
+                found = list(self.tree.walk(self.root / top))
+            except Refused as e:   # the top directory itself is a link or a file
+                report.problems.append(str(e))
+                continue
+            for path, mode in found:
+                if stat.S_ISLNK(mode) or (not stat.S_ISREG(mode) and path.name.endswith(".json")):
+                    try:
+                        self.tree.is_file(path)
+                    except OSError as e:
+                        report.problems.append(str(e))
+                if not path.name.endswith(".json") or path.name.startswith(".") or _ARTIFACT.search(path.name) \
+                        or not stat.S_ISREG(mode):
                     continue
                 try:
                     doc = self.read(path)
@@ -312,11 +398,11 @@ class Store:
         """The slot's result if current; a stale one (hash differs, or nothing is planned for the slot:
         expected_hash None) only with allow_stale, marked stale. Unreadable files count as missing."""
         path = self.path(slot)
-        if not path.is_file():
-            return None
         try:
+            if self.tree.lstat(path) is None:
+                return None
             doc = self.read(path)
-        except ValueError as e:
+        except (OSError, ValueError) as e:
             self.problems[slot] = str(e)
             return None
         artifacts = {k: path.parent / v for k, v in (doc.get("artifacts") or {}).items() if isinstance(v, str)}

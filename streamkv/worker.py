@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import submitit
 from . import shards
 from .console import say
 from .spec import RunSpec
-from .store import Store, atomic_write
+from .store import Store
 
 PARTS = ".parts"
 
@@ -68,7 +67,7 @@ def done(store: Store, unit: Unit) -> bool:
     """The unit's point has its current result, or (a range) the range is written."""
     if store.lookup(unit.slot, unit.config_hash, allow_stale=False) is not None:
         return True
-    return unit.part is not None and _part_path(store, unit, unit.part).is_file()
+    return unit.part is not None and store.tree.is_file(_part_path(store, unit, unit.part))
 
 
 def _part_path(store: Store, unit: Unit, part: tuple[int, int]) -> Path:
@@ -121,23 +120,24 @@ class Worker:
 
         buffer = io.BytesIO()
         torch.save([dataclasses.asdict(r) for r in timed], buffer)
-        atomic_write(_part_path(self.store, unit, unit.part), buffer.getvalue())
+        self.store.tree.write(_part_path(self.store, unit, unit.part), buffer.getvalue())
 
     def _merge(self, unit: Unit) -> None:
         with self.store.claim(f"{unit.config_hash}.merge", wait=True):
             if self.store.lookup(unit.slot, unit.config_hash, allow_stale=False) is not None:
                 return
             paths = [_part_path(self.store, unit, r) for r in unit.ranges]
-            if not all(p.is_file() for p in paths):
+            if not all(self.store.tree.is_file(p) for p in paths):
                 return   # a range is still being computed; its worker merges
             import torch
 
             from .engines.base import EngineResult
 
-            parts = [(r, [EngineResult(**d) for d in torch.load(p, weights_only=True)])
+            parts = [(r, [EngineResult(**d) for d in torch.load(io.BytesIO(self.store.tree.read(p)),
+                                                                weights_only=True)])
                      for r, p in zip(unit.ranges, paths)]
             self.runner.write_merged(unit.slot, unit.spec, parts)
-            shutil.rmtree(paths[0].parent, ignore_errors=True)
+            self.store.tree.remove_directory(paths[0].parent)
             say(f"{self.name}: merged {len(parts)} ranges into {unit.slot}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from streamkv import (assets, cli, context, engines, fingerprint, plans, profile
 from streamkv.profiles import SWEEP_SYMBOLS, Dataset, Profile
 from streamkv.settings import Settings
 from streamkv.spec import DataSpec, ModelSpec
-from streamkv.store import nll_bytes
+from streamkv.store import nll_bytes, nll_values
 
 FAKE_FINGERPRINT = {"git_commit": "0" * 40, "python": "3.11", "torch": "2.13.0", "cuda": None,
                     "transformers": "5.24.0", "gpu_name": None}
@@ -46,6 +47,15 @@ def bump_version(monkeypatch, engine: str) -> None:
     monkeypatch.setitem(engines.REGISTRY, engine, bumped)
 
 
+def scored(nll: list[float]) -> tuple[bytes, dict]:
+    """(NLL artifact, metrics) of a result that passes the store's checks on read (schema.check_derived):
+    nll_sum and perplexity derived from the float32 values the artifact holds."""
+    raw = nll_bytes(nll)
+    stored = list(nll_values(raw))
+    nll_sum = math.fsum(stored)
+    return raw, {"perplexity": math.exp(nll_sum / len(stored)), "nll_sum": nll_sum, "n_predicted_tokens": len(stored)}
+
+
 def install_fakes(monkeypatch) -> None:
     """Streams without a tokenizer and a fixed fingerprint; no model is ever loaded."""
     def load_stream(name, path, tokenizer, max_tokens=None):
@@ -67,13 +77,13 @@ class FakeRunner:
 
     def run(self, slot, spec, *, output=None):
         time.sleep(self.delay)
-        n = spec.data.n_tokens - 1
+        # perplexity about 10 + R, derived from the NLL artifact as the store checks on read
+        nll, quality = scored([math.log(10.0 + spec.policy.compress_every)] * (spec.data.n_tokens - 1))
         result = {"kind": "run", "slot": slot, "config_hash": spec.config_hash(), "spec": spec.to_dict(),
                   "fingerprint": self.fingerprint, "engines": {"perplexity": spec.engine, "timing": "decode"},
-                  "metrics": {"perplexity": 10.0 + spec.policy.compress_every, "n_predicted_tokens": n,
-                              "tpot_ms": 1.0, "ttft_ms": 2.0}}
+                  "metrics": {**quality, "tpot_ms": 1.0, "ttft_ms": 2.0}}
         repeats = [{"tpot_ms": 1.0}] * spec.measure.repeat_runs
-        path = self.store.write(result, nll=nll_bytes([0.5] * n), cache_len=[1, 2], repeats=repeats, path=output)
+        path = self.store.write(result, nll=nll, cache_len=[1, 2], repeats=repeats, path=output)
         self.computed.append(slot)
         if self.announce:
             print(f"computed {slot}", flush=True)

@@ -12,20 +12,19 @@ import time
 from pathlib import Path
 
 from streamkv import files, locks
-from streamkv.store import Store, nll_bytes
+from streamkv.store import Store
+
+from conftest import scored
 
 SLOT = "main/long/lazy"
 OLD_NLL = [1.0] * 7
 NEW_NLL = [2.0] * 7
 
 
-def result(config_hash: str) -> dict:
-    return {"kind": "run", "slot": SLOT, "config_hash": config_hash, "spec": {}, "metrics": {"perplexity": 9.5}}
-
-
 def write_parts(store: Store, config_hash: str, nll: list[float]) -> Path:
-    return store.write(result(config_hash), nll=nll_bytes(nll), cache_len=[len(nll), int(nll[0])],
-                       repeats=[{"tpot_ms": 1.0}, {"tpot_ms": 2.0}])
+    raw, metrics = scored(nll)
+    return store.write({"kind": "run", "slot": SLOT, "config_hash": config_hash, "spec": {}, "metrics": metrics},
+                       nll=raw, cache_len=[len(nll), int(nll[0])], repeats=[{"tpot_ms": 1.0}, {"tpot_ms": 2.0}])
 
 
 def _stop() -> None:
@@ -51,10 +50,10 @@ def write(results: str, phase: str) -> None:
     else:
         replace = files.os.replace
 
-        def stop_at(src, dst):
+        def stop_at(src, dst, **dir_fds):
             if phase in Path(dst).name:
                 _stop()
-            replace(src, dst)
+            replace(src, dst, **dir_fds)
 
         files.os.replace = stop_at
     write_parts(store, "b" * 64, NEW_NLL)

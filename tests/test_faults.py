@@ -67,10 +67,7 @@ def test_a_failed_rewrite_keeps_the_previous_result(tmp_path, monkeypatch, code,
 
 
 def test_a_read_only_results_directory_fails_in_one_line_before_computing(invoke, faked, tmp_path, monkeypatch):
-    def read_only(self, data):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
-
-    monkeypatch.setattr(Path, "write_bytes", read_only)
+    _fail_fsync_of(".write-probe.", errno.EROFS, monkeypatch)   # the probe file cannot be made to last
     result = invoke("main")
     results = tmp_path / "results"
     assert_one_line_error(result, f"results directory {results} cannot be written: Read-only", results)

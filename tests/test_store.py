@@ -10,14 +10,20 @@ import sys
 
 import pytest
 
-from streamkv import files as files_mod, store as store_mod
+from streamkv import confined, files as files_mod
 from streamkv.schema import SCHEMA_VERSION
-from streamkv.store import Store, nll_bytes, read_nll
+from streamkv.store import Store, read_nll
+
+from conftest import scored
 
 
-def result(slot: str, config_hash: str = "a" * 64, **extra) -> dict:
-    return {"kind": "run", "slot": slot, "config_hash": config_hash, "spec": {}, "metrics": {"perplexity": 9.5},
-            **extra}
+def result(slot: str, config_hash: str = "a" * 64, nll=(1.0,)) -> dict:
+    """A result whose metrics agree with the NLL artifact `put` writes beside it."""
+    return {"kind": "run", "slot": slot, "config_hash": config_hash, "spec": {}, "metrics": scored(list(nll))[1]}
+
+
+def put(store: Store, slot: str, config_hash: str = "a" * 64, nll=(1.0,), **artifacts):
+    return store.write(result(slot, config_hash, nll), nll=scored(list(nll))[0], **artifacts)
 
 
 @pytest.fixture
@@ -44,7 +50,7 @@ def test_bad_slots_are_refused(store, slot):
 
 
 def test_write_puts_artifacts_beside_the_json(store):
-    path = store.write(result("main/pg19/lazy"), nll=nll_bytes([0.25, 1.5, 3.0]), cache_len=[4, 5, 4],
+    path = put(store, "main/pg19/lazy", nll=[0.25, 1.5, 3.0], cache_len=[4, 5, 4],
                        repeats=[{"tpot_ms": 1.0}, {"tpot_ms": 1.2}])
     doc = store.read(path)
     assert doc["schema_version"] == SCHEMA_VERSION
@@ -62,39 +68,39 @@ def test_write_puts_artifacts_beside_the_json(store):
 
 
 def test_one_repeat_writes_no_repeat_files_and_a_rewrite_drops_old_ones(store):
-    store.write(result("main/pg19/lazy"), repeats=[{}, {}, {}])
-    path = store.write(result("main/pg19/lazy"), repeats=[{}])
-    assert sorted(p.name for p in path.parent.iterdir()) == ["lazy.json"]
+    put(store, "main/pg19/lazy", repeats=[{}, {}, {}])
+    path = put(store, "main/pg19/lazy", repeats=[{}])
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(["lazy.json", store.read(path)["artifacts"]["nll"]])
 
 
 def test_atomic_write_leaves_the_old_file_when_interrupted(store, monkeypatch):
     target = store.root / "x.json"
-    store_mod.atomic_write(target, b"old")
+    files_mod.atomic_write(target, b"old")
 
-    def crash(src, dst):
+    def crash(src, dst, **dir_fds):
         raise KeyboardInterrupt  # what a kill looks like between write and rename
 
-    monkeypatch.setattr(files_mod.os, "replace", crash)  # store.atomic_write is files.atomic_write
+    monkeypatch.setattr(files_mod.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        store_mod.atomic_write(target, b"new")
+        store.tree.write(target, b"new")   # the store's writes are files.atomic_write_at
     assert target.read_bytes() == b"old"
     assert os.listdir(store.root) == ["x.json"]  # no temp file left behind
 
 
 def test_a_rewrite_interrupted_after_the_artifacts_keeps_the_old_result_whole(store, monkeypatch):
     slot = "main/pg19/lazy"
-    old = store.write(result(slot, "a" * 64), nll=nll_bytes([1.0]))
+    old = put(store, slot, "a" * 64, nll=[1.0])
     before = sorted(p.name for p in old.parent.iterdir())
-    real = store_mod.atomic_write
+    real = confined.Tree.write
 
-    def crash_on_json(path, data):
+    def crash_on_json(self, path, data):
         if path.name == "lazy.json":
             raise KeyboardInterrupt
-        real(path, data)
+        real(self, path, data)
 
-    monkeypatch.setattr(store_mod, "atomic_write", crash_on_json)
+    monkeypatch.setattr(confined.Tree, "write", crash_on_json)
     with pytest.raises(KeyboardInterrupt):
-        store.write(result(slot, "b" * 64), nll=nll_bytes([2.0]))
+        put(store, slot, "b" * 64, nll=[2.0])
     # The old JSON still points at its own NLL, untouched; the new run's NLL was removed.
     cell = store.lookup(slot, "a" * 64, allow_stale=False)
     assert cell is not None and list(read_nll(old.parent / store.read(old)["artifacts"]["nll"])) == [1.0]
@@ -102,19 +108,22 @@ def test_a_rewrite_interrupted_after_the_artifacts_keeps_the_old_result_whole(st
 
 
 def test_scan_reports_corrupt_and_foreign_files_and_skips_them(store):
-    good = store.write(result("main/pg19/lazy"), nll=nll_bytes([1.0]))
+    good = put(store, "main/pg19/lazy", nll=[1.0])
     bad = store.root / "paper_experiments" / "main" / "pg19"
     (bad / "strict.json").write_text('{"schema_version": 1, "kind": "run", "slot": ')   # truncated
     (bad / "foreign.json").write_text(json.dumps({"schema_version": 99, "kind": "run", "slot": "x/y"}))
     (bad / "other.json").write_text(json.dumps({"hello": "world"}))
     (bad / "list.json").write_text("[1, 2]")
     (bad / "binary.json").write_bytes(b"\xff\xfe\x00")
-    moved = store.write(result("main/wikitext/lazy"))
+    moved = put(store, "main/wikitext/lazy")
+    nll = store.read(moved)["artifacts"]["nll"]
     os.replace(moved, bad / "misplaced.json")
+    os.replace(moved.parent / nll, bad / nll)   # with its artifact: only its place is wrong
     (store.root / "baselines").mkdir()
     (store.root / "baselines" / "pg19_baseline_avg.json").write_text(json.dumps(result("baselines/pg19")
                                                                                | {"schema_version": SCHEMA_VERSION,
-                                                                                  "artifacts": {"nll": "gone.f32"}}))
+                                                                                  "artifacts": {"nll": "gone.f32"},
+                                                                                  "artifact_sha256": {"gone.f32": "0" * 64}}))
     report = store.scan()
     assert [e.path for e in report.entries] == [good]
     problems = "\n".join(report.problems)
@@ -125,7 +134,7 @@ def test_scan_reports_corrupt_and_foreign_files_and_skips_them(store):
 
 
 def test_scan_ignores_artifacts_temp_files_and_the_stream_index(store):
-    store.write(result("main/pg19/lazy"), cache_len=[1], repeats=[{}, {}])
+    put(store, "main/pg19/lazy", cache_len=[1], repeats=[{}, {}])
     (store.root / "paper_experiments" / "main" / "pg19" / ".lazy.json.abc.tmp").write_text("{")
     (store.root / "streams").mkdir()
     (store.root / "streams" / "pg19.json").write_text("{}")
@@ -135,9 +144,10 @@ def test_scan_ignores_artifacts_temp_files_and_the_stream_index(store):
 
 def test_lookup_reuses_only_an_equal_hash(store):
     slot = "sweeps/pg19/sigma=16"
-    store.write(result(slot, "a" * 64))
+    put(store, slot, "a" * 64)
     cell = store.lookup(slot, "a" * 64, allow_stale=False)
-    assert cell.slot == slot and cell.config_hash == "a" * 64 and not cell.stale and cell.metrics["perplexity"] == 9.5
+    assert cell.slot == slot and cell.config_hash == "a" * 64 and not cell.stale
+    assert cell.metrics == result(slot)["metrics"]
     assert store.stale == {}
     # Another hash: stale. Never returned silently; with allow_stale returned marked; listed either way.
     assert store.lookup(slot, "b" * 64, allow_stale=False) is None
@@ -158,7 +168,7 @@ def test_lookup_treats_unreadable_results_as_missing(store):
 
 
 def test_copy_stores_the_same_result_under_another_slot(store):
-    source = store.write(result("main/pg19/lazy", "c" * 64), nll=nll_bytes([1.0, 2.0]), cache_len=[3],
+    source = put(store, "main/pg19/lazy", "c" * 64, nll=[1.0, 2.0], cache_len=[3],
                          repeats=[{"tpot_ms": 1.0}, {"tpot_ms": 3.0}])
     path = store.copy(source, "sweeps/pg19/R=64")
     doc = store.read(path)
@@ -169,18 +179,10 @@ def test_copy_stores_the_same_result_under_another_slot(store):
 
 
 def test_atomic_write_leaves_a_world_readable_file(tmp_path):
-    from streamkv.store import atomic_write
-
     target = tmp_path / "r" / "x.json"
-    atomic_write(target, b"{}")
+    files_mod.atomic_write(target, b"{}")
     assert target.read_bytes() == b"{}" and target.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in target.parent.iterdir()] == ["x.json"]   # no temp file left behind
-
-
-def test_store_atomic_write_is_the_shared_writer():
-    # context.py and mit_runner.py import atomic_write from the store; there is one implementation
-    # (streamkv.files).
-    assert store_mod.atomic_write is files_mod.atomic_write
 
 
 def test_the_store_imports_nothing_above_it():
