@@ -18,6 +18,7 @@ from tabulate import tabulate
 
 from . import assets, context, fingerprint, plans, profiles, reports, settings as settings_mod, stages
 from .assets import AssetError
+from .confined import kind
 from .fetch import FetchError, fetch_command, verify_assets_command
 from .paper import PaperError, build_pdf, pdf_command
 from .settings import SettingsError
@@ -229,7 +230,7 @@ def run(**o) -> None:
                   repeat_runs=o["repeat_runs"], results_dir=o["results_dir"])
     ctx = context.context(s, tokenize=False, random_weights=o["random_weights"])
     p = ctx.profile
-    name = o["dataset"] or p.long.name
+    name = p.long.name if o["dataset"] is None else o["dataset"]   # --dataset '' is refused, not the default
     # Random ids over the model's vocabulary stand in for text only where the weights are random too.
     synthetic = name == profiles.SYNTHETIC and o["random_weights"]
     dataset = p.dataset(name, vocab_size=assets.load_config(ctx.model).vocab_size if synthetic else None)
@@ -258,7 +259,11 @@ def run(**o) -> None:
 
 
 def _check_writable(output: Path) -> None:
-    """Refuse an --output whose directory cannot be created or written, before anything is computed."""
+    """Refuse an --output whose directory cannot be created or written, or that names something other than
+    a regular file (a device, a FIFO, a link: never replaced), before anything is computed."""
+    if output.is_symlink() or (output.exists() and not output.is_file()):
+        raise SpecError(f"--output {output} is a {kind(output.lstat().st_mode)}, not a regular file: a result "
+                        "is written only as a regular file")
     parent = output.absolute().parent
     existing = next(d for d in (parent, *parent.parents) if d.exists())
     try:

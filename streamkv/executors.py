@@ -29,6 +29,7 @@ import submitit
 from tqdm import tqdm
 
 from .context import StageError
+from .confined import shown
 from .console import say
 from .settings import Settings, SettingsError
 from .store import Store
@@ -63,19 +64,23 @@ def parse_gpus(raw: str | None) -> tuple[int, ...] | None:
     """--gpus / STREAMKV_GPUS: `all` (every device torch sees), `0,1,3`, or unset/`none` (no pinning)."""
     if raw is None or raw.strip().lower() in ("", "none"):
         return None
-    if raw.strip().lower() == "all":
-        import torch
+    import torch
 
-        count = torch.cuda.device_count()
+    count = torch.cuda.device_count()
+    if raw.strip().lower() == "all":
         if count == 0:
             raise SettingsError("--gpus all: torch sees no CUDA device")
         return tuple(range(count))
     try:
         gpus = tuple(int(g) for g in raw.split(","))
     except ValueError:
-        raise SettingsError(f"--gpus / STREAMKV_GPUS must be all, none or a list like 0,1,3, got {raw!r}") from None
+        raise SettingsError(f"--gpus / STREAMKV_GPUS must be all, none or a list like 0,1,3, got {shown(raw)}") \
+            from None
     if min(gpus) < 0 or len(set(gpus)) != len(gpus):
-        raise SettingsError(f"--gpus / STREAMKV_GPUS must list distinct device numbers >= 0, got {raw!r}")
+        raise SettingsError(f"--gpus / STREAMKV_GPUS must list distinct device numbers >= 0, got {shown(raw)}")
+    if max(gpus) >= count:   # else the workers would run on the CPU, pinned to a device that is not there
+        raise SettingsError(f"--gpus {shown(raw)}: torch sees "
+                            + (f"{count} CUDA devices (0..{count - 1})" if count else "no CUDA device"))
     return gpus
 
 

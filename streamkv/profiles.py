@@ -16,10 +16,12 @@ differ in R alone. Sweeps vary one knob around the main lazy point:
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import assets, fetch
+from .confined import shown
 from .settings import Settings, SettingsError
 from .spec import ModelSpec, PolicySpec, SpecError
 
@@ -98,7 +100,7 @@ class Profile:
                 return d
         if name == SYNTHETIC and vocab_size is not None:
             return Dataset(SYNTHETIC, "synthetic stream", assets.synthetic_path(0, vocab_size), self.long.max_tokens)
-        raise SpecError(f"profile {self.name} has no dataset {name!r}; choose one of "
+        raise SpecError(f"profile {self.name} has no dataset {shown(name)}; choose one of "
                         f"{', '.join(d.name for d in self.datasets)}, or {SYNTHETIC} with --random-weights")
 
     def policy(self, variant: Variant) -> PolicySpec:
@@ -225,13 +227,17 @@ def resolve(settings: Settings) -> Profile:
     return dataclasses.replace(p, **changes)
 
 
+# A Hugging Face repository id, as huggingface_hub validates it (a path such as /no/such/dir is not one).
+_HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
+
+
 def _model_from_name(name: str, dtype: str) -> ModelSpec:
     """MODEL_NAME: a local checkpoint directory (pinned by its weights' sha256) or `hub/id@<revision>`."""
     local = Path(name) if Path(name).is_absolute() else assets.REPO / name
     if (local / "model.safetensors").is_file():
         return ModelSpec(name=name, revision=assets.sha256_file(local / "model.safetensors"), dtype=dtype)
     hub_id, _, revision = name.partition("@")
-    if not revision:
-        raise SettingsError(f"MODEL_NAME={name!r} is neither a local checkpoint directory nor pinned as "
-                            "hub/id@<revision>: results must name the exact weights")
+    if not revision or not _HUB_ID.fullmatch(hub_id) or ".." in hub_id or "--" in hub_id:
+        raise SettingsError(f"MODEL_NAME={shown(name)} is neither a local checkpoint directory (with "
+                            "model.safetensors) nor pinned as hub/id@<revision>: results must name the exact weights")
     return ModelSpec(name=hub_id, revision=revision, dtype=dtype)

@@ -13,6 +13,12 @@ the repository root (ROOT), whatever the current directory: `cd NeurIPS && strea
 results as `make tex`. A relative path given as a command-line flag is the user's, relative to the current
 directory as for any command.
 
+`.env` must be a regular file (a link to one is followed) of at most MAX_DOTENV_BYTES: a directory, FIFO,
+device or dangling link is refused rather than ignored, and nothing blocks on it. An error quotes at most
+a few dozen characters of any value, and nothing at all from a `.env` reached through a link (it may point
+at a file that is not a .env: its lines are not ours to print). A knob set but empty in the environment
+while `.env` sets it is refused too: the empty value would hide the file's without a word.
+
 Deliberate change from the seed: ALLOW_STALE_RESULTS defaults to 0. The seed's default 1 reused results
 whose parameters had changed and mixed σ=16 and σ=0 rows into one sweep table; here a stale result is
 recomputed, or with ALLOW_STALE_RESULTS=1 kept but marked and listed, never used silently.
@@ -22,15 +28,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .assets import REPO
+from .confined import kind, shown
 
 ROOT = REPO   # the checkout whose .env, results/ and NeurIPS/ the commands use (tests point it elsewhere)
 DEFAULT_RESULTS_DIR = "results"
+MAX_DOTENV_BYTES = 1 << 20
+MAX_VALUE_CHARS = 1 << 16    # after $VAR expansion: lines that double each other must not grow without end
+# torch's CPU threads: more than any CPU node has (CPU_THREADS=100000 crashed torch: "can't start new
+# thread"). A fixed bound, not this machine's core count: Slurm tasks run on other machines than the one
+# that plans them.
+MAX_CPU_THREADS = 1024
 
 
 class SettingsError(ValueError):
@@ -43,20 +57,20 @@ def _bool(name: str, raw: str) -> bool:
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise SettingsError(f"{name} must be 0 or 1, got {raw!r}")
+    raise SettingsError(f"{name} must be 0 or 1, got {shown(raw)}")
 
 
 def _int(name: str, raw: str) -> int:
     try:
         return int(raw.strip())
     except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        raise SettingsError(f"{name} must be an integer, got {shown(raw)}") from None
 
 
 def _ints(name: str, raw: str) -> tuple[int, ...]:
     values = tuple(_int(name, part) for part in raw.split())
     if not values:
-        raise SettingsError(f"{name} must list at least one integer, got {raw!r}")
+        raise SettingsError(f"{name} must list at least one integer, got {shown(raw)}")
     return values
 
 
@@ -123,6 +137,11 @@ class Settings:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise SettingsError(f"{_ENV_OF[name]} must be >= {low}, got {value}")
+        if self.cpu_threads > MAX_CPU_THREADS:
+            raise SettingsError(f"CPU_THREADS must be <= {MAX_CPU_THREADS}, got {shown(str(self.cpu_threads))}")
+        if self.executor == "local" and self.slurm_python is not None:
+            raise SettingsError("--slurm-python / STREAMKV_SLURM_PYTHON says how Slurm array tasks start Python; "
+                                "with the local executor it would be ignored: add --executor slurm, or drop it")
         for name in ("sweep_r_values", "sweep_sigma_values", "sweep_delta_values"):
             values = getattr(self, name)
             if values is not None and min(values) < 0:
@@ -188,7 +207,10 @@ def _expand(value: str, scope: Mapping[str, str], where: str) -> str:
             return os.getcwd()
         raise SettingsError(f"{where}: ${name} is not set")
 
-    return _VAR.sub(substitute, value)
+    expanded = _VAR.sub(substitute, value)
+    if len(expanded) > MAX_VALUE_CHARS:
+        raise SettingsError(f"{where}: the value expands to more than {MAX_VALUE_CHARS} characters")
+    return expanded
 
 
 def _unquote(raw: str, where: str) -> tuple[str, bool]:
@@ -205,20 +227,28 @@ def _unquote(raw: str, where: str) -> tuple[str, bool]:
     return re.split(r"\s+#", raw, maxsplit=1)[0].strip(), True
 
 
-def parse_dotenv(text: str, environ: Mapping[str, str], source: str = ".env") -> dict[str, str]:
-    """KEY=VALUE pairs of a .env file, with `$VAR` taken from `environ` or earlier lines."""
+def parse_dotenv(text: str, environ: Mapping[str, str], source: str = ".env", *,
+                 quote: bool = True) -> dict[str, str]:
+    """KEY=VALUE pairs of a .env file, with `$VAR` taken from `environ` or earlier lines. quote=False: an
+    error names the line but quotes nothing of it (a file reached through a link)."""
     values: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
         where = f"{source} line {number}"
-        match = _LINE.match(stripped)
-        if not match:
-            raise SettingsError(f"{where}: expected KEY=VALUE, got {stripped!r}")
-        key, raw = match.groups()
-        value, expand = _unquote(raw, where)
-        values[key] = _expand(value, {**values, **environ}, where) if expand else value
+        try:
+            match = _LINE.match(stripped)
+            if not match:
+                raise SettingsError(f"{where}: expected KEY=VALUE, got {shown(stripped)}")
+            key, raw = match.groups()
+            value, expand = _unquote(raw, where)
+            values[key] = _expand(value, {**values, **environ}, where) if expand else value
+        except SettingsError:
+            if quote:
+                raise
+            raise SettingsError(f"{where}: not a KEY=VALUE line (not quoted: {source} is a link to another "
+                                "file)") from None
     return values
 
 
@@ -232,14 +262,33 @@ def default_results_dir() -> Path:
     return under_root(DEFAULT_RESULTS_DIR)
 
 
-def _read_dotenv(dotenv: Path) -> str:
+def _read_dotenv(dotenv: Path) -> str | None:
+    """The text of `.env`, None when there is none; SettingsError when it is there but no readable regular
+    file of at most MAX_DOTENV_BYTES (never opened if it is a FIFO or device, so nothing blocks)."""
     try:
-        return dotenv.read_text(encoding="utf-8")
+        os.lstat(dotenv)
+    except FileNotFoundError:
+        return None
+    try:
+        mode = os.stat(dotenv).st_mode
+        if not stat.S_ISREG(mode):
+            raise SettingsError(f"{dotenv} is a {kind(mode)}, not a file of KEY=VALUE lines")
+        fd = os.open(dotenv, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SettingsError(f"{dotenv} is not a regular file")   # swapped since the stat
+            data = f.read(MAX_DOTENV_BYTES + 1)
+    except FileNotFoundError:
+        raise SettingsError(f"{dotenv} is a symbolic link to a missing file ({shown(os.readlink(dotenv))})") from None
+    except OSError as err:
+        raise SettingsError(f"{dotenv} cannot be read: {err.strerror}") from None
+    if len(data) > MAX_DOTENV_BYTES:
+        raise SettingsError(f"{dotenv} is larger than {MAX_DOTENV_BYTES >> 20} MiB: not a .env")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise SettingsError(f"{dotenv}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") \
             from None
-    except OSError as err:
-        raise SettingsError(f"{dotenv} cannot be read: {err.strerror}") from None
 
 
 def load(*, environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env"),
@@ -250,14 +299,25 @@ def load(*, environ: Mapping[str, str] | None = None, dotenv: Path | None = Path
     environ = os.environ if environ is None else environ
     file_values = {}
     dotenv = None if dotenv is None else under_root(dotenv)
-    if dotenv is not None and dotenv.is_file():
-        file_values = parse_dotenv(_read_dotenv(dotenv), environ, str(dotenv))
+    text = None if dotenv is None else _read_dotenv(dotenv)
+    linked = text is not None and dotenv.is_symlink()
+    if text is not None:
+        file_values = parse_dotenv(text, environ, str(dotenv), quote=not linked)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     fields: dict[str, Any] = {}
     for env, (field, parse) in KNOBS.items():
         raw = environ.get(env, file_values.get(env))
+        if raw is not None and raw.strip() == "" and field not in flags and (file_values.get(env) or "").strip():
+            raise SettingsError(f"{env} is set but empty in the environment, which hides {dotenv}'s {env}: "
+                                f"unset it, or give it a value")
         if raw is not None and raw.strip() != "":  # an empty value means "unset", as in the seed script
-            fields[field] = parse(env, raw)
-    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+            try:
+                fields[field] = parse(env, raw)
+            except SettingsError:
+                if not (linked and env not in environ):
+                    raise
+                raise SettingsError(f"{env} in {dotenv} is not a valid value (not quoted: {dotenv} is a link "
+                                    "to another file)") from None
     if "results_dir" not in flags:
         fields["results_dir"] = str(under_root(fields.get("results_dir", DEFAULT_RESULTS_DIR)))
     fields.update(flags)

@@ -214,7 +214,10 @@ def test_two_runs_of_one_stage_at_once_compute_each_point_once(tmp_path):
     assert len(counts) == len(units) and set(counts.values()) == {1}
 
 
-def test_executor_settings():
+def test_executor_settings(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)   # a 4-GPU host
     assert executors.options(Settings()).in_process
     assert not executors.options(Settings(workers=2)).in_process
     opts = executors.options(Settings(gpus="0,1,3"))
@@ -223,7 +226,8 @@ def test_executor_settings():
     assert executors.worker_count(executors.options(Settings(executor="slurm")), 7) == 7
     for bad, message in [(Settings(gpus="0,x"), "must be all, none"), (Settings(gpus="1,1"), "distinct"),
                          (Settings(executor="k8s"), "must be one of local, slurm"),
-                         (Settings(executor="slurm", gpus="0"), "slurm-gpus-per-task")]:
+                         (Settings(executor="slurm", gpus="0"), "slurm-gpus-per-task"),
+                         (Settings(gpus="4"), "torch sees 4 CUDA devices")]:
         with pytest.raises(SettingsError, match=message):
             executors.options(bad)
     with pytest.raises(SettingsError, match="STREAMKV_WORKERS must be >= 1"):
