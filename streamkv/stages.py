@@ -47,7 +47,7 @@ class Outcome:
 def _written_meanwhile(store: Store, slot: str, config_hash: str, planned: tuple | None) -> bool:
     """Whether another process wrote the slot's result for this hash since this run planned it. File
     identity, not clocks: nodes sharing a results directory need not agree on the time."""
-    if store.identity(slot) == planned:
+    if store.identity(slot, config_hash) == planned:
         return False
     try:
         return store.read(store.path(slot))["config_hash"] == config_hash
@@ -77,7 +77,7 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
         # from here on counts as computed elsewhere (_written_meanwhile), never as a copy of itself. A slot
         # whose directory or file is a link or a special file stops the stage here, before anything is
         # computed (Store.identity).
-        planned[p.slot] = store.identity(p.slot)
+        planned[p.slot] = store.identity(p.slot, p.spec.config_hash())
         state = "missing" if s.force else classify(ctx, p)
         if state == "current" and p.slot.startswith("baselines/"):
             here = here or fingerprint.collect()

@@ -176,20 +176,29 @@ class Store:
             return Tree(Path(path).parent)
         return self.tree
 
+    @staticmethod
+    def _lock_file(path: Path) -> Path:
+        return path.parent / f".{path.name.removesuffix('.json')}.lock"
+
+    def _claim_file(self, config_hash: str) -> Path:
+        return self.root / ".claims" / f"{config_hash}.lock"
+
     def lock(self, path: Path):
         """The lock of the result at `path` and its artifacts (re-entrant); every writer holds it."""
-        return locks.hold(path.parent / f".{path.name.removesuffix('.json')}.lock", root=self._tree(path).root)
+        return locks.hold(self._lock_file(path), root=self._tree(path).root)
 
     def claim(self, config_hash: str, *, wait: bool):
         """The claim on computing one experiment (streamkv.locks.hold: yields whether it is ours); held
         while a stage computes, copies or skips a point of that hash, so no two runs compute it twice."""
-        return locks.hold(self.root / ".claims" / f"{config_hash}.lock", wait=wait, root=self.root)
+        return locks.hold(self._claim_file(config_hash), wait=wait, root=self.root)
 
-    def identity(self, slot: str) -> tuple | None:
+    def identity(self, slot: str, config_hash: str) -> tuple | None:
         """The slot's result file as it is now (inode, mtime, size), None when absent. Refused (one line)
-        when its directory or the file is a link or not a regular file: a stage stops before it computes
-        a point it could not write."""
+        when its directory, the file, its lock or the hash's claim is a link or not a regular file: a stage
+        stops before it computes a point it could not write."""
         path = self.path(slot)
+        for file in (self._lock_file(path), self._claim_file(config_hash)):
+            self.tree.is_file(file)
         st = self.tree.lstat(path)
         if st is None:
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from streamkv import (assets, cli, context, engines, fingerprint, plans, profile
 from streamkv.profiles import SWEEP_SYMBOLS, Dataset, Profile
 from streamkv.settings import Settings
 from streamkv.spec import DataSpec, ModelSpec
-from streamkv.store import nll_bytes, nll_values
+from streamkv.store import nll_bytes
 
 FAKE_FINGERPRINT = {"git_commit": "0" * 40, "python": "3.11", "torch": "2.13.0", "cuda": None,
                     "transformers": "5.24.0", "gpu_name": None}
@@ -51,7 +52,7 @@ def scored(nll: list[float]) -> tuple[bytes, dict]:
     """(NLL artifact, metrics) of a result that passes the store's checks on read (schema.check_derived):
     nll_sum and perplexity derived from the float32 values the artifact holds."""
     raw = nll_bytes(nll)
-    stored = list(nll_values(raw))
+    stored = struct.unpack(f"<{len(raw) // 4}f", raw)
     nll_sum = math.fsum(stored)
     return raw, {"perplexity": math.exp(nll_sum / len(stored)), "nll_sum": nll_sum, "n_predicted_tokens": len(stored)}
 
