@@ -144,17 +144,17 @@ class _Backend:
         self._echoed: dict[Path, int] = {}
 
     def _folder(self) -> Path:
-        return self.store.root / SUBMITIT / "%j"
+        # submitit writes there itself: at least the folder must be a directory of the results, not a link
+        with self.store.tree.directory((SUBMITIT,), create=True):
+            return self.store.root / SUBMITIT / "%j"
 
     def _echo(self) -> None:
         """Print the workers' new log lines (they write to submitit's log files, not to this terminal)."""
         for job in self.jobs:
             log = Path(job.paths.stderr)
-            try:
-                with open(log, "rb") as f:
-                    f.seek(self._echoed.get(log, 0))
-                    text = f.read()
-            except OSError:
+            try:   # through the store: a FIFO or a link planted as a log is never opened
+                text = self.store.tree.read(log)[self._echoed.get(log, 0):]
+            except (OSError, ValueError):
                 continue
             complete = text[:text.rfind(b"\n") + 1]
             self._echoed[log] = self._echoed.get(log, 0) + len(complete)
