@@ -42,7 +42,7 @@ SECRET = "alice:$6$SECRETHASH$abc:19000:0:99999:7:::\n"   # a line of /etc/shado
 TAMPERED = "1.2345"
 LIMIT_AS = 4 << 30
 FAST = {"REPEAT_RUNS": "1", "WARMUP_RUNS": "0", "STREAMKV_PROFILE": "demo", "RUN_MIT_BENCH": "0"}
-RUN = ["run", "--max-eval-tokens", "64", "--repeat-runs", "1", "--warmup-runs", "0"]
+RUN = ["run", "--cap-total", "32", "--max-eval-tokens", "64", "--repeat-runs", "1", "--warmup-runs", "0"]
 
 
 @dataclass

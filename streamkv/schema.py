@@ -56,10 +56,11 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 # per-token values as float32: a run sums exactly those (fp64), MIT's log holds them in full precision
 # before they are stored as float32 (relative differences ~1e-8). A perplexity is exp of the stored mean,
 # computed in fp64 from the same numbers. MIT's own perplexity is averaged and exponentiated in the model's
-# dtype (fp16: 11 bits), so it can only be held to that precision.
+# dtype (fp16: 11 bits; the mean's rounding alone moves exp(mean) by 0.4% at a mean NLL of 8), so it can only
+# be held to about that: a hand edit of it by less than 1% goes unnoticed (the number from its log does not).
 _NLL_SUM_REL = 1e-6
 _PPL_REL = 1e-9
-_MIT_OWN_PPL_REL = 4e-3
+_MIT_OWN_PPL_REL = 1e-2
 
 
 def _is(value, kind) -> bool:
@@ -149,6 +150,6 @@ def check_derived(doc: dict, nll: Sequence[float] | None) -> None:
             raise ValueError("metrics.perplexity_from_log is not exp(nll_sum / n_predicted_tokens)")
         if not _agrees(m["perplexity"], derived, _MIT_OWN_PPL_REL):
             raise ValueError("metrics.perplexity (MIT's own) is not exp(nll_sum / n_predicted_tokens) to fp16 "
-                             "precision")
+                             "precision (1%)")
     elif not _agrees(m["perplexity"], derived, _PPL_REL):
         raise ValueError("metrics.perplexity is not exp(nll_sum / n_predicted_tokens)")

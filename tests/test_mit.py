@@ -24,6 +24,8 @@ from streamkv.store import Store
 from streamkv.tables import mit as mit_table
 from streamkv.tables.render import to_latex
 
+from conftest import scored
+
 SETUP = Path(__file__).resolve().parents[1] / "scripts" / "mit" / "setup.sh"
 
 UPSTREAM_FLAGS = '''
@@ -274,9 +276,9 @@ def test_patched_checkout_runs_on_our_device_dtype_and_stream_and_the_table_comp
     assert not any("hard-coded to 'cuda'" in line for line in doc["limitations"])
 
     # Our strict point on the same tokens: the appendix table shows both numbers and their difference.
-    ours = {"kind": "run", "slot": "main/pg19/strict", "config_hash": "0" * 64, "spec": {},
-            "metrics": {"perplexity": 19.5, "n_predicted_tokens": 49}}
-    Store(s.results_dir).write(ours)
+    nll, metrics = scored([math.log(19.5)] * 49)   # perplexity 19.5, as the store checks it on read
+    ours = {"kind": "run", "slot": "main/pg19/strict", "config_hash": "0" * 64, "spec": {}, "metrics": metrics}
+    Store(s.results_dir).write(ours, nll=nll)
     ctx = context.context(s, tokenize=False, profile=profile)
     spec = reports.tables_spec(ctx)
     assert [(c.reference.slot, c.ours.slot) for c in spec.mit] == [
