@@ -60,7 +60,7 @@ def shown(text: str, limit: int = 60) -> str:
     return quoted if len(quoted) <= limit else quoted[:limit] + "...'"
 
 
-def json_depth(data: bytes) -> int:
+def _json_depth(data: bytes) -> int:
     """How deeply arrays and objects nest in a JSON text (brackets inside strings do not count)."""
     brackets = re.sub(rb"[^\[\]{}]+", b"", re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b"", data, flags=re.S))
     depth = deepest = 0
@@ -72,7 +72,7 @@ def json_depth(data: bytes) -> int:
 
 def loads(data: bytes, where: str):
     """A JSON document of at most MAX_JSON_DEPTH levels; ValueError (one line) otherwise."""
-    if json_depth(data) > MAX_JSON_DEPTH:
+    if _json_depth(data) > MAX_JSON_DEPTH:
         raise ValueError(f"{where}: corrupt JSON (nested more than {MAX_JSON_DEPTH} levels deep)")
     try:
         return json.loads(data.decode("utf-8"))

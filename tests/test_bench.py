@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from streamkv import assets, profiles, reports, stages, store as store_mod
+from streamkv import assets, confined, profiles, reports, stages, store as store_mod
 from streamkv.profiles import Dataset
 from streamkv.settings import Settings
 from streamkv.spec import ModelSpec, RunSpec
@@ -52,14 +52,15 @@ def run_bench(s: Settings, profile):
 
 def test_bench_points_go_through_the_stage_loop_and_the_one_writer(tmp_path, profile, monkeypatch):
     written = []
-    real_write = store_mod.atomic_write
-    monkeypatch.setattr(store_mod, "atomic_write", lambda path, data: (written.append(path), real_write(path, data)))
+    real_write = confined.Tree.write   # how the store writes every file below the results directory
+    monkeypatch.setattr(confined.Tree, "write",
+                        lambda self, path, data: (written.append(path), real_write(self, path, data)))
     s = Settings(results_dir=str(tmp_path), mit_bench_gen_tokens=GEN, warmup_runs=1, repeat_runs=2)
     outcome = run_bench(s, profile)
     assert outcome.computed == SLOTS + ENGINE_SLOTS
     store = store_mod.Store(tmp_path)
     paths = [store.path(slot) for slot in SLOTS + ENGINE_SLOTS]
-    assert set(paths) <= set(written)                                    # every JSON through atomic_write
+    assert set(paths) <= set(written)                                    # every JSON through Tree.write
     assert not [p for p in (tmp_path / "mit_bench").iterdir() if p.name.startswith(".")]   # no temp file left
 
     docs = {slot: json.loads(path.read_text()) for slot, path in zip(SLOTS + ENGINE_SLOTS, paths)}
