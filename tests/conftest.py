@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from streamkv import (assets, cli, context, engines, fingerprint, plans, profiles, runner as runner_mod,
@@ -97,6 +99,20 @@ def tables_spec(long: tables.Dataset, short: tables.Dataset, *, lazy_r: int, abl
         for knob, values in (sweeps or {}).items())
     return tables.TablesSpec(long=long, short=short, lazy_r=lazy_r, main=main, ablations=ladder, sweeps=swept,
                              **fields)
+
+
+def pytest_configure(config):
+    """ATEN_CPU_CAPABILITY selects the kernels the numerics run on (Makefile: test-default-kernels); torch
+    ignores a value it cannot honour with a warning only, so the suite refuses to run on other kernels."""
+    asked = os.environ.get("ATEN_CPU_CAPABILITY")
+    running = torch.backends.cpu.get_cpu_capability()
+    if asked and asked.upper() != running:
+        raise pytest.UsageError(f"ATEN_CPU_CAPABILITY={asked} asked, but torch runs {running} kernels")
+
+
+def pytest_report_header(config):
+    return (f"torch {torch.__version__}: {torch.backends.cpu.get_cpu_capability()} CPU kernels, "
+            f"{torch.get_num_threads()} threads")
 
 
 @pytest.fixture(autouse=True)
