@@ -17,8 +17,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from streamkv import (assets, cli, context, engines, fingerprint, plans, profiles, runner as runner_mod,
-                      settings as settings_mod, stages, tables)
+from streamkv import (assets, cli, code_identity, context, engines, fingerprint, plans, profiles,
+                      runner as runner_mod, settings as settings_mod, stages, tables)
 from streamkv.profiles import SWEEP_SYMBOLS, Dataset, Profile
 from streamkv.settings import Settings
 from streamkv.spec import DataSpec, ModelSpec
@@ -42,10 +42,17 @@ def fake_profile(tmp: Path) -> Profile:
                    model=ModelSpec(name="fake/model", revision="0" * 40, dtype="float32"))
 
 
-def bump_version(monkeypatch, engine: str) -> None:
-    """The engine as if its code had changed: its registry entry with another version."""
-    bumped = dataclasses.replace(engines.REGISTRY[engine], version=engines.REGISTRY[engine].version + "-bumped")
-    monkeypatch.setitem(engines.REGISTRY, engine, bumped)
+def edit_source(monkeypatch, module: str, edit=lambda source: source + "\n_EDITED = 1\n") -> None:
+    """`module` (dotted) as if its file had been edited: code identity reads `edit(source)` for it."""
+    path, read = code_identity._path(module), code_identity._source
+    assert path is not None, module
+    monkeypatch.setattr(code_identity, "_source", lambda p: edit(read(p)) if p == path else read(p))
+    monkeypatch.setattr(code_identity, "_modules", {})
+
+
+def edit_engine(monkeypatch, engine: str) -> None:
+    """The engine as if its module's code had changed."""
+    edit_source(monkeypatch, engines.get(engine).module)
 
 
 def install_fakes(monkeypatch) -> None:
