@@ -191,14 +191,14 @@ DEMO = Profile(
 # The paper's stages, points and cap on CUDA, end to end in minutes and with no asset: the Pythia-2.8B
 # architecture with random fp16 weights (its bundled config), seeded random token ids for both streams.
 # resolve() sets the streams' vocabulary and lengths: the cap's prefill plus SYNTHETIC_DECODE tokens, so
-# every point still prunes (lazy R = 128 four times on the long stream) while the composed-fp16 ablation
+# every point still prunes (lazy R = 128 twice on the long stream) while the composed-fp16 ablation
 # and the bench's HF decodes, which pay ~20 ms a token, stay short. Speed equals the real weights'.
 PAPER_RANDOM = dataclasses.replace(
     PAPER, name="paper-random", random_weights=True,
     long=Dataset("synthetic-long", "Synthetic (long)", "", 0, source="seeded random token ids"),
     short=Dataset("synthetic-short", "Synthetic (short)", "", 0, source="seeded random token ids"),
 )
-SYNTHETIC_DECODE = {"synthetic-long": 512, "synthetic-short": 256}   # decoded tokens after the prefill
+SYNTHETIC_DECODE = {"synthetic-long": 256, "synthetic-short": 128}   # decoded tokens after the prefill
 SYNTHETIC_SEED = {"synthetic-long": 1, "synthetic-short": 2}
 
 PROFILES = {p.name: p for p in (DEMO, PAPER, PAPER_RANDOM)}

@@ -101,13 +101,13 @@ def test_paper_random_is_the_paper_plan_on_random_weights_and_short_synthetic_st
     vocab = assets.vocab_size(real.model)
     assert vocab == 50304   # streamkv/configs/pythia-2.8b.json: ids over the embedding, no tokenizer
     assert [(d.name, d.path, d.max_tokens) for d in timing.datasets] == [
-        ("synthetic-long", f"synthetic:1:{vocab}", 2048 + 512), ("synthetic-short", f"synthetic:2:{vocab}", 2048 + 256)]
+        ("synthetic-long", f"synthetic:1:{vocab}", 2048 + 256), ("synthetic-short", f"synthetic:2:{vocab}", 2048 + 128)]
     # Slots never meet the real datasets' (a shared results/ keeps both), and the stage context marks every
     # point's model random without a flag, so each config_hash differs from a real-weights one.
     assert not {d.name for d in timing.datasets} & {d.name for d in real.datasets}
     ctx = context.context(Settings(profile="paper-random", results_dir=str(tmp_path)), tokenize=False)
     assert ctx.random_weights and ctx.model.random_weights
-    assert profiles.resolve(Settings(profile="paper-random", cap_total=1024)).long.max_tokens == 1024 + 512
+    assert profiles.resolve(Settings(profile="paper-random", cap_total=1024)).long.max_tokens == 1024 + 256
 
 
 def test_a_random_weights_profile_needs_a_config_it_can_read_without_a_download(monkeypatch, tmp_path):
