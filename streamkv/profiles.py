@@ -194,7 +194,7 @@ DEMO = Profile(
 # every point still prunes (lazy R = 128 twice on the long stream) while the composed-fp16 ablation
 # and the bench's HF decodes, which pay ~20 ms a token, stay short. Speed equals the real weights'.
 PAPER_RANDOM = dataclasses.replace(
-    PAPER, name="paper-random", random_weights=True,
+    PAPER, name="paper-random", model_display="Pythia-2.8B (random weights)", random_weights=True,
     long=Dataset("synthetic-long", "Synthetic (long)", "", 0, source="seeded random token ids"),
     short=Dataset("synthetic-short", "Synthetic (short)", "", 0, source="seeded random token ids"),
 )
