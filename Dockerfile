@@ -122,7 +122,10 @@ COPY . /app/
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation -e /app \
     && touch /opt/venv/.installed \
     && mkdir -p /app/results /app/NeurIPS/generated /app/NeurIPS/build \
-    && chmod 1777 /app/results /app/NeurIPS /app/NeurIPS/generated /app/NeurIPS/build
+    && chmod 1777 /app/results /app/NeurIPS /app/NeurIPS/generated /app/NeurIPS/build \
+    && ln -s build/neurips_2025_compressed.pdf /app/NeurIPS/neurips_2025_compressed.pdf
+# A run writes only to the volumes and to /tmp (scratch; `docker run --read-only --tmpfs /tmp` works): the
+# PDF's copy next to the .tex is a link into build/, and matplotlib's, TeX's and other caches go to /tmp.
 # Build args are declared only here, after the heavy layers: a RUN after an ARG re-runs when its value changes.
 ARG CUDA_TAG
 ARG TORCH_VERSION
@@ -139,7 +142,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     STREAMKV_PROFILE=${ASSETS} \
     STREAMKV_PYTHIA_REVISION=${PYTHIA_REVISION} \
     MIT_REPO=/opt/mit/streaming-llm \
-    PYTHON_BIN=/opt/venv-mit/bin/python
+    PYTHON_BIN=/opt/venv-mit/bin/python \
+    MPLCONFIGDIR=/tmp/streamkv-cache/matplotlib \
+    TEXMFVAR=/tmp/streamkv-cache/texmf-var \
+    XDG_CACHE_HOME=/tmp/streamkv-cache
 # A new commit changes these and nothing above. The fingerprint reads them: there is no .git here.
 ARG GIT_COMMIT=unknown
 ARG GIT_DIRTY=unknown

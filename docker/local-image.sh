@@ -9,7 +9,7 @@
 #   docker/local-image.sh smoke    build, then make paper, verify-assets, smoke.sh and status inside it,
 #                                  as uid 10001 without network, with checks on what they wrote
 #   docker/local-image.sh container                   a new working container of the image (name on stdout)
-#   docker/local-image.sh volumes OUT                 OUT/results, OUT/NeurIPS/{generated,build} for uid 10001
+#   docker/local-image.sh volumes OUT                 OUT/app/results, OUT/app/NeurIPS/{generated,build}, OUT/tmp
 #   docker/local-image.sh exec CONTAINER OUT USER CMD...   CMD in it as USER, offline, OUT's volumes mounted
 #
 # Knobs (environment): LOCAL_IMAGE (default localhost/streamkv:cpu-smoke), BASE_IMAGE
@@ -29,7 +29,7 @@ say() { echo "image-smoke: $*" >&2; }
 die() { say "error: $*"; exit 1; }
 # Seconds since the epoch with decimals, for the per-step times.
 now() { date +%s.%N; }
-elapsed() { printf '%.0f' "$(echo "$(now) - $1" | bc)"; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }'; }
 
 # ------------------------------------------------------------------------------------------------ base
 
@@ -75,7 +75,7 @@ find_torch_wheel() {
     [ -f "$TORCH_WHEEL" ] || die "TORCH_WHEEL=$TORCH_WHEEL is not a file"
     echo "$TORCH_WHEEL"; return
   fi
-  dirs="${PIP_FIND_LINKS:-} $(pip config list 2>/dev/null | sed -n "s/^[^=]*find-links='\(.*\)'$/\1/p")"
+  dirs="${PIP_FIND_LINKS:-} $(python3 -m pip config list 2>/dev/null | sed -n "s/^[^=]*find-links='\(.*\)'$/\1/p")"
   for dir in $dirs; do
     dir=${dir#file://}
     # shellcheck disable=SC2086  # the glob must expand
@@ -94,7 +94,7 @@ build_image() {
   [ -f "$wheels/$(basename "$wheel")" ] || ln "$wheel" "$wheels/" 2>/dev/null || cp "$wheel" "$wheels/"
   say "build: $LOCAL_IMAGE from $BASE_IMAGE, CPU lock, demo assets, wheel $(basename "$wheel"), commit ${GIT_COMMIT:0:12} (dirty=$GIT_DIRTY)"
   start=$(now)
-  buildah bud --isolation chroot --layers \
+  buildah bud --isolation chroot --layers --format docker \
     --build-arg CUDA_IMAGE="${BASE_IMAGE%:*}" \
     --build-arg CUDA_TAG="${BASE_IMAGE##*:}" \
     --build-arg CUDA_DIGEST= \
@@ -117,13 +117,24 @@ image_size() {
 
 # ------------------------------------------------------------------------------------------------- run
 
-# The image's output volumes, mounted from host folders as `docker run -v` would (docker/docker.mk).
-VOLUMES=(results NeurIPS/generated NeurIPS/build)
+# The image's output volumes, mounted from host folders as `docker run -v` would (docker/docker.mk), and /tmp
+# as scratch (what `docker run --read-only --tmpfs /tmp` gives): the only places a run may write.
+# Each is mounted from OUT/<its path>, e.g. OUT/app/results.
+VOLUMES=(/app/results /app/NeurIPS/generated /app/NeurIPS/build /tmp)
 
-# A fresh working container of the image; its name on stdout.
+# A fresh working container of the image; its name on stdout. buildah run gives each of the image's
+# VOLUMEs an anonymous volume of its own, and which of that and a `-v` on the same path ends up on top
+# varies from run to run (outputs then vanish into the anonymous one); `docker run -v` simply replaces the
+# VOLUME. So the working container drops the VOLUMEs (its copy of the config, not the image's): the `-v`
+# mounts of run_in are then the only ones.
 new_container() {
-  buildah from --pull=never --name "streamkv-smoke-$$-$RANDOM" "$LOCAL_IMAGE" 2>/dev/null \
+  local ctr v
+  ctr=$(buildah from --pull=never --name "streamkv-smoke-$$-$RANDOM" "$LOCAL_IMAGE" 2>/dev/null) \
     || die "no image $LOCAL_IMAGE: run docker/local-image.sh build"
+  for v in $(buildah inspect --format '{{range $v, $_ := .OCIv1.Config.Volumes}}{{$v}} {{end}}' "$ctr"); do
+    buildah config --volume "$v-" "$ctr"
+  done
+  echo "$ctr"
 }
 
 # run_in CONTAINER OUT USER CMD...: CMD through the image's entrypoint, as USER, with no network (a new
@@ -132,15 +143,16 @@ new_container() {
 run_in() {
   local ctr=$1 out=$2 user=$3 mounts=() v
   shift 3
-  for v in "${VOLUMES[@]}"; do mounts+=(-v "$out/$v:/app/$v"); done
+  for v in "${VOLUMES[@]}"; do mounts+=(-v "$out$v:$v"); done
   unshare --net buildah run --isolation chroot --user "$user" "${mounts[@]}" "$ctr" -- /app/docker/entrypoint.sh "$@"
 }
 
 # Host folders for the volumes, owned by the image's user as `docker run --user` would need them.
 make_volumes() {
   local out=$1 v
-  for v in "${VOLUMES[@]}"; do mkdir -p "$out/$v"; done
+  for v in "${VOLUMES[@]}"; do mkdir -p "$out$v"; done
   chown -R "$UID_IN_IMAGE:$UID_IN_IMAGE" "$out"
+  chmod 1777 "$out/tmp"
 }
 
 # ----------------------------------------------------------------------------------------------- smoke
@@ -166,12 +178,12 @@ import json, sys
 from pathlib import Path
 
 out, commit, python, torch = Path(sys.argv[1]), *sys.argv[2:]
-pdf = out / "NeurIPS/build/neurips_2025_compressed.pdf"
+pdf = out / "app/NeurIPS/build/neurips_2025_compressed.pdf"
 if not pdf.is_file() or pdf.stat().st_size == 0:
     sys.exit(f"no PDF, or an empty one, at {pdf}")
-results = [p for p in (out / "results").rglob("*.json") if "fingerprint" in json.loads(p.read_text())]
+results = [p for p in (out / "app/results").rglob("*.json") if "fingerprint" in json.loads(p.read_text())]
 if not results:
-    sys.exit(f"no result JSON with a fingerprint under {out / 'results'}")
+    sys.exit(f"no result JSON with a fingerprint under {out / 'app/results'}")
 want = {"python": python, "torch": torch, "git_commit": commit}
 bad = [f"{p.relative_to(out)}: {k}={fp.get(k)!r}, the image has {v!r}"
        for p in results for fp in [json.loads(p.read_text())["fingerprint"]] for k, v in want.items() if fp.get(k) != v]
@@ -183,28 +195,28 @@ PY
 }
 
 # Files the runs created or changed in the container's own filesystem, outside the mounted volumes: there
-# should be none (the image's writable places are its volumes). buildah itself bind-mounts /etc/hosts,
-# /etc/resolv.conf and the like for each run; those mount points are not the commands' writes.
+# should be none. Mounted only now: runs of a container that is also mounted on the host lose their writes
+# to bind-mounted volumes (buildah 1.28, chroot isolation). buildah itself puts /etc/hosts, /etc/resolv.conf
+# and the like in place for each run, under /run or as mount points; those are not the commands' writes.
 check_writes() {
-  local mnt=$1 stamp=$2 written
-  written=$(cd "$mnt" && find . -xdev -newer "$stamp" \
-              \( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run \
-                 -o -path ./app/results -o -path ./app/NeurIPS/generated -o -path ./app/NeurIPS/build \) -prune \
-              -o ! -type d -print | sort)
+  local ctr=$1 stamp=$2 mnt written prune=() v
+  mnt=$(buildah mount "$ctr")
+  for v in /proc /sys /dev /run "${VOLUMES[@]}"; do prune+=(-path ".$v" -prune -o); done
+  written=$(cd "$mnt" && find . -xdev "${prune[@]}" -newer "$stamp" ! -type d -print | sort)
+  buildah umount "$ctr" >/dev/null
   if [ -n "$written" ]; then
     say "written outside the volumes:"; printf '  %s\n' $written >&2
     return 1
   fi
-  say "checks: nothing written outside results/, NeurIPS/generated/, NeurIPS/build/"
+  say "checks: nothing written outside the volumes (${VOLUMES[*]})"
 }
 
 smoke() {
-  local ctr mnt out stamp start
+  local ctr out stamp
   step build build_image
   out=$(mktemp -d /var/tmp/streamkv-smoke.XXXXXX)
   make_volumes "$out"
   ctr=$(new_container)
-  mnt=$(buildah mount "$ctr")
   stamp=$(mktemp)
   # Every later write has a newer mtime than this.
   sleep 1
@@ -221,8 +233,8 @@ else:
   step "smoke.sh" run_in "$ctr" "$out" "$UID_IN_IMAGE:$UID_IN_IMAGE" docker/smoke.sh --no-gpu
   step "status" run_in "$ctr" "$out" "$UID_IN_IMAGE:$UID_IN_IMAGE" streamkv status
   step "checks" check_outputs "$ctr" "$out"
-  step "writes" check_writes "$mnt" "$stamp"
-  buildah umount "$ctr" >/dev/null; buildah rm "$ctr" >/dev/null; rm -f "$stamp"
+  step "writes" check_writes "$ctr" "$stamp"
+  buildah rm "$ctr" >/dev/null; rm -f "$stamp"
   say "outputs: $out"
   say "image: $LOCAL_IMAGE, $(image_size)"
   printf 'image-smoke: time: %s\n' "${STEP_TIMES[@]}" >&2

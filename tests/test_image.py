@@ -80,7 +80,7 @@ def test_a_missing_asset_is_one_line_naming_it(container, tmp_path):
     assert baseline.returncode != 0
     (line,) = error_lines(baseline.stderr)
     assert weights in line, baseline.stderr
-    assert not list((tmp_path / "results").rglob("*.json"))
+    assert not list((tmp_path / "app/results").rglob("*.json"))
 
 
 def test_the_paper_assets_missing_from_a_demo_image_name_streamkv_fetch(container, tmp_path):
@@ -94,7 +94,7 @@ def test_the_paper_assets_missing_from_a_demo_image_name_streamkv_fetch(containe
 
 def test_an_unwritable_results_volume_fails_in_one_line_before_any_work(container, tmp_path):
     script("volumes", str(tmp_path))
-    results = tmp_path / "results"
+    results = tmp_path / "app/results"
     os.chown(results, 0, 0)
     results.chmod(0o755)
     proc = run(container, tmp_path, USER, "make", "paper")
@@ -102,4 +102,4 @@ def test_an_unwritable_results_volume_fails_in_one_line_before_any_work(containe
     assert error_lines(proc.stderr) == [
         "streamkv: error: results directory results cannot be written: permission denied"], proc.stderr
     assert not any(results.iterdir())
-    assert not any((tmp_path / "NeurIPS/build").iterdir())       # stopped before the tables and the PDF
+    assert not any((tmp_path / "app/NeurIPS/build").iterdir())       # stopped before the tables and the PDF
