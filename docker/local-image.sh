@@ -11,6 +11,7 @@
 #   docker/local-image.sh container                   a new working container of the image (name on stdout)
 #   docker/local-image.sh volumes OUT                 OUT/app/results, OUT/app/NeurIPS/{generated,build}, OUT/tmp
 #   docker/local-image.sh exec CONTAINER OUT USER CMD...   CMD in it as USER, offline, OUT's volumes mounted
+#   docker/local-image.sh writes CONTAINER STAMP      fail, listing them, if files newer than STAMP are outside the volumes
 #
 # Knobs (environment): LOCAL_IMAGE (default localhost/streamkv:cpu-smoke), BASE_IMAGE
 # (localhost/streamkv-base:bookworm), DEBIAN_MIRROR, TORCH_WHEEL (default: found through pip's find-links).
@@ -94,7 +95,8 @@ build_image() {
   [ -f "$wheels/$(basename "$wheel")" ] || ln "$wheel" "$wheels/" 2>/dev/null || cp "$wheel" "$wheels/"
   say "build: $LOCAL_IMAGE from $BASE_IMAGE, CPU lock, demo assets, wheel $(basename "$wheel"), commit ${GIT_COMMIT:0:12} (dirty=$GIT_DIRTY)"
   start=$(now)
-  buildah bud --isolation chroot --layers --format docker \
+  # --force-rm: a failed build (tests/test_image.py makes some) leaves no working containers behind.
+  buildah bud --isolation chroot --layers --format docker --force-rm \
     --build-arg CUDA_IMAGE="${BASE_IMAGE%:*}" \
     --build-arg CUDA_TAG="${BASE_IMAGE##*:}" \
     --build-arg CUDA_DIGEST= \
@@ -131,6 +133,7 @@ new_container() {
   local ctr v
   ctr=$(buildah from --pull=never --name "streamkv-smoke-$$-$RANDOM" "$LOCAL_IMAGE" 2>/dev/null) \
     || die "no image $LOCAL_IMAGE: run docker/local-image.sh build"
+  # shellcheck disable=SC2016  # a Go template, not shell
   for v in $(buildah inspect --format '{{range $v, $_ := .OCIv1.Config.Volumes}}{{$v}} {{end}}' "$ctr"); do
     buildah config --volume "$v-" "$ctr"
   done
@@ -170,10 +173,10 @@ step() {  # step NAME CMD...: run, time, and remember the time for the summary
 
 # What the image says it is, and what every result JSON must say about it.
 check_outputs() {
-  local ctr=$1 out=$2 expect
-  expect=$(buildah run --isolation chroot "$ctr" -- /opt/venv/bin/python -c \
+  local ctr=$1 out=$2 python torch
+  read -r python torch < <(buildah run --isolation chroot "$ctr" -- /opt/venv/bin/python -c \
     'import sys, torch; print(sys.version.split()[0], torch.__version__)')
-  python3 - "$out" "$GIT_COMMIT" $expect <<'PY'
+  python3 - "$out" "$GIT_COMMIT" "$python" "$torch" <<'PY'
 import json, sys
 from pathlib import Path
 
@@ -205,7 +208,7 @@ check_writes() {
   written=$(cd "$mnt" && find . -xdev "${prune[@]}" -newer "$stamp" ! -type d -print | sort)
   buildah umount "$ctr" >/dev/null
   if [ -n "$written" ]; then
-    say "written outside the volumes:"; printf '  %s\n' $written >&2
+    say "written outside the volumes:"; printf '  %s\n' "${written//$'\n'/$'\n'  }" >&2
     return 1
   fi
   say "checks: nothing written outside the volumes (${VOLUMES[*]})"
@@ -218,6 +221,8 @@ smoke() {
   make_volumes "$out"
   ctr=$(new_container)
   stamp=$(mktemp)
+  # shellcheck disable=SC2064  # expand now: the locals are gone when the trap runs
+  trap "buildah rm '$ctr' >/dev/null 2>&1; rm -f '$stamp'" EXIT
   # Every later write has a newer mtime than this.
   sleep 1
   step "no network" run_in "$ctr" "$out" "$UID_IN_IMAGE:$UID_IN_IMAGE" python -c \
@@ -234,7 +239,6 @@ else:
   step "status" run_in "$ctr" "$out" "$UID_IN_IMAGE:$UID_IN_IMAGE" streamkv status
   step "checks" check_outputs "$ctr" "$out"
   step "writes" check_writes "$ctr" "$stamp"
-  buildah rm "$ctr" >/dev/null; rm -f "$stamp"
   say "outputs: $out"
   say "image: $LOCAL_IMAGE, $(image_size)"
   printf 'image-smoke: time: %s\n' "${STEP_TIMES[@]}" >&2
@@ -248,5 +252,6 @@ case "${1:-}" in
   container) new_container ;;
   volumes) make_volumes "$2" ;;
   exec) shift; run_in "$@" ;;
-  *) echo "usage: $0 base|build|smoke|container|volumes|exec" >&2; exit 2 ;;
+  writes) check_writes "$2" "$3" ;;
+  *) echo "usage: $0 base|build|smoke|container|volumes|exec|writes" >&2; exit 2 ;;
 esac
