@@ -125,7 +125,8 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation -e /
     && chmod 1777 /app/results /app/NeurIPS /app/NeurIPS/generated /app/NeurIPS/build \
     && ln -s build/neurips_2025_compressed.pdf /app/NeurIPS/neurips_2025_compressed.pdf
 # A run writes only to the volumes and to /tmp (scratch; `docker run --read-only --tmpfs /tmp` works): the
-# PDF's copy next to the .tex is a link into build/, and matplotlib's, TeX's and other caches go to /tmp.
+# PDF's copy next to the .tex is a link into build/, and matplotlib's, TeX's, Triton's and other caches
+# go to /tmp.
 # Build args are declared only here, after the heavy layers: a RUN after an ARG re-runs when its value changes.
 ARG CUDA_TAG
 ARG TORCH_VERSION
@@ -145,6 +146,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHON_BIN=/opt/venv-mit/bin/python \
     MPLCONFIGDIR=/tmp/streamkv-cache/matplotlib \
     TEXMFVAR=/tmp/streamkv-cache/texmf-var \
+    TRITON_CACHE_DIR=/tmp/streamkv-cache/triton \
     XDG_CACHE_HOME=/tmp/streamkv-cache
 # A new commit changes these and nothing above. The fingerprint reads them: there is no .git here.
 ARG GIT_COMMIT=unknown

@@ -14,7 +14,8 @@
 #   docker/local-image.sh writes CONTAINER STAMP      fail, listing them, if files newer than STAMP are outside the volumes
 #
 # Knobs (environment): LOCAL_IMAGE (default localhost/streamkv:cpu-smoke), BASE_IMAGE
-# (localhost/streamkv-base:bookworm), DEBIAN_MIRROR, TORCH_WHEEL (default: found through pip's find-links).
+# (localhost/streamkv-base:bookworm), DEBIAN_MIRROR, TORCH_WHEEL (default: found through pip's find-links),
+# STREAMKV_IMAGE_CACHE (default /var/cache/streamkv-image: holds wheels/, the build context with that wheel).
 # Run as root (buildah and debootstrap need it here). Needs: apt-get install buildah podman debootstrap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ BASE_IMAGE=${BASE_IMAGE:-localhost/streamkv-base:bookworm}
 LOCAL_IMAGE=${LOCAL_IMAGE:-localhost/streamkv:cpu-smoke}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
-TORCH_VERSION=$(sed -n 's/^TORCH_VERSION *?= *//p' docker/docker.mk)
+TORCH_VERSION=${TORCH_VERSION:-$(sed -n 's/^TORCH_VERSION *?= *//p' docker/docker.mk)}
 UID_IN_IMAGE=10001
 
 say() { echo "image-smoke: $*" >&2; }
@@ -40,8 +41,7 @@ base_key() { echo "bookworm-minbase $(sha256sum "$HOST_CA" | cut -c1-16)"; }
 
 make_base() {
   local key; key=$(base_key)
-  if [ "$(buildah inspect --type image --format '{{index .ImageAnnotations "streamkv.base"}}' "$BASE_IMAGE" 2>/dev/null)" = "$key" ] \
-     || [ "$(buildah inspect --type image --format '{{index .OCIv1.Config.Labels "streamkv.base"}}' "$BASE_IMAGE" 2>/dev/null)" = "$key" ]; then
+  if [ "$(buildah inspect --type image --format '{{index .OCIv1.Config.Labels "streamkv.base"}}' "$BASE_IMAGE" 2>/dev/null)" = "$key" ]; then
     say "base: $BASE_IMAGE is cached ($key)"
     return
   fi
@@ -216,6 +216,7 @@ check_writes() {
 
 smoke() {
   local ctr out stamp
+  step base make_base
   step build build_image
   out=$(mktemp -d /var/tmp/streamkv-smoke.XXXXXX)
   make_volumes "$out"
