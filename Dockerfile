@@ -15,6 +15,19 @@ ARG TORCH_CUDA=cu126
 ARG PYTHIA_REVISION=2a259cdd96a4beb1cdf467512e3904197345f6a9
 # mit-han-lab/streaming-llm commit (40 hex) the MIT reference runs; see scripts/mit/README.md.
 ARG MIT_COMMIT=2e5042606d69933d88fbf909bd77907456b9b4dd
+# The defaults build the paper's CUDA image. make image-smoke (docker/local-image.sh) builds this same file on
+# a machine with no GPU and no hub by overriding only these and the base above: the CPU locks
+# (requirements.lock, requirements-mit.lock, with TORCH_CUDA empty), ASSETS=demo (no fetch: the image runs
+# the committed demo model, and that is its default profile), MIT_CLONE=optional (no clone of github: the
+# image has no MIT reference, said in one line), and the `wheels` stage below.
+ARG REQUIREMENTS=docker/requirements.lock
+ARG MIT_REQUIREMENTS=docker/requirements-mit.lock
+ARG ASSETS=paper
+ARG MIT_CLONE=required
+
+# Extra wheels pip may take (--find-links): none here. make image-smoke replaces this stage with a folder
+# holding the CPU torch wheel (buildah bud --build-context wheels=DIR): PyPI's Linux torch bundles CUDA.
+FROM scratch AS wheels
 
 FROM ${CUDA_IMAGE}:${CUDA_TAG}${CUDA_DIGEST:+@}${CUDA_DIGEST} AS base
 ARG DEBIAN_FRONTEND=noninteractive
@@ -32,39 +45,62 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 FROM base AS deps
 ARG TORCH_VERSION
 ARG TORCH_CUDA
-COPY docker/requirements.lock /tmp/requirements.lock
-RUN grep -qx "torch==${TORCH_VERSION}+${TORCH_CUDA}" /tmp/requirements.lock \
-        || { echo "docker/requirements.lock does not pin torch==${TORCH_VERSION}+${TORCH_CUDA}" >&2; exit 1; } \
+ARG REQUIREMENTS
+COPY ${REQUIREMENTS} /tmp/requirements.lock
+# An empty TORCH_CUDA means the lock pins the bare version (the CPU lock).
+RUN --mount=type=bind,from=wheels,target=/tmp/wheels \
+    torch_pin="torch==${TORCH_VERSION}${TORCH_CUDA:++}${TORCH_CUDA}" \
+    && { grep -qx "${torch_pin}" /tmp/requirements.lock \
+        || { echo "${REQUIREMENTS} does not pin ${torch_pin}" >&2; exit 1; }; } \
     && python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.lock
+    && /opt/venv/bin/pip install --no-cache-dir --find-links /tmp/wheels -r /tmp/requirements.lock
 ENV PATH=/opt/venv/bin:$PATH
 
 # ---- assets: `streamkv fetch` with network. Only fetch.py and its stdlib-only helper files.py are copied
 # in, so that editing any other module leaves this multi-GB layer cached.
 FROM deps AS assets
 ARG PYTHIA_REVISION
+ARG ASSETS
 ENV HF_HOME=/opt/hf \
     HF_HUB_DISABLE_TELEMETRY=1
 WORKDIR /assets
 COPY streamkv/__init__.py streamkv/files.py streamkv/fetch.py streamkv/
-RUN python -m streamkv.fetch --revision "${PYTHIA_REVISION}" --data-dir /assets/data
+# ASSETS=demo fetches nothing and leaves the two folders the runtime stage copies empty.
+RUN case "${ASSETS}" in \
+      paper) python -m streamkv.fetch --revision "${PYTHIA_REVISION}" --data-dir /assets/data ;; \
+      demo) echo "assets: ASSETS=demo: no Pythia-2.8B, PG19 or WikiText in this image; it runs the demo profile" \
+            && mkdir -p /opt/hf/hub/models--EleutherAI--pythia-2.8b /assets/data ;; \
+      *) echo "ASSETS must be paper or demo, got '${ASSETS}'" >&2; exit 1 ;; \
+    esac
 
 # ---- mit: MIT streaming-llm at MIT_COMMIT with our setup patch, in its own pinned environment (transformers
 # 4.33.0), for the MIT reference stage. Cloned here, where the network exists; never vendored.
 FROM base AS mit
 ARG MIT_COMMIT
+ARG MIT_REQUIREMENTS
+ARG MIT_CLONE
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git patch \
     && rm -rf /var/lib/apt/lists/*
-COPY docker/requirements-mit.lock /tmp/requirements-mit.lock
-RUN python3 -m venv /opt/venv-mit \
-    && /opt/venv-mit/bin/pip install --no-cache-dir -r /tmp/requirements-mit.lock
+# The clone comes first so that without it (MIT_CLONE=optional) the pinned environment is not installed
+# either; /opt/mit and /opt/venv-mit then stay empty and the MIT stage skips itself with one line at run time.
+RUN mkdir -p /opt/mit /opt/venv-mit \
+    && if ! git clone --quiet https://github.com/mit-han-lab/streaming-llm /tmp/streaming-llm-clone 2>/tmp/clone.err; then \
+         cat /tmp/clone.err >&2; \
+         [ "${MIT_CLONE}" = optional ] || exit 1; \
+         echo "mit: MIT_CLONE=optional and github.com/mit-han-lab/streaming-llm cannot be cloned: no MIT reference in this image"; \
+       fi
+COPY ${MIT_REQUIREMENTS} /tmp/requirements-mit.lock
+RUN if [ -d /tmp/streaming-llm-clone ]; then \
+      python3 -m venv /opt/venv-mit \
+      && /opt/venv-mit/bin/pip install --no-cache-dir -r /tmp/requirements-mit.lock; \
+    fi
 COPY scripts/mit/setup.sh scripts/mit/streaming-llm.patch /tmp/mit/
-RUN git clone --quiet https://github.com/mit-han-lab/streaming-llm /tmp/streaming-llm-clone \
-    && mkdir -p /opt/mit \
-    && bash /tmp/mit/setup.sh /tmp/streaming-llm-clone "${MIT_COMMIT}" /opt/mit/streaming-llm \
-    && rm -rf /tmp/streaming-llm-clone
+RUN if [ -d /tmp/streaming-llm-clone ]; then \
+      bash /tmp/mit/setup.sh /tmp/streaming-llm-clone "${MIT_COMMIT}" /opt/mit/streaming-llm \
+      && rm -rf /tmp/streaming-llm-clone; \
+    fi
 
 # ---- runtime: offline, non-root, TeX Live for the PDF.
 FROM base AS runtime
@@ -86,12 +122,17 @@ COPY . /app/
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation -e /app \
     && touch /opt/venv/.installed \
     && mkdir -p /app/results /app/NeurIPS/generated /app/NeurIPS/build \
-    && chmod 1777 /app/results /app/NeurIPS /app/NeurIPS/generated /app/NeurIPS/build
+    && chmod 1777 /app/results /app/NeurIPS /app/NeurIPS/generated /app/NeurIPS/build \
+    && ln -s build/neurips_2025_compressed.pdf /app/NeurIPS/neurips_2025_compressed.pdf
+# A run writes only to the volumes and to /tmp (scratch; `docker run --read-only --tmpfs /tmp` works): the
+# PDF's copy next to the .tex is a link into build/, and matplotlib's, TeX's, Triton's and other caches
+# go to /tmp.
 # Build args are declared only here, after the heavy layers: a RUN after an ARG re-runs when its value changes.
 ARG CUDA_TAG
 ARG TORCH_VERSION
 ARG TORCH_CUDA
 ARG PYTHIA_REVISION
+ARG ASSETS
 ENV PATH=/opt/venv/bin:$PATH \
     VENV=/opt/venv \
     HF_HOME=/opt/hf \
@@ -99,10 +140,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_DATASETS_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
-    STREAMKV_PROFILE=paper \
+    STREAMKV_PROFILE=${ASSETS} \
     STREAMKV_PYTHIA_REVISION=${PYTHIA_REVISION} \
     MIT_REPO=/opt/mit/streaming-llm \
-    PYTHON_BIN=/opt/venv-mit/bin/python
+    PYTHON_BIN=/opt/venv-mit/bin/python \
+    MPLCONFIGDIR=/tmp/streamkv-cache/matplotlib \
+    TEXMFVAR=/tmp/streamkv-cache/texmf-var \
+    TRITON_CACHE_DIR=/tmp/streamkv-cache/triton \
+    XDG_CACHE_HOME=/tmp/streamkv-cache
 # A new commit changes these and nothing above. The fingerprint reads them: there is no .git here.
 ARG GIT_COMMIT=unknown
 ARG GIT_DIRTY=unknown
@@ -112,7 +157,8 @@ LABEL org.opencontainers.image.title="streamkv" \
       org.opencontainers.image.description="KV-cache eviction experiments on Pythia-2.8B, offline" \
       org.opencontainers.image.revision="${GIT_COMMIT}" \
       streamkv.cuda-base="${CUDA_TAG}" \
-      streamkv.torch="${TORCH_VERSION}+${TORCH_CUDA}" \
+      streamkv.torch="${TORCH_VERSION}${TORCH_CUDA:++}${TORCH_CUDA}" \
+      streamkv.assets="${ASSETS}" \
       streamkv.pythia-revision="${PYTHIA_REVISION}"
 VOLUME ["/app/results", "/app/NeurIPS/generated", "/app/NeurIPS/build"]
 USER 10001:10001

@@ -22,7 +22,7 @@ mit_prepared := $(wildcard $(MIT_DIR)/.streamkv-patch)
 mit_vars   := $(if $(mit_prepared),MIT_REPO=$(abspath $(MIT_DIR)) PYTHON_BIN=$(abspath $(VENV_MIT))/bin/python,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup paper baseline main ablations sweeps mit mit-env bench tex pdf test test-tf4 lint clean
+.PHONY: help setup paper baseline main ablations sweeps mit mit-env bench tex pdf test test-default-kernels test-tf4 lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -81,9 +81,18 @@ pdf: tex ## Build NeurIPS/neurips_2025_compressed.pdf (installs TeX Live from De
 	scripts/ensure_tex.sh
 	VENV=$(VENV) scripts/build_pdf.sh
 
-test: $(installed) ## Run the test suite (transformers 5.x, then the engine tests on transformers 4.57)
+test: $(installed) ## Run the test suite (transformers 5.x; the numerics on portable kernels; transformers 4.57)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-default-kernels
 	$(MAKE) test-tf4
+
+# Every numeric tolerance is derived from the dtype, the number of terms and the magnitudes
+# (tests/bounds.py), not from one CPU's kernels: this runs the tests that check them a second time on ATen's
+# portable kernels, whatever instruction set the machine has.
+NUMERICS_TESTS := tests/test_metrics.py tests/test_engines.py tests/test_reference.py tests/test_parallel.py \
+	tests/test_fast.py tests/test_runner.py tests/test_demo_model.py
+test-default-kernels: $(installed) ## The numerics tests again with ATEN_CPU_CAPABILITY=default
+	ATEN_CPU_CAPABILITY=default $(VENV)/bin/python -m pytest $(PYTEST_ARGS) $(NUMERICS_TESTS)
 
 $(VENV_TF4)/.installed: requirements-tf4.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV_TF4)

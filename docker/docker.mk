@@ -30,7 +30,7 @@ OUTPUT_DIRS := results NeurIPS/generated NeurIPS/build
 docker_run   = $(DOCKER) run --rm --init $(GPU_FLAGS) --user $(DOCKER_USER) \
 	$(foreach d,$(OUTPUT_DIRS),-v $(CURDIR)/$(d):/app/$(d)) $(DOCKER_ARGS) $(IMAGE)
 
-.PHONY: image image-smoke docker-paper docker-sweeps lint-docker
+.PHONY: image docker-smoke image-base image-cpu image-smoke docker-paper docker-sweeps lint-docker
 
 image: ## Build the CUDA image (network needed: fetches Pythia-2.8B, PG19, WikiText-103)
 	$(if $(shell printf '%s' '$(PYTHIA_REVISION)' | grep -xE '[0-9a-f]{40}'),,$(error PYTHIA_REVISION must be a 40-hex commit, got '$(PYTHIA_REVISION)'))
@@ -46,8 +46,21 @@ image: ## Build the CUDA image (network needed: fetches Pythia-2.8B, PG19, WikiT
 		--build-arg GIT_DIRTY=$(GIT_DIRTY) \
 		-t $(IMAGE) -t $(IMAGE_NAME) .
 
-image-smoke: ## Fingerprint, GPU and full asset sha256 check inside the image
+docker-smoke: ## Fingerprint, GPU and full asset sha256 check inside the built CUDA image (Docker)
 	$(DOCKER) run --rm $(GPU_FLAGS) $(IMAGE) docker/smoke.sh $(if $(GPU_FLAGS),,--no-gpu)
+
+# Without Docker, a GPU or a hub (CI): the same Dockerfile through buildah, with build args for a local Debian
+# base, the CPU lock and the demo assets (docker/local-image.sh says which and why). Root only.
+local_image = GIT_COMMIT=$(GIT_COMMIT) GIT_DIRTY=$(GIT_DIRTY) TORCH_VERSION=$(TORCH_VERSION) docker/local-image.sh
+
+image-base: ## Make the local Debian bookworm base for image-cpu (debootstrap; cached in buildah's storage)
+	$(local_image) base
+
+image-cpu: ## Build the Dockerfile for CPU with buildah: local base, CPU lock, demo assets (no GPU, no hub)
+	$(local_image) build
+
+image-smoke: ## image-cpu, then make paper, verify-assets, smoke.sh and status in it as uid 10001, offline
+	$(local_image) smoke
 
 docker-paper: ## make paper inside the image; results/, NeurIPS/generated/ and the PDF (NeurIPS/build/) land here
 	mkdir -p $(OUTPUT_DIRS)

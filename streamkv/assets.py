@@ -127,13 +127,35 @@ def demo_model_spec(dtype: str = "float32") -> ModelSpec:
     return ModelSpec(name=_relative(DEMO_DIR), revision=revision, dtype=dtype)
 
 
+def _bundled_config(spec: ModelSpec) -> Path | None:
+    """The config committed under streamkv/configs/ for a known hub model (e.g. pythia-2.8b.json)."""
+    bundled = CONFIG_DIR / f"{spec.name.rsplit('/', 1)[-1].lower()}.json"
+    return bundled if _local_dir(spec) is None and bundled.is_file() else None
+
+
+def vocab_size(spec: ModelSpec) -> int:
+    """The vocabulary size in the config load_config reads, from its JSON alone: planning a synthetic stream
+    (and `make tex`) must not import transformers and torch."""
+    local = _local_dir(spec)
+    file = _bundled_config(spec) or (local / "config.json" if local is not None else None)
+    if file is None:
+        snapshot = _cached_snapshot(spec)
+        file = snapshot / "config.json" if snapshot is not None else None
+    if file is None:
+        raise _missing(f"config of {spec.name}@{spec.revision}", "no local checkpoint, bundled config or hub cache")
+    try:
+        return int(json.loads(file.read_text(encoding="utf-8"))["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AssetError(f"{file} gives no vocab_size ({_first_line(exc)}); {FETCH_HINT}") from None
+
+
 def load_config(spec: ModelSpec):
     """The model's transformers config: the local directory's config.json, the config committed under
     streamkv/configs/ for known hub models (e.g. pythia-2.8b.json), else the local hub cache."""
     from transformers import AutoConfig
 
-    bundled = CONFIG_DIR / f"{spec.name.rsplit('/', 1)[-1].lower()}.json"
-    if _local_dir(spec) is None and bundled.is_file():
+    bundled = _bundled_config(spec)
+    if bundled is not None:
         source, kwargs = bundled, {"trust_remote_code": False}
     else:
         source, kwargs = _checked_source(spec)

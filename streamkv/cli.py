@@ -57,7 +57,7 @@ def main() -> None:
 def _knob_options(f):
     """Flags shared by the stage commands; each overrides its environment / .env knob."""
     options = [
-        click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE, default demo]"),
+        click.option("--profile", default=None, help="demo | paper | paper-random  [env STREAMKV_PROFILE, default demo]"),
         click.option("-f", "--force", is_flag=True, default=None,
                      help="Recompute every point, the baseline included  [env FORCE]"),
         click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]"),
@@ -140,13 +140,15 @@ def mit_reference(**flags) -> None:
 
 @main.command()
 @_knob_options
-@click.option("--random-weights", is_flag=True, help="Refused: the paper's perplexities need the real weights.")
+@click.option("--random-weights", is_flag=True,
+              help="Refused: the paper's perplexities need the real weights (timing only: --profile paper-random).")
 @click.option("--pdf/--no-pdf", default=True, help="Build the PDF afterwards when latexmk exists.")
 def paper(random_weights: bool, pdf: bool, **flags) -> None:
     """Every stage (RUN_ABLATIONS / RUN_SWEEPS switch some off, RUN_MIT_REFERENCE / RUN_MIT_BENCH add
     the optional ones), the tables, then the PDF."""
     if random_weights:
-        raise SpecError("the paper stage refuses --random-weights: its perplexities would be meaningless")
+        raise SpecError("the paper stage refuses --random-weights: its perplexities would be meaningless; "
+                        "--profile paper-random runs every stage on random weights, its PDF marked timing only")
     s = _settings(**flags)
     # A failed MIT reference (an optional sanity check) is reported by the stage and does not stop the paper.
     stages.run_stages(s, plans.paper_stages(s))
@@ -169,7 +171,7 @@ def _write_tables(s: settings_mod.Settings, out_dir: Path) -> None:
 
 
 @main.command()
-@click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE]")
+@click.option("--profile", default=None, help="demo | paper | paper-random  [env STREAMKV_PROFILE]")
 @click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"[default: {GENERATED} in the repository]")
@@ -179,7 +181,7 @@ def tables(profile: str | None, results_dir: str | None, out_dir: Path | None) -
 
 
 @click.command()
-@click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE]")
+@click.option("--profile", default=None, help="demo | paper | paper-random  [env STREAMKV_PROFILE]")
 @click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
 def status(profile: str | None, results_dir: str | None) -> None:
     """Every planned point: current, missing, stale, or unknown (stream never tokenized here)."""
@@ -200,7 +202,7 @@ def fingerprint_command() -> None:
 
 
 @main.command()
-@click.option("--profile", default=None, help="demo | paper  [env STREAMKV_PROFILE]")
+@click.option("--profile", default=None, help="demo | paper | paper-random  [env STREAMKV_PROFILE]")
 @click.option("--dataset", default=None, help="A dataset of the profile  [default: its long one]")
 @click.option("--mode", default="streaming", show_default=True, help="baseline | streaming")
 @click.option("--n-sink", type=int, default=None, help="S  [default: the profile's; baseline: BASELINE_SINK]")

@@ -74,7 +74,8 @@ class Context:
 def context(settings: Settings, *, tokenize: bool, random_weights: bool = False,
             profile: Profile | None = None) -> Context:
     profile = profile or profiles.resolve(settings)
-    return Context(settings, profile, Store(settings.results_dir), random_weights, tokenize)
+    # A random-weights profile (paper-random) needs no flag: its every point is a timing run.
+    return Context(settings, profile, Store(settings.results_dir), random_weights or profile.random_weights, tokenize)
 
 
 def classify(ctx: Context, point: Point) -> str:
@@ -126,9 +127,11 @@ def resolve_data(profile: Profile, dataset: Dataset, store: Store, *, tokenize: 
     synthetic = dataset.path.startswith(assets.SYNTHETIC_PREFIX)  # random ids: no tokenizer to load
     tokenizer = None if synthetic else assets.load_tokenizer(profile.model)
     _, data = assets.load_stream(dataset.name, dataset.path, tokenizer, dataset.max_tokens)
-    if key["file_sha256"] is not None:
+    if key["file_sha256"] is not None or synthetic:
         # Every key stays (the file is a few lines per token budget): evicting the stages' own entry would
-        # leave `make tex` without the DataSpecs it needs to recognise current results.
+        # leave `make tex` without the DataSpecs it needs to recognise current results. A synthetic stream
+        # has no file (its key's sha256 is None) and is indexed too: generating its ids needs torch, which
+        # `make tex` never loads, so without an entry every paper-random cell would read as stale.
         entries = [e for e in entries if e.get("key") != key] + [{"key": key, "data": dataclasses.asdict(data)}]
         store.tree.write(index, json.dumps({"entries": entries}, indent=2).encode())
     return data

@@ -11,7 +11,10 @@ on a machine with network access) and writes:
   the snapshot folder, whose location depends on `HF_HOME` and so differs between machines; streams are
   listed relative to the data directory.
 
-verify-assets re-reads the manifest without the network and names every missing or changed file.
+verify-assets re-reads the manifest without the network and names every missing or changed file. With
+`--profile demo` (the image built with ASSETS=demo sets STREAMKV_PROFILE=demo) it checks the demo profile's
+committed assets instead: data/demo/'s weights against the sha256 its train_config.json records, each
+stream's text against its recorded sha256, and the config and tokenizer files by presence.
 
 The pinned sources (every revision is a commit of the hub repository):
 - EleutherAI/pythia-2.8b @ 2a259cdd…: the repository's `main` branch commit; its model.safetensors
@@ -80,6 +83,10 @@ WIKITEXT_SAMPLE_LENGTH = 4096
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 HOW_TO_FETCH = "run `streamkv fetch` on a machine with network access, or use the streamkv image (assets baked in)"
+# The demo profile's assets ship with the repository (and every image), under data/demo/.
+DEMO_DIR = "demo"
+DEMO_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+HOW_TO_RESTORE_DEMO = "the demo assets ship with the repository: restore data/demo/ from it (git checkout -- data/demo)"
 
 
 class FetchError(RuntimeError):
@@ -325,6 +332,38 @@ def verify(data_dir: Path, quick: bool = False) -> tuple[list[str], int]:
     return problems, len(files)
 
 
+def _text_check(path: Path) -> str | None:
+    """A stream file whose text no longer matches the sha256 it records."""
+    if not path.is_file():
+        return f"missing: {path}"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        text, recorded = record["text"], record["sha256"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"changed: {path}: not a stream record ({_one_line(err)})"
+    got = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return None if got == recorded else f"changed: {path}: text sha256 {got[:12]}…, the file records {recorded[:12]}…"
+
+
+def verify_demo(data_dir: Path, quick: bool = False) -> tuple[list[str], int]:
+    """Check the demo profile's committed files: (one line per problem, number of files checked)."""
+    demo = data_dir / DEMO_DIR
+    train_config = demo / "train_config.json"
+    try:
+        weights = json.loads(train_config.read_text(encoding="utf-8"))["weights"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FetchError(f"the demo model's {train_config} cannot be read ({_one_line(err)}); "
+                         f"{HOW_TO_RESTORE_DEMO}") from None
+    streams = sorted((demo / "streams").glob("*.json"))
+    problems = [p for p in [_check(demo / weights["file"], {"size": weights["bytes"], "sha256": weights["sha256"]},
+                                   quick),
+                            *(None if (demo / name).is_file() else f"missing: {demo / name}" for name in DEMO_FILES),
+                            *(_text_check(path) for path in streams)] if p]
+    if not streams:
+        problems.append(f"missing: {demo / 'streams'}/*.json")
+    return problems, 2 + len(DEMO_FILES) + len(streams)
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 
@@ -359,15 +398,21 @@ def fetch_command(data_dir: Path, revision: str | None, pg19_title: str, pg19_to
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
               show_default=True, help="Directory holding manifest.json and the stream files.")
 @click.option("--quick", is_flag=True, help="Check presence and size only (no sha256): for health checks.")
-def verify_assets_command(data_dir: Path, quick: bool) -> None:
-    """Check the fetched assets against data/manifest.json, offline; one line per bad file."""
-    problems, n_files = verify(data_dir, quick)
+# Default paper, not the CLI's usual demo: these are the assets `fetch` writes. The image sets the env var.
+@click.option("--profile", type=click.Choice(["paper", "demo"]), default="paper", show_default=True,
+              envvar="STREAMKV_PROFILE",
+              help="paper: data/manifest.json from fetch; demo: the committed data/demo/ [env STREAMKV_PROFILE].")
+def verify_assets_command(data_dir: Path, quick: bool, profile: str) -> None:
+    """Check the fetched assets against data/manifest.json (or the demo's), offline; one line per bad file."""
+    if profile == "demo":
+        (problems, n_files), source, remedy = verify_demo(data_dir, quick), data_dir / DEMO_DIR, HOW_TO_RESTORE_DEMO
+    else:
+        (problems, n_files), source, remedy = verify(data_dir, quick), data_dir / MANIFEST_NAME, HOW_TO_FETCH
     for line in problems:
         click.echo(line, err=True)
     if problems:
-        raise FetchError(f"{len(problems)} of {n_files} asset files do not match "
-                         f"{data_dir / MANIFEST_NAME}; {HOW_TO_FETCH}")
-    click.echo(f"assets ok: {n_files} files match {data_dir / MANIFEST_NAME}" + (" (sizes only)" if quick else ""))
+        raise FetchError(f"{len(problems)} of {n_files} asset files do not match {source}; {remedy}")
+    click.echo(f"assets ok: {n_files} files match {source}" + (" (sizes only)" if quick else ""))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def build_pdf(neurips_dir: Path | str | None = None, *, use_generated: bool = Tr
         log = src / "build" / f"{PAPER}.log"
         raise PaperError(f"latexmk failed (exit {proc.returncode}): {_first_error(log)} (see {log})")
     out = src / f"{PAPER}.pdf"
-    shutil.copyfile(built, out)
+    # The image links the copy's place to build/'s PDF, so that the PDF lives in its build/ volume alone.
+    if not (out.is_symlink() and out.resolve() == built.resolve()):
+        shutil.copyfile(built, out)
     return out
 
 

@@ -26,10 +26,6 @@ from typing import Iterator
 
 from .spec import PolicySpec, SpecError
 
-# Semantic version of the schedules this module computes; bump it with any change that can move a number:
-# config_hash includes it (streamkv.spec.RunSpec.code_identity), so every streaming result becomes stale.
-VERSION = "1"
-
 
 @dataclass(frozen=True)
 class CacheView:

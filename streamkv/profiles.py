@@ -1,4 +1,5 @@
-"""Named profiles as data: `demo` (embedded tiny model, CPU, minutes) and `paper` (Pythia-2.8B, CUDA).
+"""Named profiles as data: `demo` (embedded tiny model, CPU, minutes), `paper` (Pythia-2.8B, CUDA) and
+`paper-random` (the paper's points on CUDA with random weights and short synthetic streams: timing only).
 
 A profile fixes the model, device, KV budget, datasets, the main knobs, the sweep grids, the baseline's
 recorded S/W and the ablation ladder; `resolve(settings)` applies the seed guide's knobs on top.
@@ -87,6 +88,9 @@ class Profile:
     # Decode steps timed when perplexity comes from another engine (MeasureSpec.timing_tokens).
     timing_tokens: int
     model: ModelSpec | None = None  # set by resolve(): the demo's revision is read from data/demo/
+    # Weights drawn from a fixed seed (ModelSpec.random_weights, so in every config_hash): such a profile's
+    # perplexities are meaningless and its PDF says "random weights: timing only" on the title page.
+    random_weights: bool = False
 
     @property
     def datasets(self) -> tuple[Dataset, Dataset]:
@@ -186,7 +190,20 @@ DEMO = Profile(
     perplexity_engine="parallel", timing_tokens=256,
 )
 
-PROFILES = {p.name: p for p in (DEMO, PAPER)}
+# The paper's stages, points and cap on CUDA, end to end in minutes and with no asset: the Pythia-2.8B
+# architecture with random fp16 weights (its bundled config), seeded random token ids for both streams.
+# resolve() sets the streams' vocabulary and lengths: the cap's prefill plus SYNTHETIC_DECODE tokens, so
+# every point still prunes (lazy R = 128 twice on the long stream) while the composed-fp16 ablation
+# and the bench's HF decodes, which pay ~20 ms a token, stay short. Speed equals the real weights'.
+PAPER_RANDOM = dataclasses.replace(
+    PAPER, name="paper-random", model_display="Pythia-2.8B (random weights)", random_weights=True,
+    long=Dataset("synthetic-long", "Synthetic (long)", "", 0, source="seeded random token ids"),
+    short=Dataset("synthetic-short", "Synthetic (short)", "", 0, source="seeded random token ids"),
+)
+SYNTHETIC_DECODE = {"synthetic-long": 256, "synthetic-short": 128}   # decoded tokens after the prefill
+SYNTHETIC_SEED = {"synthetic-long": 1, "synthetic-short": 2}
+
+PROFILES = {p.name: p for p in (DEMO, PAPER, PAPER_RANDOM)}
 
 
 def resolve(settings: Settings) -> Profile:
@@ -209,14 +226,16 @@ def resolve(settings: Settings) -> Profile:
     if p is DEMO:
         # The committed checkpoint, pinned by the sha256 recorded when it was trained.
         changes["model"] = assets.demo_model_spec(p.dtype)
+    elif p is PAPER_RANDOM:
+        model = _paper_model(settings, p, changes)
+        vocab = assets.vocab_size(model)
+        changes.update({which: dataclasses.replace(
+            d, path=assets.synthetic_path(SYNTHETIC_SEED[d.name], vocab), max_tokens=cap + SYNTHETIC_DECODE[d.name])
+            for which, d in (("long", p.long), ("short", p.short))})
     else:
         # The guide's model and sample knobs name the paper's assets; the demo's ship with the repository
         # and ignore them (so the guide's .env, MODEL_NAME=EleutherAI/pythia-2.8b, works with both).
-        # The pinned commit `streamkv fetch` downloads (the image may pin another via its build arg).
-        changes["model"] = ModelSpec(name=fetch.PYTHIA_REPO, revision=fetch.pinned_revision(), dtype=p.dtype)
-        if settings.model_name and settings.model_name != fetch.PYTHIA_REPO:
-            changes["model"] = _model_from_name(settings.model_name, p.dtype)
-            changes["model_display"] = settings.model_name
+        _paper_model(settings, p, changes)
         pg19_len = settings.pg19_sample_length or fetch.PG19_SAMPLE_LENGTH
         wiki_len = settings.wikitext_sample_length or fetch.WIKITEXT_SAMPLE_LENGTH
         pg19_path = settings.pg19_sample_file or _data(fetch.pg19_file(pg19_len))
@@ -225,6 +244,16 @@ def resolve(settings: Settings) -> Profile:
     if changes["baseline_window"] <= 0:
         raise SettingsError(f"baseline window CAP_TOTAL − BASELINE_SINK = {changes['baseline_window']} <= 0")
     return dataclasses.replace(p, **changes)
+
+
+def _paper_model(settings: Settings, p: Profile, changes: dict) -> ModelSpec:
+    """The paper's model into `changes`: the pinned commit `streamkv fetch` downloads (the image may pin
+    another via its build arg), or MODEL_NAME's."""
+    changes["model"] = ModelSpec(name=fetch.PYTHIA_REPO, revision=fetch.pinned_revision(), dtype=p.dtype)
+    if settings.model_name and settings.model_name != fetch.PYTHIA_REPO:
+        changes["model"] = _model_from_name(settings.model_name, p.dtype)
+        changes["model_display"] = settings.model_name
+    return changes["model"]
 
 
 # A Hugging Face repository id, as huggingface_hub validates it (a path such as /no/such/dir is not one).

@@ -36,6 +36,7 @@ def tables_spec(ctx: Context) -> tables.TablesSpec:
         sweeps=tuple(tables.Block(SWEEP_SYMBOLS[knob], baseline[long], lines(points), knob)
                      for knob, points in sweep_points(ctx).items()) if "sweeps" in names else (),
         timing_indicative=not profile.device.startswith("cuda"),
+        random_weights=ctx.random_weights,
         mit=_mit_comparisons(ctx) if "mit" in names else (),
         engines=tuple(tables.EngineRow(profile.long.display, display, lines(points[:1])[0], lines(points[1:]))
                       for display, points in bench_engine_points(ctx)) if "bench" in names else (),

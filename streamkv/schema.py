@@ -40,7 +40,7 @@ class Result(TypedDict, total=False):
     slot: str                    # stage/dataset/label: the table cell it fills, e.g. "main/pg19/lazy"
     config_hash: str             # sha256 of the hashed spec fields + the code identity (RunSpec.config_hash)
     spec: dict                   # RunSpec.to_dict(): every knob of the point, hashed or only recorded
-    code: dict                   # RunSpec.code_identity(): {"engines": {name: version}, "policies": version}
+    code: dict                   # RunSpec.code_identity(): {"engines": {name: sha256}, "policies": sha256}
     fingerprint: dict            # streamkv.fingerprint.collect(): git, python, torch, CUDA, GPU, ...
     metrics: Metrics
     engines: dict                # which engine produced what: {"perplexity": "parallel", "timing": "decode"}

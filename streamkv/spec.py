@@ -9,9 +9,9 @@ result JSON. `config_hash` is the sha256 of the canonical JSON (sorted keys, no 
   same experiment), and δ only where it can act (σ ≥ R > 0). A field added later takes `since(neutral)`:
   it stays out of the hash while it holds the value that reproduces the old behaviour, so adding it leaves
   every stored result current.
-- `code_identity()`: the versions of the code that produces the numbers (the engines that evaluate and
-  time the point, and the policy module for streaming points). Bumping one makes exactly the results that
-  code made stale.
+- `code_identity()`: the code that produces the numbers, derived from its source (streamkv/code_identity.py):
+  the engines that evaluate and time the point and what they import, and the policy module for streaming
+  points. Editing any of it makes exactly the results that code made stale; comments and docstrings do not.
 Two results are the same experiment exactly when their hashes are equal: the only reuse rule the store
 applies.
 """
@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from . import engines
+from . import code_identity, engines
 
 REFRESH_POLICIES = ("none", "uniform", "middle")
 POSITION_MODES = ("cache", "absolute")
@@ -34,6 +34,7 @@ POSITION_MODES = ("cache", "absolute")
 REROTATIONS = ("exact", "composed_fp16")
 MODES = ("baseline", "streaming")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+POLICIES_MODULE = f"{__package__}.policies"   # the schedules of streaming points (named, not imported: it imports this)
 
 
 class SpecError(ValueError):
@@ -233,14 +234,12 @@ class RunSpec:
         return view
 
     def code_identity(self) -> dict:
-        """Versions of the code whose output this point's numbers are: its perplexity engine, the engine
-        that times it, and (streaming only; the baseline has no schedule) the policy module."""
-        from . import policies  # imported here: policies.py imports this module for PolicySpec
-
+        """The code whose output this point's numbers are: its perplexity engine, the engine that times it,
+        and (streaming only; the baseline has no schedule) the policy module, each with what it imports."""
         used = sorted({self.engine, self.measure.timing_engine or self.engine})
-        identity = {"engines": {name: engines.get(name).version for name in used}}
+        identity = {"engines": {name: engines.get(name).identity for name in used}}
         if self.mode == "streaming":
-            identity["policies"] = policies.VERSION
+            identity["policies"] = code_identity.identity(POLICIES_MODULE)
         return identity
 
     def config_hash(self) -> str:

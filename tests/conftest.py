@@ -9,16 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import struct
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
-from streamkv import (assets, cli, context, engines, fingerprint, plans, profiles, runner as runner_mod,
-                      settings as settings_mod, stages, tables)
+from streamkv import (assets, cli, code_identity, context, engines, fingerprint, plans, profiles,
+                      runner as runner_mod, settings as settings_mod, stages, tables)
 from streamkv.profiles import SWEEP_SYMBOLS, Dataset, Profile
 from streamkv.settings import Settings
 from streamkv.spec import DataSpec, ModelSpec
@@ -42,10 +44,17 @@ def fake_profile(tmp: Path) -> Profile:
                    model=ModelSpec(name="fake/model", revision="0" * 40, dtype="float32"))
 
 
-def bump_version(monkeypatch, engine: str) -> None:
-    """The engine as if its code had changed: its registry entry with another version."""
-    bumped = dataclasses.replace(engines.REGISTRY[engine], version=engines.REGISTRY[engine].version + "-bumped")
-    monkeypatch.setitem(engines.REGISTRY, engine, bumped)
+def edit_source(monkeypatch, module: str, edit=lambda source: source + "\n_EDITED = 1\n") -> None:
+    """`module` (dotted) as if its file had been edited: code identity reads `edit(source)` for it."""
+    path, read = code_identity._path(module), code_identity._source
+    assert path is not None, module
+    monkeypatch.setattr(code_identity, "_source", lambda p: edit(read(p)) if p == path else read(p))
+    monkeypatch.setattr(code_identity, "_modules", {})
+
+
+def edit_engine(monkeypatch, engine: str) -> None:
+    """The engine as if its module's code had changed."""
+    edit_source(monkeypatch, engines.get(engine).module)
 
 
 def scored(nll: list[float]) -> tuple[bytes, dict]:
@@ -108,6 +117,20 @@ def tables_spec(long: tables.Dataset, short: tables.Dataset, *, lazy_r: int, abl
         for knob, values in (sweeps or {}).items())
     return tables.TablesSpec(long=long, short=short, lazy_r=lazy_r, main=main, ablations=ladder, sweeps=swept,
                              **fields)
+
+
+def pytest_configure(config):
+    """ATEN_CPU_CAPABILITY selects the kernels the numerics run on (Makefile: test-default-kernels); torch
+    ignores a value it cannot honour with a warning only, so the suite refuses to run on other kernels."""
+    asked = os.environ.get("ATEN_CPU_CAPABILITY")
+    running = torch.backends.cpu.get_cpu_capability()
+    if asked and asked.upper() != running:
+        raise pytest.UsageError(f"ATEN_CPU_CAPABILITY={asked} asked, but torch runs {running} kernels")
+
+
+def pytest_report_header(config):
+    return (f"torch {torch.__version__}: {torch.backends.cpu.get_cpu_capability()} CPU kernels, "
+            f"{torch.get_num_threads()} threads")
 
 
 @pytest.fixture(autouse=True)

@@ -86,8 +86,7 @@ def test_bench_points_go_through_the_stage_loop_and_the_one_writer(tmp_path, pro
     assert dense["metrics"]["n_prunes"] == fast_dense["metrics"]["n_prunes"] == 0
     assert dense["metrics"]["max_cached_tokens"] == CAP + GEN                # no eviction: the cache only grows
     assert fast_strict["spec"]["policy"] == strict["spec"]["policy"]         # the same schedule, another engine
-    # `status` lists them once RUN_MIT_BENCH puts them in the paper (state unknown: synthetic streams are
-    # not in the stream index, so status cannot hash them without generating the ids).
+    # `status` lists them once RUN_MIT_BENCH puts them in the paper.
     rows, _ = reports.status(replace(s, run_mit_bench=False), profile=profile)
     assert [slot for slot, _, _ in rows if slot.startswith("mit_bench")] == []
     rows, _ = reports.status(s, profile=profile)
@@ -101,3 +100,15 @@ def test_bench_reuses_current_points(tmp_path, profile, loads):
     assert len(loads) == 1                      # the second run never loaded the model
     # Another decode length is another experiment: every point is measured again.
     assert len(run_bench(replace(s, mit_bench_gen_tokens=GEN + 1), profile).computed) == 10
+
+
+def test_tables_recognise_results_on_synthetic_streams(tmp_path, profile):
+    """The paper-random profile's streams are seeded ids with no file: `status` and `make tex` plan without
+    generating them (no torch), so the stages index their DataSpecs like a text stream's; before, every such
+    result read as unknown in `status` and as stale in the tables, which then left every cell empty."""
+    s = Settings(results_dir=str(tmp_path), mit_bench_gen_tokens=GEN, repeat_runs=1)
+    run_bench(s, profile)
+    rows, problems = reports.status(s, profile=profile)
+    assert {state for slot, state, _ in rows if slot.startswith("mit_bench")} == {"current"} and not problems
+    report = reports.write_tables(s, tmp_path / "generated", profile=profile)
+    assert report.stale == [] and "[INSERT DATA]" not in (tmp_path / "generated" / "engines.tex").read_text()

@@ -16,6 +16,9 @@ from streamkv import fetch
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 PINS = ("CUDA_IMAGE", "CUDA_TAG", "CUDA_DIGEST", "TORCH_VERSION", "TORCH_CUDA", "PYTHIA_REVISION", "MIT_COMMIT")
+# Build args whose defaults are the CUDA image and that only docker/local-image.sh (make image-smoke) overrides.
+VARIANT = {"REQUIREMENTS": "docker/requirements.lock", "MIT_REQUIREMENTS": "docker/requirements-mit.lock",
+           "ASSETS": "paper", "MIT_CLONE": "required"}
 
 
 def dockerfile_args() -> dict[str, str]:
@@ -121,8 +124,12 @@ def test_make_image_builds_with_the_pinned_build_args():
     assert proc.returncode == 0, proc.stderr
     cmd = " ".join(proc.stdout.replace("\\\n", " ").split())
     assert cmd.startswith("docker build ") and cmd.endswith(" .")
-    for name, value in dockerfile_args().items():
-        assert f"--build-arg {name}={value}" in cmd
+    args = dockerfile_args()
+    for name in PINS:
+        assert f"--build-arg {name}={args[name]}" in cmd
+    # The CPU variant's knobs keep their defaults, which are the CUDA image's.
+    assert {k: args[k] for k in VARIANT} == VARIANT
+    assert not any(f"--build-arg {name}=" in cmd for name in VARIANT)
     assert "--build-arg GIT_COMMIT=" in cmd and "--build-arg GIT_DIRTY=" in cmd
     assert "-t streamkv:torch2.13.0-cu126-pythia2.8b-2a259cd -t streamkv " in cmd
 
@@ -153,7 +160,7 @@ def test_make_docker_sweeps_maps_gpus_user_and_outputs(tmp_path):
 
 
 def test_image_scripts_are_executable():
-    for script in ("docker/entrypoint.sh", "docker/smoke.sh"):
+    for script in ("docker/entrypoint.sh", "docker/smoke.sh", "docker/local-image.sh"):
         assert os.access(ROOT / script, os.X_OK), f"{script} must be executable (the image runs it by path)"
 
 
@@ -202,14 +209,17 @@ def test_smoke_fails_when_the_assets_do_not_verify(tmp_path):
 
 
 def test_dockerfile_stages_and_runtime_contract():
-    assert re.findall(r"^FROM .* AS (\w+)$", DOCKERFILE, re.M) == ["base", "deps", "assets", "mit", "runtime"]
+    assert re.findall(r"^FROM .* AS (\w+)$", DOCKERFILE, re.M) == ["wheels", "base", "deps", "assets", "mit",
+                                                                    "runtime"]
+    assert "FROM scratch AS wheels" in DOCKERFILE          # no extra wheel in the CUDA build
     deps, assets, runtime = stage("deps"), stage("assets"), stage("runtime")
-    assert "COPY docker/requirements.lock" in deps and "COPY . " not in deps     # dependencies before source
+    assert "COPY ${REQUIREMENTS}" in deps and "COPY . " not in deps               # dependencies before source
     assert 'python -m streamkv.fetch --revision "${PYTHIA_REVISION}"' in assets
     model_dir = "/opt/hf/hub/models--" + fetch.PYTHIA_REPO.replace("/", "--")
     assert f"COPY --from=assets {model_dir} {model_dir}" in runtime
     assert runtime.index("COPY --from=assets") < runtime.index("COPY . /app/")  # source edits keep asset layers
-    for env in ("HF_HOME=/opt/hf", "HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "STREAMKV_PROFILE=paper",
+    # STREAMKV_PROFILE is the ASSETS build arg, paper by default (VARIANT): the profile whose assets are baked.
+    for env in ("HF_HOME=/opt/hf", "HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "STREAMKV_PROFILE=${ASSETS}",
                 f"{fetch.REVISION_ENV}=${{PYTHIA_REVISION}}"):
         assert env in runtime
     assert 'VOLUME ["/app/results", "/app/NeurIPS/generated", "/app/NeurIPS/build"]' in runtime
@@ -237,8 +247,32 @@ def test_assets_stage_copies_every_module_fetch_imports():
 
 
 def test_dockerfile_copies_only_files_that_exist():
-    sources = [src for line in re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE, re.M) for src in line.split()[:-1]]
+    args = dockerfile_args()
+    sources = [re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], src)
+               for line in re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE, re.M) for src in line.split()[:-1]]
     assert sources and all((ROOT / src).exists() for src in sources), sources
+
+
+def local_image_build_args() -> dict[str, str]:
+    """The --build-arg NAME=VALUE pairs docker/local-image.sh passes (values as written in the script)."""
+    return dict(re.findall(r"--build-arg (\w+)=(\S*)", (ROOT / "docker/local-image.sh").read_text()))
+
+
+def test_local_image_overrides_only_build_args_the_dockerfile_declares():
+    """buildah ignores a build arg nobody declares: a renamed ARG would silently build the CUDA variant's lock
+    or fetch the paper's assets on CI. Every override names a global ARG, and the files it names exist."""
+    overrides, args = local_image_build_args(), dockerfile_args()
+    assert set(overrides) <= set(args) | {"GIT_COMMIT", "GIT_DIRTY"}
+    assert set(VARIANT) <= set(overrides)
+    assert (overrides["ASSETS"], overrides["MIT_CLONE"], overrides["TORCH_CUDA"]) == ("demo", "optional", "")
+    for name in ("REQUIREMENTS", "MIT_REQUIREMENTS"):
+        assert (ROOT / overrides[name]).is_file() and overrides[name] != args[name]
+
+
+def test_make_image_smoke_runs_the_local_image_script():
+    proc = run_make("image-smoke", GIT_COMMIT="abc", GIT_DIRTY="0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "GIT_COMMIT=abc GIT_DIRTY=0 TORCH_VERSION=2.13.0 docker/local-image.sh smoke"
 
 
 def test_dockerignore_keeps_local_and_baked_files_out():

@@ -91,7 +91,9 @@ def run_fetch(data_dir: Path, *extra: str):
 
 
 def run_verify(data_dir: Path, *extra: str):
-    return CliRunner().invoke(cli.main, ["verify-assets", "--data-dir", str(data_dir), *extra])
+    # The profile defaults to paper; an inherited STREAMKV_PROFILE must not change that here.
+    return CliRunner().invoke(cli.main, ["verify-assets", "--data-dir", str(data_dir), *extra],
+                              env={"STREAMKV_PROFILE": None})
 
 
 def error_lines(result) -> list[str]:
@@ -252,3 +254,28 @@ def test_pickle_weights_are_never_requested():
     assert not any(fnmatch.fnmatch(name, p) for p in F.MODEL_PATTERNS
                    for name in ("pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "model.pt"))
     assert any(fnmatch.fnmatch("model.safetensors", p) for p in F.MODEL_PATTERNS)
+
+
+def test_verify_assets_of_the_demo_profile_checks_the_committed_files(tmp_path):
+    """--profile demo (the demo image's default through STREAMKV_PROFILE): data/demo/'s weights against
+    train_config.json's sha256, each stream's text against its own, the tokenizer and config by presence."""
+    shutil.copytree(ROOT / "data/demo", tmp_path / "demo")
+    ok = run_verify(tmp_path, "--profile", "demo")
+    assert (ok.exit_code, ok.output) == (0, f"assets ok: 7 files match {tmp_path / 'demo'}\n")
+
+    weights = tmp_path / "demo/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\1")                  # same size, other bytes
+    stream = tmp_path / "demo/streams/demo-short.json"
+    record = json.loads(stream.read_text())
+    stream.write_text(json.dumps({**record, "text": record["text"] + " "}))
+    (tmp_path / "demo/tokenizer.json").unlink()
+    bad = run_verify(tmp_path, "--profile", "demo")
+    assert bad.exit_code == 2
+    lines = error_lines(bad)
+    assert lines[0].startswith(f"changed: {weights}: sha256 ")
+    assert lines[1] == f"missing: {tmp_path / 'demo/tokenizer.json'}"
+    assert lines[2].startswith(f"changed: {stream}: text sha256 ")
+    assert lines[3] == (f"streamkv: error: 3 of 7 asset files do not match {tmp_path / 'demo'}; the demo assets "
+                        "ship with the repository: restore data/demo/ from it (git checkout -- data/demo)")
+    # --quick: sizes only, so the same-size weights pass; the text check is cheap and always done.
+    assert len(error_lines(run_verify(tmp_path, "--profile", "demo", "--quick"))) == 3

@@ -81,6 +81,25 @@ def pdf_text(pdf: Path) -> str:
     return " ".join(out.split())
 
 
+def test_the_pdf_is_copied_next_to_the_tex_unless_that_place_links_to_the_build(monkeypatch, tmp_path):
+    """The image links NeurIPS/<paper>.pdf to build/<paper>.pdf (its volume), so that a run writes nothing
+    outside its volumes: then there is nothing to copy (copying a file onto itself would fail)."""
+    def fake_latexmk(cmd, cwd, **kwargs):
+        (Path(cwd) / "build").mkdir(exist_ok=True)
+        (Path(cwd) / "build" / f"{paper.PAPER}.pdf").write_bytes(b"%PDF-fake")
+        return subprocess.CompletedProcess(cmd, 0, "")
+
+    monkeypatch.setattr(paper.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(paper.subprocess, "run", fake_latexmk)
+    (tmp_path / f"{paper.PAPER}.tex").write_text("")
+    out = tmp_path / f"{paper.PAPER}.pdf"
+
+    assert paper.build_pdf(tmp_path) == out and not out.is_symlink() and out.read_bytes() == b"%PDF-fake"
+    out.unlink()
+    out.symlink_to(f"build/{paper.PAPER}.pdf")
+    assert paper.build_pdf(tmp_path) == out and out.is_symlink() and out.read_bytes() == b"%PDF-fake"
+
+
 @needs_latex
 def test_pdf_with_generated_content_shows_the_results(paper_dir):
     pdf = paper.build_pdf(paper_dir, use_generated=True, use_appendix=True)

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from streamkv import assets, profiles
+from streamkv import assets, context, profiles
 from streamkv.policies import build_schedule
 from streamkv.settings import Settings, SettingsError
 from streamkv.spec import SpecError
@@ -88,6 +88,33 @@ def test_unknown_profile_and_a_window_that_auto_cap_cannot_fit():
     p = paper(cap_total=40)
     with pytest.raises(SpecError, match="auto-cap leaves window"):
         p.policy(lazy(p, "lazy_slack_maxdrop"))
+
+
+def test_paper_random_is_the_paper_plan_on_random_weights_and_short_synthetic_streams(tmp_path):
+    real, timing = paper(), profiles.resolve(Settings(profile="paper-random"))
+    # The same experiment set: points, ladders, grids and cap; only the weights and the streams differ.
+    for attr in ("cap_total", "n_sink", "strict_r", "lazy_r", "sweep_r", "baseline_sink", "baseline_window",
+                 "perplexity_engine", "timing_tokens", "device", "dtype"):
+        assert getattr(timing, attr) == getattr(real, attr), attr
+    assert [timing.policy(v) for v in timing.ablations(True)] == [real.policy(v) for v in real.ablations(True)]
+    assert timing.model == real.model and timing.random_weights and not real.random_weights
+    vocab = assets.vocab_size(real.model)
+    assert vocab == 50304   # streamkv/configs/pythia-2.8b.json: ids over the embedding, no tokenizer
+    assert [(d.name, d.path, d.max_tokens) for d in timing.datasets] == [
+        ("synthetic-long", f"synthetic:1:{vocab}", 2048 + 256), ("synthetic-short", f"synthetic:2:{vocab}", 2048 + 128)]
+    # Slots never meet the real datasets' (a shared results/ keeps both), and the stage context marks every
+    # point's model random without a flag, so each config_hash differs from a real-weights one.
+    assert not {d.name for d in timing.datasets} & {d.name for d in real.datasets}
+    ctx = context.context(Settings(profile="paper-random", results_dir=str(tmp_path)), tokenize=False)
+    assert ctx.random_weights and ctx.model.random_weights
+    assert profiles.resolve(Settings(profile="paper-random", cap_total=1024)).long.max_tokens == 1024 + 256
+
+
+def test_a_random_weights_profile_needs_a_config_it_can_read_without_a_download(monkeypatch, tmp_path):
+    monkeypatch.setattr(assets, "CONFIG_DIR", tmp_path)   # no bundled config, no local checkpoint, no cache
+    monkeypatch.setattr(assets, "_cached_snapshot", lambda spec: None)
+    with pytest.raises(assets.AssetError, match="config of EleutherAI/pythia-2.8b@.* not found"):
+        profiles.resolve(Settings(profile="paper-random"))
 
 
 def test_demo_profile_data():

@@ -4,10 +4,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streamkv import engines, policies
+from streamkv import code_identity, engines
 from streamkv.spec import DataSpec, MeasureSpec, ModelSpec, PolicySpec, RunSpec, SpecError, hashed_fields, since
 
-from conftest import bump_version
+from conftest import edit_engine, edit_source
 
 COMMON = dict(model=ModelSpec("m", "0" * 40), data=DataSpec("d", "d.json", "f" * 64, 10))
 STREAMING = dict(COMMON, mode="streaming", policy=PolicySpec(n_sink=2, window=6, compress_every=2))
@@ -95,16 +95,16 @@ def test_code_identity_names_the_engines_that_made_the_numbers(monkeypatch):
     parallel = RunSpec(**STREAMING, engine="parallel", measure=MeasureSpec(timing_engine="decode"))
     decode, baseline = RunSpec(**STREAMING), RunSpec(**BASELINE)
 
-    def v(name):
-        return engines.get(name).version
+    def ident(name):
+        return engines.get(name).identity
 
-    assert parallel.code_identity() == {"engines": {"decode": v("decode"), "parallel": v("parallel")},
-                                        "policies": policies.VERSION}
-    assert baseline.code_identity() == {"engines": {"recompute": v("recompute")}}   # no schedule behind it
+    assert parallel.code_identity() == {"engines": {"decode": ident("decode"), "parallel": ident("parallel")},
+                                        "policies": code_identity.identity("streamkv.policies")}
+    assert baseline.code_identity() == {"engines": {"recompute": ident("recompute")}}   # no schedule behind it
     hashes = {s: s.config_hash() for s in (parallel, decode, baseline)}
-    bump_version(monkeypatch, "parallel")
+    edit_engine(monkeypatch, "parallel")
     assert [s.config_hash() == h for s, h in hashes.items()] == [False, True, True]
-    bump_version(monkeypatch, "decode")
+    edit_engine(monkeypatch, "decode")
     assert [s.config_hash() == h for s, h in hashes.items()] == [False, False, True]
-    monkeypatch.setattr(policies, "VERSION", "2")
+    edit_source(monkeypatch, "streamkv.policies")
     assert baseline.config_hash() == hashes[baseline]

@@ -20,7 +20,7 @@ from streamkv.policies import build_schedule
 from streamkv.spec import DataSpec, ModelSpec, PolicySpec, RunSpec
 from streamkv.store import Store
 
-from conftest import N_TOKENS, FakeRunner, bump_version
+from conftest import N_TOKENS, FakeRunner, edit_engine
 
 TESTS = Path(__file__).resolve().parent
 
@@ -156,13 +156,13 @@ def test_a_changed_knob_makes_results_stale_and_they_are_recomputed_and_listed(f
     assert "stale, recomputed: main/long/lazy" in capsys.readouterr().err
 
 
-def test_a_bumped_engine_version_makes_exactly_its_points_stale_and_tables_mark_them(fakes, tmp_path, monkeypatch):
+def test_an_edited_engine_makes_exactly_its_points_stale_and_tables_mark_them(fakes, tmp_path, monkeypatch):
     """Issue 10: a result made by other code is never served as current."""
     profile, settings = fakes
     profile = dataclasses.replace(profile, perplexity_engine="parallel")
     run(profile, settings(), ["main"])
     streaming = ["main/long/strict", "main/long/lazy", "main/short/strict", "main/short/lazy"]
-    bump_version(monkeypatch, "parallel")
+    edit_engine(monkeypatch, "parallel")
     out = tmp_path / "generated"
     report = reports.write_tables(settings(allow_stale_results=True), out, profile=profile)
     assert report.stale == sorted(streaming)
@@ -172,7 +172,7 @@ def test_a_bumped_engine_version_makes_exactly_its_points_stale_and_tables_mark_
     runner, outcome = run(profile, settings(), ["main"])
     assert runner.computed == streaming and outcome.stale_replaced == streaming
     assert outcome.reused == ["baselines/long", "baselines/short"]
-    bump_version(monkeypatch, "recompute")
+    edit_engine(monkeypatch, "recompute")
     runner, _ = run(profile, settings(), ["main"])
     assert runner.computed == ["baselines/long", "baselines/short"]
 

@@ -166,6 +166,12 @@ def test_paper_profile_has_no_demo_notice(tmp_path):
     assert r"\def\streamkvNotice{}" in meta
 
 
+def test_random_weights_put_timing_only_on_the_title_page(tmp_path):
+    spec = TablesSpec(**{**SPEC.__dict__, "profile": "paper-random", "random_weights": True})
+    meta = write_all(lookup_of(), spec, tmp_path)[-1].read_text(encoding="utf-8")
+    assert r"\def\streamkvNotice{Random weights: timing only." in meta
+
+
 @pytest.mark.parametrize("text, tex", [("a_b 50% & #1", r"a\_\allowbreak{}b 50\% \& \#1"),
                                        ("σ ≥ R", r"$\sigma$ $\geq$ R")])
 def test_escape(text, tex):

@@ -2,9 +2,10 @@
 
 An Engine realises a RunSpec on a token stream and returns an EngineResult (engines/base.py): streaming
 engines follow the policy Schedule, the recompute engine is the sliding-window baseline. What an engine
-can realise (`supports`), whether its own evaluation is a timed token-by-token decode (`self_timed`) and
-its code version (`version`, part of every result's config hash) are declared here, torch-free, so
-planning and `make tex` never import torch. The engine's module is imported on first `evaluate`.
+can realise (`supports`) and whether its own evaluation is a timed token-by-token decode (`self_timed`) are
+declared here, torch-free, so planning and `make tex` never import torch. The engine's module is imported
+on first `evaluate`; its code identity (`identity`, part of every result's config hash) is derived from its
+source and what it imports (streamkv/code_identity.py), never bumped by hand.
 
 Adding an engine: one module with an `evaluate` function, one line in REGISTRY.
 """
@@ -13,11 +14,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from .. import code_identity
+
 
 @dataclass(frozen=True)
 class Engine:
     name: str
-    version: str          # bump when the numbers this engine produces change
     self_timed: bool      # its evaluation decodes token by token and times itself (TTFT, TPOT)
     contiguous_only: bool = False   # needs sinks + one recent run (no refresh tokens)
     composed_fp16: bool = False     # can replay the seed's composed fp16 re-rotation (an ablation)
@@ -36,9 +38,18 @@ class Engine:
         return None
 
     @property
+    def module(self) -> str:
+        return f"{__name__}.{self.name}"
+
+    @property
+    def identity(self) -> str:
+        """sha256 of the code of this engine's module and of every in-package module it imports."""
+        return code_identity.identity(self.module)
+
+    @property
     def function(self):
         """The module's own evaluate function, with its engine-specific keyword options (tests, scripts)."""
-        return getattr(importlib.import_module(f"{__name__}.{self.name}"), self.entry)
+        return getattr(importlib.import_module(self.module), self.entry)
 
     def evaluate(self, model, ids, spec, schedule, *, progress: bool = False):
         """Evaluate `spec` on `ids` [T] following `schedule` (None for the baseline) -> EngineResult."""
@@ -58,11 +69,11 @@ class Baseline(Engine):
 
 
 REGISTRY: dict[str, Engine] = {e.name: e for e in (
-    Engine("reference", version="1", self_timed=False),                   # float64 yardstick, slow
-    Engine("decode", version="1", self_timed=True, composed_fp16=True),   # HF forward + DynamicCache
-    Engine("parallel", version="1", self_timed=False, contiguous_only=True),   # chunked masked evaluation
-    Engine("fast", version="1", self_timed=True, contiguous_only=True),  # ring buffer, captured step
-    Baseline("recompute", version="1", self_timed=True, entry="evaluate_recompute"),
+    Engine("reference", self_timed=False),                   # float64 yardstick, slow
+    Engine("decode", self_timed=True, composed_fp16=True),   # HF forward + DynamicCache
+    Engine("parallel", self_timed=False, contiguous_only=True),   # chunked masked evaluation
+    Engine("fast", self_timed=True, contiguous_only=True),  # ring buffer, captured step
+    Baseline("recompute", self_timed=True, entry="evaluate_recompute"),
 )}
 
 # Timing engines, fastest first: a point is timed by the first that supports it (`timing_engine`).

@@ -71,7 +71,7 @@ class TablesSpec:
 
     Built by streamkv.reports.tables_spec from the plan itself, so a slot name or a row label exists once."""
 
-    profile: str                                   # "demo" | "paper"; "demo" puts a notice on the title page
+    profile: str                                   # "demo" | "paper" | ...; "demo" puts a notice on the title page
     model: str                                     # display name, e.g. "Pythia-2.8B"
     long: Dataset                                  # main, ablations and sweeps
     short: Dataset                                 # main only
@@ -82,6 +82,7 @@ class TablesSpec:
     ablations: Block | None = None                 # None: the stage is switched off
     sweeps: tuple[Block, ...] = ()                 # one block per swept knob; none when switched off
     timing_indicative: bool = False                # CPU timings: the paper marks them indicative only
+    random_weights: bool = False                   # timing-only weights: a notice on the title page
     mit: tuple[Comparison, ...] = ()               # MIT reference rows; none when RUN_MIT_REFERENCE=0
     engines: tuple[EngineRow, ...] = ()            # the bench's engine comparison; none when RUN_MIT_BENCH=0
 
