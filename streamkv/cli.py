@@ -27,6 +27,7 @@ from .store import StoreError
 
 USER_ERRORS = (SpecError, SettingsError, AssetError, FetchError, PaperError, StoreError, context.StageError)
 GENERATED = "NeurIPS/generated"   # under the repository root unless --out-dir says otherwise
+PROFILE_NAMES = " | ".join(profiles.PROFILES)   # the --profile help of every command
 
 
 class _Group(click.Group):
@@ -57,7 +58,7 @@ def main() -> None:
 def _knob_options(f):
     """Flags shared by the stage commands; each overrides its environment / .env knob."""
     options = [
-        click.option("--profile", default=None, help="demo | paper | paper-random  [env STREAMKV_PROFILE, default demo]"),
+        click.option("--profile", default=None, help=f"{PROFILE_NAMES}  [env STREAMKV_PROFILE, default demo]"),
         click.option("-f", "--force", is_flag=True, default=None,
                      help="Recompute every point, the baseline included  [env FORCE]"),
         click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]"),
@@ -171,7 +172,7 @@ def _write_tables(s: settings_mod.Settings, out_dir: Path) -> None:
 
 
 @main.command()
-@click.option("--profile", default=None, help="demo | paper | paper-random  [env STREAMKV_PROFILE]")
+@click.option("--profile", default=None, help=f"{PROFILE_NAMES}  [env STREAMKV_PROFILE]")
 @click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"[default: {GENERATED} in the repository]")
@@ -181,7 +182,7 @@ def tables(profile: str | None, results_dir: str | None, out_dir: Path | None) -
 
 
 @click.command()
-@click.option("--profile", default=None, help="demo | paper | paper-random  [env STREAMKV_PROFILE]")
+@click.option("--profile", default=None, help=f"{PROFILE_NAMES}  [env STREAMKV_PROFILE]")
 @click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
 def status(profile: str | None, results_dir: str | None) -> None:
     """Every planned point: current, missing, stale, or unknown (stream never tokenized here)."""
@@ -202,7 +203,7 @@ def fingerprint_command() -> None:
 
 
 @main.command()
-@click.option("--profile", default=None, help="demo | paper | paper-random  [env STREAMKV_PROFILE]")
+@click.option("--profile", default=None, help=f"{PROFILE_NAMES}  [env STREAMKV_PROFILE]")
 @click.option("--dataset", default=None, help="A dataset of the profile  [default: its long one]")
 @click.option("--mode", default="streaming", show_default=True, help="baseline | streaming")
 @click.option("--n-sink", type=int, default=None, help="S  [default: the profile's; baseline: BASELINE_SINK]")
