@@ -19,7 +19,8 @@ from tabulate import tabulate
 from . import assets, context, fingerprint, plans, profiles, reports, settings as settings_mod, stages
 from .assets import AssetError
 from .confined import kind
-from .fetch import FetchError, fetch_command, verify_assets_command
+from .fetch import FetchError, fetch_command
+from .verify import verify_assets_command
 from .paper import PaperError, build_pdf, pdf_command
 from .settings import SettingsError
 from .spec import MeasureSpec, PolicySpec, RunSpec, SpecError

@@ -1,4 +1,4 @@
-"""`streamkv fetch` and `streamkv verify-assets`: the paper profile's assets, fetched once, checked offline.
+"""`streamkv fetch`: the paper profile's assets, fetched once (streamkv/verify.py checks them offline).
 
 fetch is the only code in streamkv that uses the network. It runs in the image's assets stage (or by hand
 on a machine with network access) and writes:
@@ -10,11 +10,6 @@ on a machine with network access) and writes:
 - `data/manifest.json`: size and sha256 of every one of those files. Model files are listed relative to
   the snapshot folder, whose location depends on `HF_HOME` and so differs between machines; streams are
   listed relative to the data directory.
-
-verify-assets re-reads the manifest without the network and names every missing or changed file. With
-`--profile demo` (the image built with ASSETS=demo sets STREAMKV_PROFILE=demo) it checks the demo profile's
-committed assets instead: data/demo/'s weights against the sha256 its train_config.json records, each
-stream's text against its recorded sha256, and the config and tokenizer files by presence.
 
 The pinned sources (every revision is a commit of the hub repository):
 - EleutherAI/pythia-2.8b @ 2a259cdd…: the repository's `main` branch commit; its model.safetensors
@@ -84,9 +79,6 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 HOW_TO_FETCH = "run `streamkv fetch` on a machine with network access, or use the streamkv image (assets baked in)"
 # The demo profile's assets ship with the repository (and every image), under data/demo/.
-DEMO_DIR = "demo"
-DEMO_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-HOW_TO_RESTORE_DEMO = "the demo assets ship with the repository: restore data/demo/ from it (git checkout -- data/demo)"
 
 
 class FetchError(RuntimeError):
@@ -115,7 +107,7 @@ def pinned_revision() -> str:
     return check_revision(os.environ.get(REVISION_ENV) or PYTHIA_REVISION)
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:300]}"
 
@@ -135,7 +127,7 @@ def download_model(revision: str) -> Path:
                                                           allow_patterns=list(MODEL_PATTERNS)))
     except OSError as err:  # every hub and connection error is an OSError subclass
         raise FetchError(f"cannot download {PYTHIA_REPO}@{revision[:7]} from the Hugging Face Hub "
-                         f"({_one_line(err)}); {HOW_TO_FETCH}") from err
+                         f"({one_line(err)}); {HOW_TO_FETCH}") from err
     if not any(snapshot.glob("*.safetensors")):
         raise FetchError(f"{PYTHIA_REPO}@{revision[:7]} has no safetensors weights; pickle weights are "
                          "never loaded, so pick a revision that has model*.safetensors")
@@ -159,7 +151,7 @@ def load_split(source: DatasetSource):
                                      data_files={source.split: source.data_files})
     except OSError as err:  # ConnectionError, DatasetNotFoundError, hub errors
         raise FetchError(f"cannot download {source.repo}@{source.revision[:7]} ({source.split}) "
-                         f"({_one_line(err)}); {HOW_TO_FETCH}") from err
+                         f"({one_line(err)}); {HOW_TO_FETCH}") from err
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -285,85 +277,6 @@ def fetch(data_dir: Path, revision: str, pg19_title: str = PG19_BOOK_TITLE, wiki
     return manifest
 
 
-def find_snapshot(revision: str) -> Path:
-    """The cached snapshot folder of the model at revision, without the network."""
-    import huggingface_hub
-
-    try:
-        return Path(huggingface_hub.snapshot_download(PYTHIA_REPO, revision=revision, local_files_only=True))
-    except OSError as err:
-        raise FetchError(f"{PYTHIA_REPO}@{revision[:7]} is not in the Hugging Face cache "
-                         f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}); {HOW_TO_FETCH}") from err
-
-
-def _check(path: Path, entry: dict, quick: bool) -> str | None:
-    if not path.is_file():
-        return f"missing: {path}"
-    size = path.stat().st_size
-    if size != entry["size"]:
-        return f"changed: {path}: {size} bytes, manifest says {entry['size']}"
-    if not quick:
-        got = sha256_file(path)
-        if got != entry["sha256"]:
-            return f"changed: {path}: sha256 {got[:12]}…, manifest says {entry['sha256'][:12]}…"
-    return None
-
-
-def verify(data_dir: Path, quick: bool = False) -> tuple[list[str], int]:
-    """Check every file of the manifest: (one line per problem, number of files checked)."""
-    manifest_path = data_dir / MANIFEST_NAME
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FetchError(f"no asset manifest at {manifest_path}; {HOW_TO_FETCH}") from None
-    except json.JSONDecodeError as err:
-        raise FetchError(f"asset manifest {manifest_path} is not JSON ({err}); {HOW_TO_FETCH}") from None
-    if manifest.get("schema_version") != MANIFEST_VERSION:
-        raise FetchError(f"asset manifest {manifest_path} has schema_version {manifest.get('schema_version')}, "
-                         f"this streamkv reads {MANIFEST_VERSION}; {HOW_TO_FETCH}")
-    model = manifest["model"]
-    if model["revision"] != pinned_revision():
-        raise FetchError(f"the assets are {model['repo']}@{model['revision'][:7]} but this streamkv pins "
-                         f"{pinned_revision()[:7]}; {HOW_TO_FETCH}")
-    snapshot = find_snapshot(model["revision"])
-    files = [(snapshot / name, entry) for name, entry in model["files"].items()]
-    files += [(data_dir / name, entry) for name, entry in manifest["streams"].items()]
-    problems = [p for p in (_check(path, entry, quick) for path, entry in files) if p]
-    return problems, len(files)
-
-
-def _text_check(path: Path) -> str | None:
-    """A stream file whose text no longer matches the sha256 it records."""
-    if not path.is_file():
-        return f"missing: {path}"
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        text, recorded = record["text"], record["sha256"]
-    except (ValueError, KeyError, TypeError) as err:
-        return f"changed: {path}: not a stream record ({_one_line(err)})"
-    got = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return None if got == recorded else f"changed: {path}: text sha256 {got[:12]}…, the file records {recorded[:12]}…"
-
-
-def verify_demo(data_dir: Path, quick: bool = False) -> tuple[list[str], int]:
-    """Check the demo profile's committed files: (one line per problem, number of files checked)."""
-    demo = data_dir / DEMO_DIR
-    train_config = demo / "train_config.json"
-    try:
-        weights = json.loads(train_config.read_text(encoding="utf-8"))["weights"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise FetchError(f"the demo model's {train_config} cannot be read ({_one_line(err)}); "
-                         f"{HOW_TO_RESTORE_DEMO}") from None
-    streams = sorted((demo / "streams").glob("*.json"))
-    problems = [p for p in [_check(demo / weights["file"], {"size": weights["bytes"], "sha256": weights["sha256"]},
-                                   quick),
-                            *(None if (demo / name).is_file() else f"missing: {demo / name}" for name in DEMO_FILES),
-                            *(_text_check(path) for path in streams)] if p]
-    if not streams:
-        problems.append(f"missing: {demo / 'streams'}/*.json")
-    return problems, 2 + len(DEMO_FILES) + len(streams)
-
-
 # ------------------------------------------------------------------------------------------------- CLI
 
 
@@ -392,27 +305,6 @@ def fetch_command(data_dir: Path, revision: str | None, pg19_title: str, pg19_to
     for name in manifest["streams"]:
         click.echo(f"stream: {data_dir / name}")
     click.echo(f"manifest: {data_dir / MANIFEST_NAME}")
-
-
-@click.command("verify-assets")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
-              show_default=True, help="Directory holding manifest.json and the stream files.")
-@click.option("--quick", is_flag=True, help="Check presence and size only (no sha256): for health checks.")
-# Default paper, not the CLI's usual demo: these are the assets `fetch` writes. The image sets the env var.
-@click.option("--profile", type=click.Choice(["paper", "demo"]), default="paper", show_default=True,
-              envvar="STREAMKV_PROFILE",
-              help="paper: data/manifest.json from fetch; demo: the committed data/demo/ [env STREAMKV_PROFILE].")
-def verify_assets_command(data_dir: Path, quick: bool, profile: str) -> None:
-    """Check the fetched assets against data/manifest.json (or the demo's), offline; one line per bad file."""
-    if profile == "demo":
-        (problems, n_files), source, remedy = verify_demo(data_dir, quick), data_dir / DEMO_DIR, HOW_TO_RESTORE_DEMO
-    else:
-        (problems, n_files), source, remedy = verify(data_dir, quick), data_dir / MANIFEST_NAME, HOW_TO_FETCH
-    for line in problems:
-        click.echo(line, err=True)
-    if problems:
-        raise FetchError(f"{len(problems)} of {n_files} asset files do not match {source}; {remedy}")
-    click.echo(f"assets ok: {n_files} files match {source}" + (" (sizes only)" if quick else ""))
 
 
 if __name__ == "__main__":
