@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stability-runs", type=int, default=2, help="protocol runs of the first engine")
     p.add_argument("--engines", help="comma-separated; the first is the one checked for stability")
     p.add_argument("--dtype")
+    p.add_argument("--config", type=Path, help="a config.json of another architecture (random weights), e.g. "
+                   "scripts/configs/llama-3.2-3b-shape.json; default Pythia-2.8B")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded)")
     p.add_argument("--anchor", type=Path, help="hf_anchor.py's JSON from the same call")
     p.add_argument("--out", type=Path)
@@ -74,9 +76,10 @@ def variants(args) -> dict[str, PolicySpec]:
 
 
 def engine_call(name: str):
-    """`fast` or `fast:compile=0,graph=1`: an engine with integer keyword options."""
+    """`fast`, `fast:compile=0,graph=1` or `fast:decode_attention=sdpa`: an engine with keyword options
+    (digits are switches, anything else a string)."""
     engine, _, options = name.partition(":")
-    kwargs = {k: bool(int(v)) for k, v in (o.split("=") for o in options.split(",") if o)}
+    kwargs = {k: bool(int(v)) if v.isdigit() else v for k, v in (o.split("=") for o in options.split(",") if o)}
     evaluate = engines.get(engine).function
     return lambda *a, **kw: evaluate(*a, **kw, **kwargs)
 
@@ -106,12 +109,23 @@ def agreement(fast_nll: torch.Tensor, decode_nll: torch.Tensor) -> dict:
             "ppl_rel_diff": abs(ppl_f - ppl_d) / ppl_d}
 
 
+def floor_ms(model, cap: int, copy_tbps: float) -> float:
+    """The anchor's floor for this model and cap: every parameter and a full `cap`-token K/V cache read once
+    per step at the anchor's copy bandwidth (equal to the anchor's own floor for Pythia-2.8B at cap 2048)."""
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = 2 * cfg.num_hidden_layers * cap * kv_heads * head_dim * next(model.parameters()).element_size()
+    return (weights + kv) / (copy_tbps * 1e12) * 1e3
+
+
 def ratios(summary: dict, anchor: dict) -> dict:
     out = {}
     for engine, run in summary["engines"].items():
         for name, row in (run["runs"][0] if run["runs"] else {}).items():
             tpot = row["tpot_ms"]["median"]
-            out[f"{engine}_{name}_over_floor"] = tpot / anchor["floor_ms"]
+            out[f"{engine}_{name}_over_floor"] = tpot / summary["floor_ms"]
             for hf in ("hf_dense_ms", "hf_strict_ms", "hf_lazy64_ms"):
                 out[f"{hf}_over_{engine}_{name}"] = anchor[hf] / tpot
     return out
@@ -124,7 +138,7 @@ def main(argv=None) -> int:
                f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
                "torch": torch.__version__, "transformers": transformers.__version__,
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "engines": {}}
-    model = build_model(argparse.Namespace(tiny=args.tiny, device=args.device, dtype=args.dtype))
+    model = build_model(argparse.Namespace(tiny=args.tiny, device=args.device, dtype=args.dtype, config=args.config))
     n = args.cap + args.steps + 1
     ids = torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
     nll = {}
@@ -155,6 +169,7 @@ def main(argv=None) -> int:
                                                    for name in nll[first] if name != "dense"}
     if args.anchor and args.anchor.is_file():
         summary["anchor"] = json.loads(args.anchor.read_text())
+        summary["floor_ms"] = floor_ms(model, args.cap, summary["anchor"]["copy_TBps"])
         summary["ratios"] = ratios(summary, summary["anchor"])
     write()
     print(json.dumps({k: v for k, v in summary.items() if k != "anchor"}, indent=1))

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 
 import transformers  # noqa: E402
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig  # noqa: E402
 
 from streamkv import compat, engines  # noqa: E402
 from streamkv.metrics import perplexity  # noqa: E402
@@ -72,15 +72,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def model_config(args) -> GPTNeoXConfig:
-    # --tiny: the committed demo model's architecture (scripts/train_demo_model.py), random weights
+def model_config(args):
+    # --tiny: the committed demo model's architecture (scripts/train_demo_model.py); --config: any local
+    # config.json (scripts/configs/ holds a Llama-3.2-3B-shaped one: grouped-query attention, head dim 128).
+    config = getattr(args, "config", None)
+    if config:
+        return AutoConfig.from_pretrained(str(config))
     return GPTNeoXConfig.from_json_file(str(DEMO_CONFIG if args.tiny else PYTHIA_CONFIG))
 
 
 def build_model(args):
     torch.manual_seed(0)
     with torch.device(args.device):   # initialise on the device: 2.8B parameters never touch the host
-        model = GPTNeoXForCausalLM(model_config(args))
+        model = AutoModelForCausalLM.from_config(model_config(args))
     return model.to(getattr(torch, args.dtype)).eval()
 
 

@@ -87,6 +87,28 @@ def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat(((r * cos + rotated_half * sin).to(x.dtype), x[..., rd:]), dim=-1)
 
 
+def split_attention(query, k, v, mask, scaling):
+    """One query per head against every buffer slot, as two reductions (scores over the head dim, output over
+    the slots) in fp32 (float64 for float64 models). Why not SDPA: its kernels give a batch-1, one-query decode one thread block per head
+    (32 blocks on a 132-SM H100), so reading the buffer runs at a fraction of the bandwidth; compiled, these
+    reductions become Triton kernels spread over every (head, slot) and (head, dim). Grouped-query heads
+    share their KV head by a view, never a copy.
+
+    query [1, H, 1, D], k/v [1, Hkv, C, D], mask [1, C] additive; returns [1, H, 1, D] in v's dtype."""
+    heads, kv_heads, dim = query.shape[1], k.shape[1], query.shape[-1]
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    q = query.reshape(1, kv_heads, heads // kv_heads, 1, dim).to(work)
+    scores = (q * k[:, :, None].to(work)).sum(-1) * scaling + mask     # [1, Hkv, G, C]
+    weights = torch.softmax(scores, dim=-1)
+    out = (weights[..., None] * v[:, :, None].to(work)).sum(-2)        # [1, Hkv, G, D]
+    return out.reshape(1, heads, 1, dim).to(v.dtype)
+
+
+DECODE_ATTENTION = {"split": split_attention,
+                    "sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])}
+
+
 class _Ring:
     """The ring KV buffer and the device-side state of one stream; serves the attention function.
 
@@ -94,7 +116,8 @@ class _Ring:
     torch.compile keeps such writes in place, while a write into a slice of one all-layer tensor makes it
     copy the whole buffer at every layer."""
 
-    def __init__(self, model, ids: torch.Tensor, plan: StreamPlan, position_mode: str):
+    def __init__(self, model, ids: torch.Tensor, plan: StreamPlan, position_mode: str,
+                 decode_attention: str = "split"):
         cfg, param = model.config, next(model.parameters())
         device, dtype = param.device, param.dtype
         rotary = compat.rotary(model)
@@ -109,6 +132,7 @@ class _Ring:
         self.sink_raw = [torch.zeros(shape[:2] + (self.sinks, shape[3]), dtype=dtype, device=device)
                          for _ in range(cfg.num_hidden_layers)]
         self.gqa = kv_heads != heads
+        self.decode_attention = DECODE_ATTENTION[decode_attention]
         work = torch.float64 if dtype == torch.float64 else torch.float32
         self.cos_table, self.sin_table = rotary_tables(rotary, ids.numel(), work, device)
         # Per-token counters of the schedule, on the device: the step reads them at index t.
@@ -155,7 +179,10 @@ class _Ring:
         query, key = turn(query, self.cos, self.sin), turn(key, self.cos, self.sin)
         k.index_copy_(2, self.write, key)
         v.index_copy_(2, self.write, value)
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=self.gqa)
+        if self.prefill:
+            out = F.scaled_dot_product_attention(query, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=self.gqa)
+        else:
+            out = self.decode_attention(query, k, v, self.mask, scaling)
         return out.transpose(1, 2).contiguous()
 
 
@@ -245,13 +272,16 @@ def check_supported(schedule: Schedule, position_mode: str, rerotation: str) -> 
 @torch.inference_mode()
 def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32", progress: bool = False,
-             graph: bool | None = None, compile: bool | None = None) -> EngineResult:
+             graph: bool | None = None, compile: bool | None = None, decode_attention: str = "split") -> EngineResult:
     """Per-token NLL and timings of `schedule` on `ids` [T], equal to the reference engine's (module doc).
 
     graph: capture the step as a CUDA graph (default: on CUDA). compile: torch.compile the step before
     capturing it (default: with graph), which fuses the many small element-wise kernels of a one-token
-    forward (layer norms, both rotaries, residual adds). TTFT is the prefill forward; TPOT the mean decode
-    step; compilation, warm-up and capture run before the timed prefill."""
+    forward (layer norms, both rotaries, residual adds). decode_attention: how a decode step attends,
+    `split` (split_attention) or `sdpa` (torch's fused kernels; the prefill always uses them). graph, compile
+    and decode_attention are benchmark diagnostics: the same function, other kernels (fp16 rounding).
+    TTFT is the prefill forward; TPOT the mean decode step; compilation, warm-up and capture run before
+    the timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
     device = next(model.parameters()).device
     graph = device.type == "cuda" if graph is None else graph
@@ -261,7 +291,9 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     # The schedule's prefill may include the stream's last token, which predicts nothing: not fed here.
     n_prefill = min(schedule.prefill_len, n_fed)
     n_decode = n_fed - n_prefill
-    ring = _Ring(model, ids, plan, position_mode)
+    if decode_attention not in DECODE_ATTENTION:
+        raise ValueError(f"unknown decode_attention {decode_attention!r}; choose one of {tuple(DECODE_ATTENTION)}")
+    ring = _Ring(model, ids, plan, position_mode, decode_attention)
     nll = torch.zeros(n_fed, dtype=as_dtype(loss_dtype), device=device)
     stream = _Stream(model, ring, n_prefill, nll, as_dtype(loss_dtype))
     _Active.ring = ring
