@@ -72,7 +72,8 @@ class Runner:
         recompute = engines.get(spec.engine).function
 
         def run():
-            return recompute(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, part=part)
+            return recompute(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, part=part,
+                             batch=spec.recompute_batch)
         m = spec.measure
         return timing.interleaved({spec.engine: run}, warmup=m.warmup_runs, repeats=m.repeat_runs)[spec.engine]
 
