@@ -27,6 +27,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+from torch._dynamo.utils import counters
+from torch._functorch import config as functorch_config
+from torch._inductor import config as inductor_config
+
 ENV = "STREAMKV_COMPILE_CACHE"
 RESULTS_SUBDIR = Path(".cache") / "torch-compile"
 MAX_SHAPES = 64           # compiled buffer shapes of one step per process
@@ -44,9 +49,6 @@ def directory(results_dir: str | Path) -> Path:
 def configure(results_dir: str | Path) -> Path:
     """Keep Inductor's caches in `directory(results_dir)` from now on (before the first compilation: a
     graph compiled earlier was cached where the cache was then); returns it."""
-    from torch._functorch import config as functorch_config
-    from torch._inductor import config as inductor_config
-
     path = directory(results_dir)
     # Read by Inductor at every cache access (torch._inductor.runtime.cache_dir_utils.cache_dir).
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
@@ -60,16 +62,12 @@ def configure(results_dir: str | Path) -> Path:
 def record() -> dict:
     """What a result's fingerprint says of compilation: the cache directory in use (None: torch's default,
     nothing configured) and this process's cache hits and misses so far."""
-    from torch._dynamo.utils import counters
-
     return {"dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
             **{name: counters[group][name] for group, name in COUNTERS}}
 
 
 def compiled(step):
     """`step` (a function of no arguments) compiled for fixed shapes, under the recompile limit above."""
-    import torch
-
     step = torch.compile(step, dynamic=False)
 
     def call():

@@ -17,6 +17,7 @@ from streamkv import compat, shards
 from streamkv.engines.recompute import evaluate_recompute
 from streamkv.metrics import nll_from_logits
 from streamkv.spec import DataSpec, ModelSpec, PolicySpec, RunSpec, SpecError
+import bounds
 from bounds import BROKEN, EXACT
 from tiny_models import MODELS, cached_model, cached_stream
 
@@ -138,3 +139,22 @@ def test_the_batch_belongs_to_the_baseline():
     with pytest.raises(SpecError, match="recompute_batch"):
         RunSpec(**streaming, recompute_batch=4)
     assert RunSpec(**streaming).recompute_batch == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_parts_are_bit_identical_and_batches_within_rounding():
+    """On the GPU in fp16: a part's windows come out of the whole run's very forwards, bit for bit; another
+    batch size changes the GEMM shapes, so the NLL may move by fp16 rounding, never more."""
+    m = MODELS["llama"]().to("cuda", torch.float16)
+    ids = stream()
+    whole = evaluate_recompute(m, ids, CAP, batch=5)
+    pieces = [(r, evaluate_recompute(m, ids, CAP, part=r, batch=5)) for r in [(0, 14), (14, 23), (23, 39)]]
+    assert torch.equal(shards.merge(pieces, prefill=CAP).nll, whole.nll)
+    assert set(whole.peak_memory_mb) == {"prefill", "decode"}
+    single = evaluate_recompute(m, ids, CAP, batch=1)
+    with torch.inference_mode():
+        logit_size = m(ids[None, :CAP].to("cuda")).logits.abs().max().item()
+    # As tests/test_fast.py bounds fused against unfused kernels: about 10 roundings a layer and the head,
+    # each u16 of the logits' size; the NLL moves by at most twice the largest logit change.
+    n_roundings = 10 * m.config.num_hidden_layers + 2
+    assert max_diff(whole.nll, single.nll) <= 2 * bounds.rounded_intermediates(torch.float16, n_roundings, logit_size)
