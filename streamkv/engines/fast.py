@@ -251,8 +251,9 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     graph: capture the step as a CUDA graph (default: on CUDA). compile: torch.compile the step before
     capturing it (default: with graph), which fuses the many small element-wise kernels of a one-token
     forward (layer norms, both rotaries, residual adds); without graph (CPU) the compiled step is called
-    from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py). TTFT is the prefill forward; TPOT the mean decode
-    step; compilation, warm-up and capture run before the timed prefill."""
+    from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py). TTFT is
+    the prefill forward; TPOT the mean decode step; compilation, warm-up and capture run before the timed
+    prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
     device = next(model.parameters()).device
     graph = device.type == "cuda" if graph is None else graph
