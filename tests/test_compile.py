@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,17 +125,31 @@ def test_the_runner_places_and_records_the_cache(tiny, tmp_path, monkeypatch, ch
     assert set(doc["fingerprint"]["compile_cache"]) == {"dir"} | {name for _, name in compile_cache.COUNTERS}
 
 
-def test_the_store_never_reads_the_compile_cache(tmp_path):
-    """Inductor writes what it likes below the cache: files named like results, links, a FIFO. None of it is
-    a result, a problem, or something to tidy."""
-    cache = tmp_path / "results" / compile_cache.RESULTS_SUBDIR
+def _plant_cache_lookalikes(results) -> Path:
+    """What Inductor might leave below the cache, named like results: a bad JSON, a temp file, a link, a FIFO."""
+    cache = results / compile_cache.RESULTS_SUBDIR
     (cache / "fxgraph" / "ab").mkdir(parents=True)
     (cache / "fxgraph" / "ab" / "entry.json").write_text("{not json")
     (cache / ".x.abc.tmp").write_text("")
     (cache / "link.json").symlink_to("/etc/passwd")
     os.mkfifo(cache / "fifo.json")
+    return cache
+
+
+def test_the_store_never_reads_the_compile_cache(tmp_path):
+    """None of the cache is a result, a problem, or something to tidy."""
+    cache = _plant_cache_lookalikes(tmp_path / "results")
     store = Store(tmp_path / "results")
     report = store.scan()
     assert not report.problems and not report.entries
     assert store.sweep() == []
     assert (cache / ".x.abc.tmp").is_file() and (cache / "link.json").is_symlink()
+
+
+def test_status_and_tables_ignore_the_compile_cache(invoke, faked, tmp_path):
+    assert invoke("main").exit_code == 0
+    clean = invoke("status"), invoke("tables")
+    _plant_cache_lookalikes(tmp_path / "results")
+    status, tables = invoke("status"), invoke("tables")
+    assert status.exit_code == tables.exit_code == 0
+    assert (status.output, tables.output) == (clean[0].output, clean[1].output)
