@@ -126,7 +126,9 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation -e /
     && ln -s build/neurips_2025_compressed.pdf /app/NeurIPS/neurips_2025_compressed.pdf
 # A run writes only to the volumes and to /tmp (scratch; `docker run --read-only --tmpfs /tmp` works): the
 # PDF's copy next to the .tex is a link into build/, and matplotlib's, TeX's, Triton's and other caches
-# go to /tmp.
+# go to /tmp. torch.compile's Inductor caches, which save a later process its compilations, go to the
+# results volume instead (results/.cache/torch-compile, streamkv/compile_cache.py; Triton's kernels travel
+# inside their entries).
 # Build args are declared only here, after the heavy layers: a RUN after an ARG re-runs when its value changes.
 ARG CUDA_TAG
 ARG TORCH_VERSION

@@ -2,6 +2,7 @@
 
     python3 scripts/bench_decode.py --out bench_decode.json --anchor anchor.json   # GPU, Pythia-2.8B shape
     python3 scripts/bench_decode.py --tiny                                           # CPU, demo model shape
+    python3 scripts/bench_decode.py --engines '' --recompute-batches 1,16 --anchor anchor.json   # the baseline
 
 Run it in the same call as ../shared/bench/hf_anchor.py (its JSON passed as --anchor), so the ratios
 compare numbers from one card. Model: random fp16 weights of the Pythia-2.8B architecture (they cost
@@ -16,6 +17,12 @@ in turn; TPOT is the median over the rounds, ± half the range. The fast engine'
 Reported: TPOT per engine and variant, eviction overhead (TPOT with eviction / TPOT of dense), and with
 --anchor: TPOT over the bandwidth floor and the plain-HF figures over ours. Agreement: the first engine's
 per-token NLL against decode's on the same prefix (fp16: rounding differs, so this is a noise figure).
+
+--recompute-batches B1,B2,...: the recompute baseline (streamkv/engines/recompute.py) on the same stream,
+one variant per batch size (windows per forward), run in turn under the same protocol: --steps windows of
+`cap` tokens, TPOT = decode time / windows. Reported beside each: peak memory, the per-token NLL against the
+first batch size's (fp16 GEMMs of other shapes may round differently: a noise figure) and, with --anchor,
+the anchor's recompute_ms over ours.
 """
 from __future__ import annotations
 
@@ -52,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--stability-runs", type=int, default=2, help="protocol runs of the first engine")
-    p.add_argument("--engines", help="comma-separated; the first is the one checked for stability")
+    p.add_argument("--engines", help="comma-separated; the first is the one checked for stability ('' for none)")
+    p.add_argument("--recompute-batches", default="", help="comma-separated recompute batch sizes ('' skips it)")
     p.add_argument("--dtype")
     p.add_argument("--config", type=Path, help="a config.json of another architecture (random weights), e.g. "
                    "scripts/configs/llama-3.2-3b-shape.json; default Pythia-2.8B")
@@ -63,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (TINY_DEFAULTS if args.tiny else GPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.engines = args.engines.split(",")
+    args.engines = [e for e in args.engines.split(",") if e]
+    args.recompute_batches = [int(b) for b in args.recompute_batches.split(",") if b]
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     return args
 
@@ -102,6 +111,20 @@ def protocol(args, engine: str, model, ids) -> tuple[dict, dict]:
     return rows, {name: results[-1].nll for name, results in runs.items()}
 
 
+def recompute_protocol(args, model, ids) -> dict:
+    """The recompute baseline at each batch size of --recompute-batches, interleaved (module doc)."""
+    evaluate = engines.get("recompute").function
+    jobs = {f"batch{b}": (lambda b=b: evaluate(model, ids, args.cap, batch=b)) for b in args.recompute_batches}
+    runs = timing.interleaved(jobs, warmup=args.warmup, repeats=args.repeats,
+                              progress=lambda label, k: print(f"[recompute] round {k + 1} {label}", file=sys.stderr,
+                                                              flush=True))
+    first = runs[next(iter(jobs))][-1].nll
+    return {name: {"tpot_ms": timing.summary(r.tpot_ms for r in results),
+                   "peak_memory_mb": results[-1].peak_memory_mb,
+                   "agreement_with_first": agreement(results[-1].nll, first)}
+            for name, results in runs.items()}
+
+
 def agreement(fast_nll: torch.Tensor, decode_nll: torch.Tensor) -> dict:
     diff = (fast_nll.double() - decode_nll.double()).abs()
     ppl_f, ppl_d = perplexity(fast_nll)[0], perplexity(decode_nll)[0]
@@ -122,6 +145,10 @@ def floor_ms(model, cap: int, copy_tbps: float) -> float:
 
 def ratios(summary: dict, anchor: dict) -> dict:
     out = {}
+    recompute = summary.get("recompute", {})
+    if "recompute_ms" in anchor and "error" not in recompute:
+        for name, row in recompute.items():
+            out[f"hf_recompute_ms_over_recompute_{name}"] = anchor["recompute_ms"] / row["tpot_ms"]["median"]
     for engine, run in summary["engines"].items():
         for name, row in (run["runs"][0] if run["runs"] else {}).items():
             tpot = row["tpot_ms"]["median"]
@@ -163,8 +190,11 @@ def main(argv=None) -> int:
             record["run_to_run_rel_diff"] = {
                 name: abs(runs[1][name]["tpot_ms"]["median"] / runs[0][name]["tpot_ms"]["median"] - 1)
                 for name in runs[0]}
-    first = args.engines[0]
-    if first != "decode" and {first, "decode"} <= nll.keys():
+    if args.recompute_batches:
+        guarded(summary, "recompute", lambda: recompute_protocol(args, model, ids))
+        write()
+    first = args.engines[0] if args.engines else None
+    if first not in (None, "decode") and {first, "decode"} <= nll.keys():
         summary[f"agreement_{first}_vs_decode"] = {name: agreement(nll[first][name], nll["decode"][name])
                                                    for name in nll[first] if name != "dense"}
     if args.anchor and args.anchor.is_file():

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 
 from bench_engines import build_model  # noqa: E402  (same folder: one model builder)
+from streamkv import compile_cache  # noqa: E402
 from streamkv.engines import fast  # noqa: E402
 from streamkv.engines.attention import swapped_attention  # noqa: E402
 from streamkv.policies import build_schedule  # noqa: E402
@@ -65,7 +66,7 @@ def captured_step(model, ids: torch.Tensor, cap: int, sink: int):
     stream = fast._Stream(model, ring, schedule.prefill_len, nll, torch.float32)
     fast._Active.ring = ring
     stream.prefill()
-    graph = fast._capture(torch.compile(stream.step, dynamic=False))
+    graph = fast._capture(compile_cache.compiled(stream.step))
     stream.prefill()
     return graph, stream
 

@@ -225,13 +225,14 @@ def fingerprint_command() -> None:
 @click.option("--random-weights", is_flag=True, help="Timing only: weights drawn from a fixed seed (recorded).")
 @click.option("--warmup-runs", type=int, default=None, help="[env WARMUP_RUNS, default 1]")
 @click.option("--repeat-runs", type=int, default=None, help="[env REPEAT_RUNS, default 3]")
+@click.option("--recompute-batch", type=int, default=None, help="Baseline windows per forward  [env RECOMPUTE_BATCH, default 16]")
 @click.option("--results-dir", default=None, help="[env RESULTS_DIR, default results]")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Result JSON path  [default: results/runs/<dataset>/<hash>.json]")
 def run(**o) -> None:
     """One evaluation with explicit knobs (always computed, never reused)."""
     s = _settings(profile=o["profile"], cap_total=o["cap_total"], warmup_runs=o["warmup_runs"],
-                  repeat_runs=o["repeat_runs"], results_dir=o["results_dir"])
+                  repeat_runs=o["repeat_runs"], recompute_batch=o["recompute_batch"], results_dir=o["results_dir"])
     ctx = context.context(s, tokenize=False, random_weights=o["random_weights"])
     p = ctx.profile
     name = p.long.name if o["dataset"] is None else o["dataset"]   # --dataset '' is refused, not the default
@@ -248,7 +249,8 @@ def run(**o) -> None:
     # realise the point is refused by RunSpec with the engine's own reason.
     draft = RunSpec(model=model, data=None, mode=o["mode"], policy=policy, position_mode=o["position_mode"],
                     rerotation=o["rerotation"], engine="recompute" if o["mode"] == "baseline" else "decode",
-                    device=p.device, measure=MeasureSpec(s.warmup_runs, s.repeat_runs))
+                    device=p.device, measure=MeasureSpec(s.warmup_runs, s.repeat_runs),
+                    recompute_batch=s.recompute_batch if o["mode"] == "baseline" else 1)
     probe = plans.with_engines(ctx, draft, o["engine"]) if o["mode"] != "baseline" else draft
     if o["output"] is not None:
         _check_writable(o["output"])

@@ -34,6 +34,14 @@ def forward(model, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None
     return out.logits, cache
 
 
+def last_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, vocab] of the last position of each row of input_ids [B, C], without a KV cache and
+    without a mask (so SDPA runs causal). The LM head sees the last hidden state of each row only:
+    `logits_to_keep=1` (both lines; 4.56+ and 5.x) slices the final hidden states before the head, where
+    a plain forward would project all B·C positions onto the vocabulary."""
+    return model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+
+
 def new_cache() -> DynamicCache:
     return DynamicCache()
 

@@ -79,7 +79,7 @@ def plan_baseline(ctx: Context, runs: int | None = None, datasets: tuple[Dataset
             device=ctx.profile.device,
             # No warm-up run: one baseline run recomputes a full window per token for the whole stream
             # (PG19: minutes), and its TPOT is a mean over thousands of steps, the first few included.
-            measure=MeasureSpec(0, runs or 1))
+            measure=MeasureSpec(0, runs or 1), recompute_batch=ctx.settings.recompute_batch)
         stored = _stored_spec(ctx.store, slot)
         if spec is not None and runs is None and stored is not None \
                 and dataclasses.replace(stored, measure=spec.measure) == spec:
@@ -130,7 +130,8 @@ def plan_bench(ctx: Context) -> list[Point]:
         data = _bench_data(ctx, d)
         points += _bench_points(ctx, d, data, "decode", p.main_variants())
         spec = None if data is None else RunSpec(mode="baseline", policy=p.baseline_policy(), engine="recompute",
-                                                 model=ctx.model, data=data, device=p.device, measure=_bench_timing(ctx))
+                                                 model=ctx.model, data=data, device=p.device, measure=_bench_timing(ctx),
+                                                 recompute_batch=ctx.settings.recompute_batch)
         points.append(Point(f"mit_bench/{d.name}_benchmark_recompute", spec, BASELINE_DISPLAY))
     return points + [pt for row in bench_engine_points(ctx) for pt in row[1]]
 

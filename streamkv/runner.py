@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import assets, engines, fingerprint, metrics, shards, timing
+from . import assets, compile_cache, engines, fingerprint, metrics, shards, timing
 from .engines.base import EngineResult
 from .policies import build_schedule
 from .spec import RunSpec, SpecError
@@ -34,6 +34,8 @@ class Runner:
         self.device_shared_by = device_shared_by   # recorded in every result's metrics (schema.Metrics)
         # Explicit, never torch's default; the fingerprint records it (fingerprint.collect).
         torch.set_num_threads(cpu_threads)
+        # Before any engine compiles: Inductor's caches persist beside the results (streamkv/compile_cache.py).
+        compile_cache.configure(store.root)
         self._loaded: tuple | None = None          # (ModelSpec, device, model)
         self._tokenizers: dict = {}                # ModelSpec -> tokenizer, loaded on first text stream
         self._fingerprint: dict | None = None
@@ -72,7 +74,8 @@ class Runner:
         recompute = engines.get(spec.engine).function
 
         def run():
-            return recompute(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, part=part)
+            return recompute(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, part=part,
+                             batch=spec.recompute_batch)
         m = spec.measure
         return timing.interleaved({spec.engine: run}, warmup=m.warmup_runs, repeats=m.repeat_runs)[spec.engine]
 
@@ -103,8 +106,10 @@ class Runner:
             "config_hash": spec.config_hash(),
             "spec": spec.to_dict(),
             "code": spec.code_identity(),
-            # The loaded weights' dtype, as torch spells it: compare() reads it as a dtype.
-            "fingerprint": {**self._fingerprint, "dtype": str(next(model.parameters()).dtype)},
+            # The loaded weights' dtype, as torch spells it: compare() reads it as a dtype. The compile
+            # cache's counts are this process's so far, hence read at every write.
+            "fingerprint": {**self._fingerprint, "dtype": str(next(model.parameters()).dtype),
+                            "compile_cache": compile_cache.record()},
             "metrics": {**_metrics(spec, model.config, schedule, quality, timed),
                         "device_shared_by": self.device_shared_by},
             "engines": {"perplexity": quality.engine, "timing": timing_engine},

@@ -114,6 +114,9 @@ class Settings:
     # torch's CPU threads, set explicitly and recorded in every result's fingerprint: under load, torch's
     # default (one per core) made a tiny model's decode 8-40x slower through threads spinning on each other.
     cpu_threads: int = 1
+    # Windows per forward of the recompute baseline (RunSpec.recompute_batch; memory per window in
+    # streamkv/engines/recompute.py: 16 windows of Pythia-2.8B at C = 2048 in fp16 take ~1.8 GB).
+    recompute_batch: int = 16
     results_dir: str = DEFAULT_RESULTS_DIR
     # Where points run (streamkv/executors.py): this host or a Slurm cluster, with how many workers.
     executor: str = "local"
@@ -129,7 +132,7 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.results_dir.strip():
             raise SettingsError("RESULTS_DIR / --results-dir is empty: name a directory")
-        at_least = {"cap_total": 1, "warmup_runs": 0, "repeat_runs": 1, "mit_bench_gen_tokens": 1, "cpu_threads": 1,
+        at_least = {"cap_total": 1, "warmup_runs": 0, "repeat_runs": 1, "mit_bench_gen_tokens": 1, "cpu_threads": 1, "recompute_batch": 1,
                     "baseline_sink": 0, "baseline_window": 1, "pg19_sample_length": 1,
                     "wikitext_sample_length": 1, "workers": 1, "retries": 0, "slurm_time": 1,
                     "slurm_gpus_per_task": 0}
@@ -155,6 +158,7 @@ KNOBS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "WARMUP_RUNS": ("warmup_runs", _int),
     "REPEAT_RUNS": ("repeat_runs", _int),
     "CPU_THREADS": ("cpu_threads", _int),
+    "RECOMPUTE_BATCH": ("recompute_batch", _int),
     "RUN_SWEEPS": ("run_sweeps", _bool),
     "RUN_ABLATIONS": ("run_ablations", _bool),
     "RUN_QUALITY_HEURISTICS": ("run_quality_heuristics", _bool),

@@ -17,16 +17,21 @@ import torch
 from .engines.base import EngineResult
 
 
-def ranges(n_tokens: int, cap: int, parts: int) -> list[tuple[int, int]]:
-    """Up to `parts` contiguous (start, stop) ranges of predicted tokens covering 0..n_tokens−2."""
-    if parts < 1 or n_tokens < 2:
-        raise ValueError(f"need parts >= 1 and n_tokens >= 2, got {parts}, {n_tokens}")
+def ranges(n_tokens: int, cap: int, parts: int, batch: int = 1) -> list[tuple[int, int]]:
+    """Up to `parts` contiguous (start, stop) ranges of predicted tokens covering 0..n_tokens−2, cut at
+    multiples of `batch` windows (the recompute engine's batches, aligned to the whole run's windows: a cut
+    inside a batch would make both neighbouring parts forward that batch)."""
+    if parts < 1 or n_tokens < 2 or batch < 1:
+        raise ValueError(f"need parts >= 1, n_tokens >= 2 and batch >= 1, got {parts}, {n_tokens}, {batch}")
     prefill = min(cap, n_tokens - 1)
     windows = n_tokens - 1 - prefill
-    parts = max(1, min(parts, windows))   # a range without a window would be empty (or the prefill alone)
-    # The prefill forward costs about one window (one C-token forward): range 0 gets one window fewer.
-    bounds = [prefill + max(0, (windows + 1) * k // parts - 1) for k in range(parts + 1)]
-    bounds[0], bounds[-1] = 0, n_tokens - 1
+    # A range without a window would be empty (or the prefill alone).
+    parts = max(1, min(parts, -(-windows // batch)))
+    # The prefill forward costs about one window (one C-token forward): range 0 gets one window fewer;
+    # each cut then moves to the nearest batch boundary (two cuts may meet: fewer ranges).
+    rows = [max(0, (windows + 1) * k // parts - 1) for k in range(parts + 1)]
+    rows = [min(windows, (row + batch // 2) // batch * batch) for row in rows]
+    bounds = [0] + list(dict.fromkeys(prefill + row for row in rows[1:-1] if row < windows)) + [n_tokens - 1]
     return list(zip(bounds, bounds[1:]))
 
 

@@ -180,6 +180,11 @@ class RunSpec:
     loss_dtype: str = "float32"
     device: str = "cpu"
     measure: MeasureSpec = field(default_factory=MeasureSpec)
+    # Windows per forward of the recompute baseline (streamkv/engines/recompute.py). Hashed, though the
+    # windows are the same: it sets the forwards' shapes, so on a GPU the fp16 GEMMs may round differently
+    # (bit-for-bit equality is what the shards and the equal-hash copies rely on), and the TPOT it records
+    # is what batching exists to change. since(1): B = 1 is the engine as it was, one window per forward.
+    recompute_batch: int = field(default=1, metadata=since(1))
 
     def __post_init__(self) -> None:
         checks = ((self.mode, MODES, "mode"), (self.position_mode, POSITION_MODES, "position_mode"),
@@ -204,6 +209,9 @@ class RunSpec:
             # The prefill alone would cover the stream: nothing evicted, no token decoded, nothing measured.
             raise SpecError(f"KV budget C = {self.policy.cap_total} covers all {self.data.n_tokens} tokens of "
                             f"{self.data.name}: nothing would ever be evicted; lower CAP_TOTAL / --cap-total")
+        if self.recompute_batch < 1 or (self.mode != "baseline" and self.recompute_batch != 1):
+            raise SpecError(f"recompute_batch must be >= 1, and 1 except for the recompute baseline (got "
+                            f"{self.recompute_batch} for a {self.mode} point)")
         if self.loss_dtype not in ("float32", "float64"):
             raise SpecError(f"loss_dtype must be float32 or float64, got {self.loss_dtype!r}")
 
@@ -215,7 +223,8 @@ class RunSpec:
         return cls(model=ModelSpec(**d["model"]), data=DataSpec(**d["data"]), mode=d["mode"],
                    policy=PolicySpec(**d["policy"]), position_mode=d["position_mode"],
                    rerotation=d["rerotation"], engine=d["engine"], loss_dtype=d["loss_dtype"],
-                   device=d["device"], measure=MeasureSpec(**d["measure"]))
+                   device=d["device"], measure=MeasureSpec(**d["measure"]),
+                   recompute_batch=d.get("recompute_batch", 1))   # absent from results written before it
 
     def hashed(self) -> dict:
         """The fields that change this point's numbers (module doc)."""

@@ -55,7 +55,7 @@ def units_of(points: list[tuple[str, RunSpec]], split: int) -> list[Unit]:
     units = []
     for slot, spec in points:
         if spec.mode == "baseline" and split > 1:
-            ranges = tuple(shards.ranges(spec.data.n_tokens, spec.policy.cap_total, split))
+            ranges = tuple(shards.ranges(spec.data.n_tokens, spec.policy.cap_total, split, spec.recompute_batch))
             if len(ranges) > 1:
                 units += [Unit(slot, spec, r, ranges) for r in ranges]
                 continue

@@ -138,6 +138,9 @@ def isolated_root(tmp_path, monkeypatch):
     """The repository root the commands resolve .env, results/ and NeurIPS/ against: a fresh directory, so
     no test reads the checkout's .env or writes into its results/."""
     monkeypatch.setattr(settings_mod, "ROOT", tmp_path)
+    # A Runner points Inductor's cache into its results directory (streamkv/compile_cache.py) through the
+    # environment; recorded here so that it is restored after each test, not left pointing at a tmp_path.
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
 
 
 @pytest.fixture

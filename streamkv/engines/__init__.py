@@ -65,7 +65,8 @@ class Baseline(Engine):
         return None if spec.mode == "baseline" else "the recompute engine evaluates the baseline only"
 
     def evaluate(self, model, ids, spec, schedule, *, progress: bool = False):
-        return self.function(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, progress=progress)
+        return self.function(model, ids, spec.policy.cap_total, loss_dtype=spec.loss_dtype, progress=progress,
+                             batch=spec.recompute_batch)
 
 
 REGISTRY: dict[str, Engine] = {e.name: e for e in (

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AttentionInterface
 
-from .. import compat
+from .. import compat, compile_cache
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from ..policies import Schedule
 from ..spec import REROTATIONS
@@ -277,11 +277,12 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
 
     graph: capture the step as a CUDA graph (default: on CUDA). compile: torch.compile the step before
     capturing it (default: with graph), which fuses the many small element-wise kernels of a one-token
-    forward (layer norms, both rotaries, residual adds). decode_attention: how a decode step attends,
-    `split` (split_attention) or `sdpa` (torch's fused kernels; the prefill always uses them). graph, compile
-    and decode_attention are benchmark diagnostics: the same function, other kernels (fp16 rounding).
-    TTFT is the prefill forward; TPOT the mean decode step; compilation, warm-up and capture run before
-    the timed prefill."""
+    forward (layer norms, both rotaries, residual adds); without graph (CPU) the compiled step is called
+    from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py).
+    decode_attention: how a decode step attends, `split` (split_attention) or `sdpa` (torch's fused
+    kernels; the prefill always uses them). graph, compile and decode_attention are benchmark diagnostics:
+    the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the mean decode
+    step; compilation, warm-up and capture run before the timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
     device = next(model.parameters()).device
     graph = device.type == "cuda" if graph is None else graph
@@ -300,11 +301,16 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     try:
         with swapped_attention(model, ATTN_IMPLEMENTATION, "fast"):
             step = stream.step
-            # Capturing needs GRAPH_WARMUP_STEPS steps of the stream itself; a stream shorter than that
-            # (tests, tiny runs) decodes eagerly: the same step, the same numbers.
-            if graph and n_decode > GRAPH_WARMUP_STEPS:
+            # Compiling and capturing run steps of the stream itself (a capture GRAPH_WARMUP_STEPS of them),
+            # before the timed prefill, which rewinds what they moved on; a stream shorter than that (tests,
+            # tiny runs) decodes eagerly: the same step, the same numbers.
+            if (graph or compile) and n_decode > GRAPH_WARMUP_STEPS:
                 stream.prefill()
-                step = _capture(torch.compile(stream.step, dynamic=False) if compile else stream.step).replay
+                step = compile_cache.compiled(stream.step) if compile else stream.step
+                if graph:
+                    step = _capture(step).replay
+                else:
+                    step()   # compiles now, not inside the timed decode
             timer = PhaseTimer(device)
             timer.phase("prefill")
             stream.prefill()

@@ -4,12 +4,28 @@ The first C = min(cap, T) tokens are one forward (positions 0..C−1); its logit
 those losses count, as in the streaming engines. Every later token t (C+1 .. T−1) is then predicted by a
 fresh forward over the C tokens before it, ids[t−C : t] at positions 0..C−1, scoring only the last
 logit. So every token is predicted from (up to) C tokens of true context and the predicted-token count
-is T−1, the same as streaming. One window per forward, which is what a recompute-per-token generator pays
-(as the seed measured): the same pass gives the perplexity and the TPOT.
+is T−1, the same as streaming. The same pass gives the perplexity and the TPOT (decode time / windows).
 
-`part` = (start, stop) scores only predicted tokens start..stop−1 (streamkv/shards.py splits a stream so);
-every window is the same forward as in the whole run, so the parts' NLLs concatenate to the whole run's
-bit for bit. A part that starts at 0 holds the whole prefill; any other starts at or after it.
+Batching. `batch` = B windows go through one forward, as a [B, C] batch: every window has C tokens, so
+there is no padding, no mask is passed, and transformers' SDPA attention runs with is_causal=True, the
+path of the flash / cuDNN kernels on CUDA. The LM head runs on each window's last position only
+(compat.last_logits): the other C − 1 positions predict nothing. B = 1 is one window per forward, what a
+recompute-per-token generator pays (as the seed measured). B changes the forwards' shapes, so on a GPU
+the fp16 GEMMs may round differently: RunSpec.recompute_batch is part of the config hash (streamkv/spec.py).
+
+Memory of one forward on top of the weights (inference mode keeps one layer's activations at a time; the
+widest point is a GPT-NeoX parallel-residual MLP: the residual, the attention output, the normed input,
+the up projection and its activation): about B · C · (3·d + 2·d_ff) · bytes of the dtype, d the hidden
+size, d_ff the MLP width (4·d for Pythia, so 11·d). Pythia-2.8B (d = 2560), C = 2048, fp16: 115 MB per
+window, 1.8 GB at B = 16; Pythia-6.9B at C = 4096: 0.37 GB per window. Flash attention adds nothing
+quadratic; SDPA's math fallback would add B · heads · C² · bytes per layer (268 MB per Pythia-2.8B window).
+
+`part` = (start, stop) scores only predicted tokens start..stop−1 (streamkv/shards.py splits a stream so).
+Batches are aligned to the whole run's windows (batch k holds windows kB .. kB+B−1 of the stream), so a
+part computes each of its windows in the very forward the whole run computes it in (same inputs, same
+shapes) and the parts' NLLs concatenate to the whole run's bit for bit; shards.ranges cuts at batch
+boundaries, so no part forwards a window it does not score. A part that starts at 0 holds the whole
+prefill; any other starts at or after it.
 """
 from __future__ import annotations
 
@@ -23,20 +39,26 @@ from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from .base import EngineResult
 
 
-def _score_windows(model, windows: torch.Tensor, targets: torch.Tensor, out: torch.Tensor, bar: tqdm) -> None:
-    """out[i] = NLL of targets[i] after windows[i] (a [n, C] view), one window per forward."""
-    for i in range(windows.shape[0]):
-        logits, _ = compat.forward(model, windows[i:i + 1])
-        out[i:i + 1] = nll_from_logits(logits[:, -1], targets[i:i + 1], out.dtype)
-        bar.update(1)
+def _score_windows(model, windows: torch.Tensor, targets: torch.Tensor, rows: range, batch: int,
+                   out: torch.Tensor, bar: tqdm) -> None:
+    """out[r − rows.start] = NLL of targets[r] after windows[r] ([n, C], every window of the stream) for r in
+    `rows`, through forwards of the globally aligned batches that hold them (module doc)."""
+    for begin in range(rows.start - rows.start % batch, rows.stop, batch):
+        logits = compat.last_logits(model, windows[begin:begin + batch])
+        lo, hi = max(begin, rows.start), min(begin + batch, rows.stop)
+        out[lo - rows.start:hi - rows.start] = nll_from_logits(logits[lo - begin:hi - begin], targets[lo:hi],
+                                                               out.dtype)
+        bar.update(hi - lo)
 
 
 @torch.inference_mode()
 def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.dtype | str = "float32",
-                       progress: bool = False, part: tuple[int, int] | None = None) -> EngineResult:
-    """Per-token NLL of ids [T] under sliding-window recomputation with window `cap` (module doc)."""
-    if cap < 1:
-        raise ValueError(f"need cap >= 1, got {cap}")
+                       progress: bool = False, part: tuple[int, int] | None = None,
+                       batch: int = 1) -> EngineResult:
+    """Per-token NLL of ids [T] under sliding-window recomputation with window `cap`, `batch` windows per
+    forward (module doc)."""
+    if cap < 1 or batch < 1:
+        raise ValueError(f"need cap >= 1 and batch >= 1, got {cap}, {batch}")
     device = next(model.parameters()).device
     ids = ids.to(device)
     n_tokens = ids.numel()
@@ -49,9 +71,10 @@ def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.
     nll = torch.empty(stop - start, dtype=as_dtype(loss_dtype), device=device)
     # Row r of the unfold is ids[r + 1 : r + 1 + C]: the window predicting token C + 1 + r (predicted index
     # C + r); this part's rows are those of its predicted indices at or after the prefill.
+    windows = ids.unfold(0, window, 1)[1:n_tokens - window]
+    targets = ids[window + 1:]
     first_row = max(start, window) - window
-    windows = ids.unfold(0, window, 1)[1 + first_row:1 + max(stop - window, first_row)]
-    targets = ids[window + 1 + first_row:]
+    rows = range(first_row, max(stop - window, first_row))
     timer = PhaseTimer(device)
     began = time.perf_counter()
     bar = tqdm(total=stop - start, disable=not progress, desc="recompute", unit="tok")
@@ -62,12 +85,11 @@ def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.
         nll[:prefill_end] = nll_from_logits(logits[0, :prefill_end], ids[1:prefill_end + 1], loss_dtype)
         bar.update(prefill_end)
         del logits
-    timed = windows.shape[0]
-    if timed:
+    if rows:
         timer.phase("decode")
-        _score_windows(model, windows, targets, nll[max(window, start) - start:], bar)
+        _score_windows(model, windows, targets, rows, batch, nll[max(window, start) - start:], bar)
     bar.close()
     ms = timer.stop()
     return EngineResult(nll=nll.cpu(), cache_len_after_step=[], ttft_ms=ms["prefill"] if prefill else None,
-                        tpot_ms=ms["decode"] / timed if timed else None,
+                        tpot_ms=ms["decode"] / len(rows) if rows else None,
                         wall_s=time.perf_counter() - began, peak_memory_mb=timer.peak_mb, engine="recompute")
