@@ -24,7 +24,8 @@ from pathlib import Path
 from . import assets, fetch
 from .confined import shown
 from .settings import Settings, SettingsError
-from .spec import ModelSpec, PolicySpec, SpecError
+from .policies import PolicySpec
+from .spec import ModelSpec, SpecError
 
 
 SYNTHETIC = "synthetic"

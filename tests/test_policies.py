@@ -3,7 +3,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from streamkv.policies import CacheView, Pruner, build_schedule
-from streamkv.spec import PolicySpec, SpecError
+from streamkv.policies import PolicySpec
+from streamkv.spec import SpecError
 
 
 @st.composite

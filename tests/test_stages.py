@@ -17,7 +17,9 @@ import torch
 from streamkv import assets, context, engines, plans, reports, stages
 from streamkv.engines.contiguous import Unsupported
 from streamkv.policies import build_schedule
-from streamkv.spec import DataSpec, ModelSpec, PolicySpec, RunSpec
+from streamkv.policies import PolicySpec
+from streamkv.runspec import RunSpec
+from streamkv.spec import DataSpec, ModelSpec
 from streamkv.store import Store
 
 from conftest import N_TOKENS, FakeRunner, edit_engine
