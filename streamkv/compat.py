@@ -41,7 +41,7 @@ def forward_attending(model, input_ids: torch.Tensor, *, position_ids: torch.Ten
     """`forward` that also returns the attention probabilities, (logits, cache, attentions): one
     [batch, heads, queries, keys] tensor per layer, keys in cache slot order, the fed tokens last. Only an
     attention implementation that forms the probabilities returns them: run it under
-    engines.attention.swapped_attention(model, "eager", ...)."""
+    engines.attention.swapped_attention(model, engines.attention.PROBABILITIES, ...)."""
     out = _forward(model, input_ids, position_ids, cache, None, output_attentions=True)
     if out.attentions is None or any(a is None for a in out.attentions):
         raise ValueError(f"{type(model).__name__} returned no attention probabilities "

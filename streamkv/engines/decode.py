@@ -22,7 +22,7 @@ Positions (DESIGN.md, "Positions"):
     (new_slot − old_slot) at every prune, compounding rounding. Recorded ablation only.
 
 Score policies (streamkv/policies/scored.py: H2O, TOVA) decide each keep set from the attention of the
-forwards since the previous prune: the forwards then run with eager attention, which returns the
+forwards since the previous prune: the forwards then run with engines.attention.PROBABILITIES, which returns the
 probabilities, and hand them to the schedule's `scores()`; the keep slots come back as a device tensor
 and are applied exactly like a schedule's.
 
@@ -44,7 +44,7 @@ from .. import compat
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from ..policies.schedule import Schedule
 from ..positions import compose_fp16, rotate
-from .attention import swapped_attention
+from .attention import PROBABILITIES, swapped_attention
 from .base import EngineResult
 
 PROGRESS_EVERY = 64   # tokens between progress-bar updates: per-token updates cost more than a tiny forward
@@ -152,7 +152,7 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     began = time.perf_counter()
     bar = tqdm(total=n_tokens - 1, disable=not progress, desc="decode", unit="tok")
     scores = schedule.scores()   # None: every keep set is in the schedule
-    with contextlib.nullcontext() if scores is None else swapped_attention(model, "eager", "decode"):
+    with contextlib.nullcontext() if scores is None else swapped_attention(model, PROBABILITIES, "decode"):
         for step in schedule:
             if step.index <= 1:   # step 0 is the prefill, every later step one decoded token
                 timer.phase("decode" if step.index else "prefill")

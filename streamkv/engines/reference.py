@@ -9,7 +9,7 @@ rebuilt from that store:
 - `absolute` mode: stored keys are used as they are; the new token's position is its index.
 After each step the visible list is cut to `step.keep` (slots of the grown cache), and checked against the
 schedule's own view of the cache (`step.after`), so the slot arithmetic of the policy is cross-checked.
-Under a score policy (H2O, TOVA) the forwards run with eager attention and every token's attention over
+Under a score policy (H2O, TOVA) the forwards run with engines.attention.PROBABILITIES and every token's attention over
 the cache it saw goes to the schedule's `scores()`, which returns the keep slots at each prune; the
 cache length is then checked against the schedule's.
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .. import compat
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from ..policies.schedule import Schedule
-from .attention import swapped_attention
+from .attention import PROBABILITIES, swapped_attention
 from .base import EngineResult
 
 
@@ -108,7 +108,7 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     began = time.perf_counter()
     bar = tqdm(total=n_tokens - 1, disable=not progress, desc="reference", unit="tok")
     scores = schedule.scores()   # None: every keep set is in the schedule
-    with contextlib.nullcontext() if scores is None else swapped_attention(model, "eager", "reference"):
+    with contextlib.nullcontext() if scores is None else swapped_attention(model, PROBABILITIES, "reference"):
         for step in schedule:
             if step.index <= 1:   # step 0 is the prefill, every later step one decoded token
                 timer.phase("decode" if step.index else "prefill")
