@@ -1,9 +1,8 @@
-"""Property tests of the pure eviction schedules (streamkv/policies.py) and the auto-cap rule."""
+"""Property tests of the pure eviction schedules (streamkv/policies/lazy.py) and the auto-cap rule."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from streamkv.policies import CacheView, Pruner, build_schedule
-from streamkv.policies import PolicySpec
+from streamkv.policies import CacheView, PolicySpec, Pruner, build_schedule
 from streamkv.spec import SpecError
 
 

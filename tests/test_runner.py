@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from streamkv import fingerprint
-from streamkv.policies import build_schedule
+from streamkv.policies import PolicySpec, build_schedule
 from streamkv.runner import Runner
-from streamkv.policies import PolicySpec
 from streamkv.spec import MeasureSpec, SpecError
 from streamkv.store import Store, read_nll
 import bounds

@@ -16,8 +16,7 @@ import torch
 
 from streamkv import assets, context, engines, plans, reports, stages
 from streamkv.engines.contiguous import Unsupported
-from streamkv.policies import build_schedule
-from streamkv.policies import PolicySpec
+from streamkv.policies import PolicySpec, build_schedule
 from streamkv.runspec import RunSpec
 from streamkv.spec import DataSpec, ModelSpec
 from streamkv.store import Store

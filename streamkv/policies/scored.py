@@ -12,8 +12,11 @@ A policy of this kind is one dataclass with one decision method,
     score(carried, attention) -> scores [L],
 where `attention` [q, L] holds what the q queries just fed paid to each of the L cached slots (the
 aggregate over layers and heads, scoring.aggregate) and `carried` [L] is the policy's previous score of
-each slot (zero for the newly fed ones). Slot order stays the original token order, so the cache remains
-sinks first, newest last. No torch is imported here: planning stays torch-free.
+each slot (zero for the newly fed ones). The decode engine hands over a forward's queries at once (the
+prefill's C together), the reference engine one query at a time, so a score must not depend on how the
+queries are grouped into calls (H2O's sum and TOVA's last row do not; tests/toy_policy.py shows a decay
+written per query). Slot order stays the original token order, so the cache remains sinks first, newest
+last. No torch is imported here: planning stays torch-free.
 """
 from __future__ import annotations
 
