@@ -167,3 +167,26 @@ def test_policies_differ(model_name):
                                            build_schedule(lazy, N_TOKENS), loss_dtype="float64")
     h2o, tova = (run("decode", model_name, name, "lazy", "cache") for name in ("h2o", "tova"))
     assert min(max_diff(h2o.nll, tova.nll), max_diff(h2o.nll, plain.nll), max_diff(tova.nll, plain.nll)) > BROKEN
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_scoring_never_waits_for_the_device(name, mode, monkeypatch):
+    """Scoring and choosing the kept slots stay on the device: the decode loop's no-sync promise holds
+    for score policies too (CUDA's sync debug mode "error" around every attend and prune)."""
+    def no_sync(function):
+        def checked(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return function(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return checked
+
+    for method in ("attend", "prune"):
+        monkeypatch.setattr(scoring.Scores, method, no_sync(getattr(scoring.Scores, method)))
+    schedule = build_schedule(policy(name, "lazy"), N_TOKENS)
+    result = engines.get("decode").function(MODELS["llama"]().cuda(), cached_stream(N_TOKENS), schedule,
+                                            position_mode=mode, loss_dtype="float64")
+    assert max_diff(result.nll, run("reference", "llama", name, "lazy", mode).nll) <= EXACT

@@ -39,7 +39,7 @@ class Engine:
         if spec.rerotation == "composed_fp16" and not self.composed_fp16:
             return (f"rerotation composed_fp16 replays the fp16 drift of re-rotating the cache at every prune, "
                     f"which the {self.name} engine never does")
-        if self.contiguous_only and spec.policy.refresh_budget > 0:
+        if self.contiguous_only and not spec.policy.contiguous:
             return (f"the {self.name} engine needs sinks + one contiguous recent run; refresh tokens "
                     "(refresh_budget > 0) break it")
         return None

@@ -74,6 +74,12 @@ class PolicySpec:
         return self.hard
 
     @property
+    def contiguous(self) -> bool:
+        """Every cache is sinks + one recent run (no refresh tokens): what the engines that read the
+        schedule as a table (parallel, fast) can realise."""
+        return self.refresh_budget == 0
+
+    @property
     def never_prunes(self) -> bool:
         return self.compress_every == 0
 
