@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bounds import BROKEN, EXACT
-from streamkv import engines
+from streamkv import assets, engines
 from streamkv.policies import H2O, TOVA, PolicySpec, build_schedule, scoring
 from tiny_models import MODELS, cached_model, cached_stream, dense_nll
 
@@ -190,3 +190,29 @@ def test_scoring_never_waits_for_the_device(name, mode, monkeypatch):
     result = engines.get("decode").function(MODELS["llama"]().cuda(), cached_stream(N_TOKENS), schedule,
                                             position_mode=mode, loss_dtype="float64")
     assert max_diff(result.nll, run("reference", "llama", name, "lazy", mode).nll) <= EXACT
+
+
+DEMO_TOKENS = 128
+
+
+@functools.cache
+def demo():
+    """The committed demo checkpoint in float64 and the first DEMO_TOKENS of its short stream."""
+    spec = assets.demo_model_spec()
+    ids, _ = assets.load_stream("demo-short", assets.DEMO_STREAMS["demo-short"], assets.load_tokenizer(spec),
+                                DEMO_TOKENS)
+    return assets.load_model(spec, "cpu").to(torch.float64), ids
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rate", sorted(RATES))
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_decode_matches_reference_on_the_demo_model(name, rate, mode):
+    """The model of `make paper` (demo), at the demo's S = 4, half of the rest scored, on its own text."""
+    model, ids = demo()
+    schedule = build_schedule(POLICIES[name].auto_cap(40, 4, heavy=18, compress_every=RATES[rate]), DEMO_TOKENS)
+    assert schedule.n_prunes >= 10
+    ref, dec = (engines.get(e).function(model, ids, schedule, position_mode=mode, loss_dtype="float64")
+                for e in ("reference", "decode"))
+    assert ref.cache_len_after_step == dec.cache_len_after_step == schedule.cache_len_after_step
+    assert max_diff(dec.nll, ref.nll) <= EXACT
