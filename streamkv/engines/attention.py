@@ -8,8 +8,9 @@ model is patched: the previous implementation is restored on exit.
 `PROBABILITIES` is the one shared here: the attention the score policies read (decode and reference
 engines). It is HF's eager attention, which returns its probabilities, except that the softmax runs in the
 model's dtype (float32 at least): HF's eager takes it in float32 even for a float64 model, a 1e-7 relative
-error that the float64 comparison of two engines at 1e-6 would resolve. It registers the eager mask
-function, so chunked forwards (the prefill) are causal as usual.
+error that the float64 comparison of two engines at 1e-6 would resolve. Like every function registered
+here it gets no mask from transformers, so it applies the causal one itself: the q queries are the last q
+of the L keys (a prefill chunk over an empty cache, or one decoded token over the cache).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import contextlib
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .contiguous import Unsupported
 
@@ -30,14 +30,17 @@ def _with_probabilities(module, query, key, value, attention_mask, scaling, drop
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
+    if attention_mask is not None:   # a transformers line that builds one anyway: the same causal mask
         logits = logits + attention_mask
+    n_queries, n_keys = logits.shape[-2:]
+    if n_queries > 1:   # query i is key n_keys − n_queries + i and sees the keys up to itself
+        future = torch.ones(n_queries, n_keys, dtype=torch.bool, device=logits.device).triu(n_keys - n_queries + 1)
+        logits = logits.masked_fill(future, float("-inf"))
     probabilities = logits.softmax(-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
 
 
 AttentionInterface.register(PROBABILITIES, _with_probabilities)
-AttentionMaskInterface.register(PROBABILITIES, eager_mask)
 
 
 @contextlib.contextmanager
