@@ -90,7 +90,7 @@ test: $(installed) ## Run the test suite (transformers 5.x; the numerics on port
 # (tests/bounds.py), not from one CPU's kernels: this runs the tests that check them a second time on ATen's
 # portable kernels, whatever instruction set the machine has.
 NUMERICS_TESTS := tests/test_metrics.py tests/test_engines.py tests/test_reference.py tests/test_parallel.py \
-	tests/test_fast.py tests/test_runner.py tests/test_demo_model.py
+	tests/test_fast.py tests/test_runner.py tests/test_demo_model.py tests/test_score_policies.py tests/test_add_a_policy.py
 test-default-kernels: $(installed) ## The numerics tests again with ATEN_CPU_CAPABILITY=default
 	ATEN_CPU_CAPABILITY=default $(VENV)/bin/python -m pytest $(PYTEST_ARGS) $(NUMERICS_TESTS)
 

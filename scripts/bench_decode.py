@@ -42,8 +42,7 @@ import transformers  # noqa: E402
 from bench_engines import build_model, guarded  # noqa: E402  (same folder: one model builder)
 from streamkv import engines, timing  # noqa: E402
 from streamkv.metrics import perplexity  # noqa: E402
-from streamkv.policies import build_schedule  # noqa: E402
-from streamkv.spec import PolicySpec  # noqa: E402
+from streamkv.policies import PolicySpec, build_schedule  # noqa: E402
 
 GPU_DEFAULTS = dict(cap=2048, steps=512, lazy_r=64, dtype="float16", engines="fast,decode")
 TINY_DEFAULTS = dict(cap=256, steps=256, lazy_r=16, dtype="float32", engines="fast,decode")

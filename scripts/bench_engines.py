@@ -40,8 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXConfig  # noqa
 
 from streamkv import compat, engines  # noqa: E402
 from streamkv.metrics import perplexity  # noqa: E402
-from streamkv.policies import build_schedule  # noqa: E402
-from streamkv.spec import PolicySpec  # noqa: E402
+from streamkv.policies import PolicySpec, build_schedule  # noqa: E402
 
 PYTHIA_CONFIG = REPO / "streamkv" / "configs" / "pythia-2.8b.json"
 DEMO_CONFIG = REPO / "data" / "demo" / "config.json"

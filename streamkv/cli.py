@@ -23,7 +23,9 @@ from .fetch import FetchError, fetch_command
 from .verify import verify_assets_command
 from .paper import PaperError, build_pdf, pdf_command
 from .settings import SettingsError
-from .spec import MeasureSpec, PolicySpec, RunSpec, SpecError
+from .policies import PolicySpec
+from .runspec import RunSpec
+from .spec import MeasureSpec, SpecError
 from .store import StoreError
 
 USER_ERRORS = (SpecError, SettingsError, AssetError, FetchError, PaperError, StoreError, context.StageError)

@@ -1,6 +1,6 @@
 """Code identity from the source: the code a number came from, derived from the files, never kept by hand.
 
-A result's config hash covers the code that made its numbers (spec.RunSpec.code_identity): the engine
+A result's config hash covers the code that made its numbers (runspec.RunSpec.code_identity): the engine
 modules that evaluated and timed it, the policy module for streaming points, and every module of this
 package that they import, transitively. An edit to positions.rotate makes stale exactly the points of the
 engines that import positions; the baseline, whose engine does not, stays current. No version to bump, so
@@ -23,11 +23,6 @@ from pathlib import Path
 PACKAGE = __name__.rpartition(".")[0]
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-# Counted by their own code, their imports not followed: spec.py imports the engine registry (to validate a
-# RunSpec against it and to hash this identity), so following it would put the registry and every engine
-# into every engine's identity, and adding an engine would make every stored result stale.
-LEAVES = frozenset({f"{PACKAGE}.spec"})
-
 # module -> (digest of its own code, the in-package modules it imports); filled on first use.
 _modules: dict[str, tuple[str, frozenset[str]]] = {}
 
@@ -40,8 +35,7 @@ def identity(*roots: str) -> str:
         module = todo.pop()
         if module not in seen:
             seen[module], imports = _module(module)
-            if module not in LEAVES:
-                todo.extend(imports)
+            todo.extend(imports)
     return hashlib.sha256(json.dumps(sorted(seen.items())).encode()).hexdigest()
 
 

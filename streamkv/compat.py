@@ -25,13 +25,28 @@ def _cache_kwarg(model) -> str:
     return _cache_kwarg_of(type(model))
 
 
+def _forward(model, input_ids, position_ids, cache, attention_mask, **options):
+    kwargs = {} if cache is None else {_cache_kwarg(model): cache}
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                 use_cache=cache is not None, **kwargs, **options)
+
+
 def forward(model, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
             cache: DynamicCache | None = None, attention_mask: torch.Tensor | None = None):
     """One forward of a causal LM; returns (logits, cache). `cache=None` runs without a KV cache."""
-    kwargs = {} if cache is None else {_cache_kwarg(model): cache}
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                use_cache=cache is not None, **kwargs)
-    return out.logits, cache
+    return _forward(model, input_ids, position_ids, cache, attention_mask).logits, cache
+
+
+def forward_attending(model, input_ids: torch.Tensor, *, position_ids: torch.Tensor, cache: DynamicCache):
+    """`forward` that also returns the attention probabilities, (logits, cache, attentions): one
+    [batch, heads, queries, keys] tensor per layer, keys in cache slot order, the fed tokens last. Only an
+    attention implementation that forms the probabilities returns them: run it under
+    engines.attention.swapped_attention(model, engines.attention.PROBABILITIES, ...)."""
+    out = _forward(model, input_ids, position_ids, cache, None, output_attentions=True)
+    if out.attentions is None or any(a is None for a in out.attentions):
+        raise ValueError(f"{type(model).__name__} returned no attention probabilities "
+                         f"(attention implementation {model.config._attn_implementation!r})")
+    return out.logits, cache, out.attentions
 
 
 def last_logits(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ from pathlib import Path
 from . import assets, console, mit, profiles
 from .profiles import Dataset, Profile
 from .settings import Settings
-from .spec import DataSpec, RunSpec
+from .runspec import RunSpec
+from .spec import DataSpec
 from .store import Store
 
 

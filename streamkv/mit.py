@@ -41,7 +41,8 @@ from . import assets
 from .console import say
 from .profiles import Dataset, Profile
 from .settings import Settings
-from .spec import NOT_HASHED, ModelSpec, PolicySpec, digest, hashed_fields
+from .policies import PolicySpec
+from .spec import NOT_HASHED, ModelSpec, digest, hashed_fields
 
 SCRIPT = "examples/eval_long_ppl.py"
 # Written by scripts/mit/setup.sh into the checkout it prepares: the commit and the sha256 of PATCH_FILE.

@@ -22,7 +22,8 @@ from . import engines
 from .context import Context, Point, StageError, classify, variant_slot
 from .profiles import Dataset, Variant
 from .settings import Settings
-from .spec import MeasureSpec, RunSpec
+from .runspec import RunSpec
+from .spec import MeasureSpec
 from .store import Store
 
 BASELINE_DISPLAY = "Baseline (sliding-window recompute)"

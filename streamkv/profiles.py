@@ -21,10 +21,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import assets, fetch
+from . import assets, fetch, policies
 from .confined import shown
+from .policies import PolicySpec
 from .settings import Settings, SettingsError
-from .spec import ModelSpec, PolicySpec, SpecError
+from .spec import ModelSpec, SpecError
 
 
 SYNTHETIC = "synthetic"
@@ -61,6 +62,7 @@ class Variant:
     # than the budget, at the price of a smaller recent window.
     window_matched: bool = False
     value: int | None = None        # a sweep point's value of its swept knob
+    policy: str = PolicySpec.NAME   # the policy unit (streamkv.policies.REGISTRY) the knobs are for
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,15 @@ class Profile:
         raise SpecError(f"profile {self.name} has no dataset {shown(name)}; choose one of "
                         f"{', '.join(d.name for d in self.datasets)}, or {SYNTHETIC} with --random-weights")
 
-    def policy(self, variant: Variant) -> PolicySpec:
-        knobs = {"n_sink": self.n_sink, "compress_every": self.lazy_r, "cache_slack": self.cache_slack,
-                 "max_drop": self.max_drop, **dict(variant.knobs)}
-        policy = PolicySpec.auto_cap(self.cap_total, **knobs)
+    def policy(self, variant: Variant):
+        """The variant's policy unit at the profile's budget (auto-cap), its knobs defaulting to the main
+        lazy point's where the policy has them."""
+        unit = policies.get(variant.policy)
+        main = {"n_sink": self.n_sink, "compress_every": self.lazy_r, "cache_slack": self.cache_slack,
+                "max_drop": self.max_drop}
+        own = {f.name for f in dataclasses.fields(unit)}
+        knobs = {**{k: v for k, v in main.items() if k in own}, **dict(variant.knobs)}
+        policy = unit.auto_cap(self.cap_total, **knobs)
         if not variant.window_matched:
             return policy
         window = policy.window - max(0, policy.compress_every - 1)
@@ -137,6 +144,11 @@ class Profile:
             Variant("lazy_composed_fp16", "Lazy, composed fp16 re-rotation", rerotation="composed_fp16"),
             Variant("lazy_no_sink", "Lazy, no sink tokens (S=0)", (("n_sink", 0),)),
         )
+        # Score-based policies at the same budget and R, half of what sinks leave chosen by score (H2O's
+        # heavy/recent split), decoded by the decode engine (the one that hands them the attention).
+        heavy = (self.cap_total - self.n_sink) // 2
+        ladder += tuple(Variant(name, f"{display}, lazy (R = {r}, {heavy} scored slots)", (("heavy", heavy),),
+                                policy=name) for name, display in (("h2o", "H2O"), ("tova", "TOVA")))
         if quality:
             ladder += (
                 Variant("lazy_slack", f"Lazy + slack (σ={r // 2})", (("cache_slack", r // 2),)),

@@ -21,7 +21,8 @@ import torch
 from . import assets, compile_cache, engines, fingerprint, metrics, shards, timing
 from .engines.base import EngineResult
 from .policies import build_schedule
-from .spec import RunSpec, SpecError
+from .runspec import RunSpec
+from .spec import SpecError
 from .store import Store, nll_bytes
 
 

@@ -24,7 +24,7 @@ from .mit_runner import MitFailure, MitRunner
 from .plans import plan
 from .profiles import Profile
 from .settings import Settings
-from .spec import RunSpec
+from .runspec import RunSpec
 from .store import Store
 
 

@@ -28,7 +28,7 @@ import submitit
 
 from . import shards
 from .console import say
-from .spec import RunSpec
+from .runspec import RunSpec
 from .store import Store
 
 PARTS = ".parts"

@@ -9,7 +9,8 @@ import torch
 from streamkv import assets, confined, profiles, reports, stages, store as store_mod
 from streamkv.profiles import Dataset
 from streamkv.settings import Settings
-from streamkv.spec import ModelSpec, RunSpec
+from streamkv.runspec import RunSpec
+from streamkv.spec import ModelSpec
 
 from tiny_models import tiny_gpt_neox
 

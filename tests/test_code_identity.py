@@ -4,7 +4,9 @@ import ast
 import pytest
 
 from streamkv import code_identity, engines
-from streamkv.spec import DataSpec, MeasureSpec, ModelSpec, PolicySpec, RunSpec
+from streamkv.policies import PolicySpec
+from streamkv.runspec import RunSpec
+from streamkv.spec import DataSpec, MeasureSpec, ModelSpec
 
 from conftest import edit_source
 
@@ -64,7 +66,7 @@ def test_only_in_package_modules_and_only_what_is_named():
     digest, imports = code_identity._module("streamkv.engines.decode")
     assert len(digest) == 64
     # torch, tqdm: not ours; `from .. import compat`: the module; `from ..metrics import X`: metrics.
-    assert imports == {"streamkv.compat", "streamkv.metrics", "streamkv.policies", "streamkv.positions",
-                       "streamkv.engines.base"}
+    assert imports == {"streamkv.compat", "streamkv.metrics", "streamkv.policies.schedule", "streamkv.positions",
+                       "streamkv.engines.attention", "streamkv.engines.base"}
     with pytest.raises(ValueError, match="not a module of streamkv"):
         code_identity.identity("torch")

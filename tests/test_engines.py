@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from streamkv import compat, engines, positions
 from streamkv.engines import decode, recompute, reference
 from streamkv.metrics import nll_from_logits
-from streamkv.policies import build_schedule
-from streamkv.spec import PolicySpec
+from streamkv.policies import PolicySpec, build_schedule
 import bounds
 from bounds import BROKEN, EXACT
 from tiny_models import MODELS, VOCAB, cached_model, cached_stream, dense_nll, visible_mask

@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 from streamkv.engines import fast, reference
 from streamkv.engines.contiguous import Unsupported, stream_plan
-from streamkv.policies import build_schedule
-from streamkv.spec import PolicySpec
+from streamkv.policies import PolicySpec, build_schedule
 import bounds
 from bounds import BROKEN, EXACT
 from test_engines import CASES, MODES, N_TOKENS, max_diff

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from streamkv import cli, context, mit, mit_runner, profiles, reports, stages
 from streamkv.profiles import Dataset, Variant
 from streamkv.settings import Settings
-from streamkv.spec import ModelSpec, PolicySpec, digest
+from streamkv.policies import PolicySpec
+from streamkv.spec import ModelSpec, digest
 from streamkv.store import Store
 from streamkv.tables import mit as mit_table
 from streamkv.tables.render import to_latex

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from streamkv import engines
 from streamkv.engines import contiguous, parallel, reference
 from streamkv.engines.contiguous import Unsupported
-from streamkv.policies import build_schedule
-from streamkv.spec import PolicySpec
+from streamkv.policies import PolicySpec, build_schedule
 import bounds
 from bounds import BROKEN, EXACT
 from tiny_models import MODELS, VOCAB, cached_model, cached_stream, dense_nll, token_stream

@@ -1,9 +1,9 @@
-"""Property tests of the pure eviction schedules (streamkv/policies.py) and the auto-cap rule."""
+"""Property tests of the pure eviction schedules (streamkv/policies/lazy.py) and the auto-cap rule."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from streamkv.policies import CacheView, Pruner, build_schedule
-from streamkv.spec import PolicySpec, SpecError
+from streamkv.policies import H2O, TOVA, CacheView, PolicySpec, Pruner, build_schedule
+from streamkv.spec import SpecError
 
 
 @st.composite
@@ -168,3 +168,28 @@ def test_strict_schedule_shares_one_keep_tuple():
 def test_too_short_stream_is_a_spec_error():
     with pytest.raises(SpecError, match="at least 2 tokens"):
         build_schedule(PolicySpec.auto_cap(16, 4, compress_every=1), 1)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.sampled_from([H2O, TOVA]), st.integers(0, 4), st.integers(1, 8), st.integers(1, 8), st.integers(1, 12),
+       st.integers(2, 120))
+def test_score_policies_prune_on_the_lazy_rule(unit, n_sink, window, heavy, R, n_tokens):
+    """Score policies prune when the cache exceeds C = S + W + H by R, back to C: the schedule of Lazy
+    Pruning with soft = C (σ = δ = 0); only which tokens stay differs, and that is decided at run time."""
+    scored = build_schedule(unit(n_sink=n_sink, window=window, heavy=heavy, compress_every=R), n_tokens)
+    lazy = build_schedule(PolicySpec(n_sink=n_sink, window=window + heavy, compress_every=R), n_tokens)
+    assert scored.cache_len_after_step == lazy.cache_len_after_step
+    assert (scored.n_prunes, scored.max_visible, scored.prefill_len) == (lazy.n_prunes, lazy.max_visible,
+                                                                         lazy.prefill_len)
+    assert [(s.fed_start, s.fed_end) for s in scored] == [(s.fed_start, s.fed_end) for s in lazy]
+    assert not scored.contiguous and lazy.scores() is None
+
+
+@pytest.mark.parametrize("knobs, msg", [(dict(heavy=0), "heavy must be > 0"), (dict(window=0), "window must be > 0"),
+                                        (dict(compress_every=0), "compress_every must be > 0"),
+                                        (dict(n_sink=-1), "n_sink must be >= 0")])
+def test_bad_score_knobs(knobs, msg):
+    with pytest.raises(SpecError, match=msg):
+        H2O(**{**dict(n_sink=2, window=4, heavy=4, compress_every=1), **knobs})
+    with pytest.raises(SpecError, match="auto-cap leaves window 0"):
+        TOVA.auto_cap(8, 2, heavy=6)

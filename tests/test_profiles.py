@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from streamkv import assets, context, profiles
+from streamkv import assets, context, policies, profiles
 from streamkv.policies import build_schedule
 from streamkv.settings import Settings, SettingsError
 from streamkv.spec import SpecError
@@ -34,7 +34,7 @@ def test_paper_profile_main_points_and_baseline():
 def test_ablation_ladder():
     p = paper()
     assert [v.label for v in p.ablations(quality=False)] == [
-        "strict", "lazy", "lazy_window_matched", "lazy_absolute", "lazy_composed_fp16", "lazy_no_sink"]
+        "strict", "lazy", "lazy_window_matched", "lazy_absolute", "lazy_composed_fp16", "lazy_no_sink", "h2o", "tova"]
     assert p.policy(lazy(p, "lazy_window_matched")).window == 2016 - 63   # cache never above the budget
     assert p.policy(lazy(p, "lazy_no_sink")).window == 2048                # auto-cap keeps the budget
     assert lazy(p, "lazy_absolute").position_mode == "absolute"
@@ -42,6 +42,11 @@ def test_ablation_ladder():
     slack, maxdrop = p.policy(lazy(p, "lazy_slack")), p.policy(lazy(p, "lazy_slack_maxdrop"))
     assert (slack.cache_slack, slack.window, slack.cap_total) == (32, 1984, 2048)
     assert (maxdrop.cache_slack, maxdrop.max_drop, maxdrop.window) == (64, 32, 1952)
+    # The score policies spend the same budget at the main R: half of what the sinks leave is chosen by score.
+    for name, unit in (("h2o", policies.H2O), ("tova", policies.TOVA)):
+        scored = p.policy(lazy(p, name))
+        assert type(scored) is unit and scored.cap_total == 2048
+        assert (scored.n_sink, scored.heavy, scored.window, scored.compress_every) == (32, 1008, 1008, 64)
 
 
 def test_sweeps_and_the_delta_sweep_runs_at_sigma_equal_r():

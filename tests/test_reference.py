@@ -17,8 +17,7 @@ import bounds
 from bounds import BROKEN, EXACT
 from streamkv import compat, positions
 from streamkv.engines import reference
-from streamkv.policies import build_schedule
-from streamkv.spec import PolicySpec
+from streamkv.policies import PolicySpec, build_schedule
 from tiny_models import MODELS, dense_nll, token_stream, visible_mask, with_float64_rotary
 
 

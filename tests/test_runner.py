@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from streamkv import fingerprint
-from streamkv.policies import build_schedule
+from streamkv.policies import PolicySpec, build_schedule
 from streamkv.runner import Runner
-from streamkv.spec import MeasureSpec, PolicySpec, SpecError
+from streamkv.spec import MeasureSpec, SpecError
 from streamkv.store import Store, read_nll
 import bounds
 

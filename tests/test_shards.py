@@ -9,7 +9,7 @@ import torch
 from streamkv import shards
 from streamkv.engines.recompute import evaluate_recompute
 from streamkv.runner import Runner
-from streamkv.spec import PolicySpec
+from streamkv.policies import PolicySpec
 from streamkv.store import Store, read_nll
 
 from tiny_models import tiny_gpt_neox, token_stream

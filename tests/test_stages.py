@@ -16,8 +16,9 @@ import torch
 
 from streamkv import assets, context, engines, plans, reports, stages
 from streamkv.engines.contiguous import Unsupported
-from streamkv.policies import build_schedule
-from streamkv.spec import DataSpec, ModelSpec, PolicySpec, RunSpec
+from streamkv.policies import PolicySpec, build_schedule
+from streamkv.runspec import RunSpec
+from streamkv.spec import DataSpec, ModelSpec
 from streamkv.store import Store
 
 from conftest import N_TOKENS, FakeRunner, edit_engine
@@ -329,7 +330,8 @@ def test_tables_use_the_stream_index_and_mark_stale_results(fakes, tmp_path, mon
     main_tex = (out / "tables.tex").read_text()
     assert "[INSERT DATA]" not in main_tex and "14.000" in main_tex   # the fake lazy point's PPL (10 + R)
     stale = {"ablations/long/lazy", "ablations/long/lazy_absolute", "ablations/long/lazy_composed_fp16",
-             "ablations/long/lazy_no_sink", "ablations/long/lazy_window_matched", "ablations/long/strict"}
+             "ablations/long/lazy_no_sink", "ablations/long/lazy_window_matched", "ablations/long/strict",
+             "ablations/long/h2o", "ablations/long/tova"}
     assert set(report.stale) == stale
     assert "[INSERT DATA]" in (out / "ablations.tex").read_text()      # refused: ALLOW_STALE_RESULTS=0
     report = reports.write_tables(settings(allow_stale_results=True), out, profile=profile)
@@ -345,7 +347,7 @@ def test_status_lists_every_planned_point(fakes, tmp_path):
     rows, problems = reports.status(settings(), profile=profile)
     state = {slot: s for slot, s, _ in rows}
     assert state["main/long/lazy"] == "current" and state["sweeps/long/R=2"] == "missing"
-    assert len(rows) == 2 + 4 + 6 + 3 + 6 + 4 and len(problems) == 1   # ..., bench: 6 per-dataset, 4 engine comparison
+    assert len(rows) == 2 + 4 + 8 + 3 + 6 + 4 and len(problems) == 1   # ..., bench: 6 per-dataset, 4 engine comparison
     rows, _ = reports.status(settings(repeat_runs=5), profile=profile)   # 3 is the default now
     assert dict((slot, s) for slot, s, _ in rows)["main/long/lazy"] == "stale"
 

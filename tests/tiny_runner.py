@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from streamkv import assets, fingerprint
-from streamkv.spec import DataSpec, MeasureSpec, ModelSpec, PolicySpec, RunSpec
+from streamkv.policies import PolicySpec
+from streamkv.runspec import RunSpec
+from streamkv.spec import DataSpec, MeasureSpec, ModelSpec
 from streamkv.store import Store
 
 from tiny_models import tiny_gpt_neox, token_stream

@@ -24,15 +24,22 @@ class Engine:
     contiguous_only: bool = False   # needs sinks + one recent run (no refresh tokens)
     composed_fp16: bool = False     # can replay the seed's composed fp16 re-rotation (an ablation)
     entry: str = "evaluate"         # the evaluate function of module streamkv.engines.<name>
+    # The policy kinds (streamkv/policies: KIND) it realises: "schedule" (keep sets precomputed) always;
+    # "score" only where it hands the policy the attention of every forward (decode, reference).
+    policy_kinds: frozenset = frozenset({"schedule"})
 
     def supports(self, spec) -> str | None:
         """None if this engine can realise `spec` (a RunSpec), else the reason it cannot."""
         if spec.mode == "baseline":
             return f"the {self.name} engine evaluates streaming schedules, not the recompute baseline"
+        if spec.policy.KIND not in self.policy_kinds:
+            return (f"the {self.name} engine realises {'/'.join(sorted(self.policy_kinds))} policies, not the "
+                    f"{spec.policy.KIND}-based {spec.policy.NAME}: use an engine that hands it the attention "
+                    f"({', '.join(n for n, e in REGISTRY.items() if spec.policy.KIND in e.policy_kinds)})")
         if spec.rerotation == "composed_fp16" and not self.composed_fp16:
             return (f"rerotation composed_fp16 replays the fp16 drift of re-rotating the cache at every prune, "
                     f"which the {self.name} engine never does")
-        if self.contiguous_only and spec.policy.refresh_budget > 0:
+        if self.contiguous_only and not spec.policy.contiguous:
             return (f"the {self.name} engine needs sinks + one contiguous recent run; refresh tokens "
                     "(refresh_budget > 0) break it")
         return None
@@ -69,9 +76,10 @@ class Baseline(Engine):
                              batch=spec.recompute_batch)
 
 
+SCORED = frozenset({"schedule", "score"})
 REGISTRY: dict[str, Engine] = {e.name: e for e in (
-    Engine("reference", self_timed=False),                   # float64 yardstick, slow
-    Engine("decode", self_timed=True, composed_fp16=True),   # HF forward + DynamicCache
+    Engine("reference", self_timed=False, policy_kinds=SCORED),        # float64 yardstick, slow
+    Engine("decode", self_timed=True, composed_fp16=True, policy_kinds=SCORED),   # HF forward + DynamicCache
     Engine("parallel", self_timed=False, contiguous_only=True),   # chunked masked evaluation
     Engine("fast", self_timed=True, contiguous_only=True),  # ring buffer, captured step
     Baseline("recompute", self_timed=True, entry="evaluate_recompute"),

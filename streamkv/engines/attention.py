@@ -4,12 +4,43 @@ An engine registers its function once under its own name and wraps its forwards 
 transformers 4.56+ and 5.x both dispatch through `config._attn_implementation` and both skip mask creation
 for an implementation without a registered mask function, so no T×T mask is ever built. Nothing of the
 model is patched: the previous implementation is restored on exit.
+
+`PROBABILITIES` is the one shared here: the attention the score policies read (decode and reference
+engines). It is HF's eager attention, which returns its probabilities, except that the softmax runs in the
+model's dtype (float32 at least): HF's eager takes it in float32 even for a float64 model, a 1e-7 relative
+error that the float64 comparison of two engines at 1e-6 would resolve. Like every function registered
+here it gets no mask from transformers, so it applies the causal one itself: the q queries are the last q
+of the L keys (a prefill chunk over an empty cache, or one decoded token over the cache).
 """
 from __future__ import annotations
 
 import contextlib
 
+import torch
+from transformers import AttentionInterface
+
 from .contiguous import Unsupported
+
+PROBABILITIES = "streamkv_probabilities"
+
+
+def _with_probabilities(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """AttentionInterface entry: query [B, H, Q, D], key/value [B, Hkv, K, D]; returns ([B, Q, H, D],
+    probabilities [B, H, Q, K]). Query head h reads key/value head h // (H / Hkv), as HF's repeat_kv."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:   # a transformers line that builds one anyway: the same causal mask
+        logits = logits + attention_mask
+    n_queries, n_keys = logits.shape[-2:]
+    if n_queries > 1:   # query i is key n_keys − n_queries + i and sees the keys up to itself
+        future = torch.ones(n_queries, n_keys, dtype=torch.bool, device=logits.device).triu(n_keys - n_queries + 1)
+        logits = logits.masked_fill(future, float("-inf"))
+    probabilities = logits.softmax(-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
+
+
+AttentionInterface.register(PROBABILITIES, _with_probabilities)
 
 
 @contextlib.contextmanager

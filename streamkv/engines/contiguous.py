@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..policies import Schedule
+from ..policies.schedule import Schedule
 from ..spec import POSITION_MODES
 
 

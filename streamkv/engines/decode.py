@@ -21,6 +21,11 @@ Positions (DESIGN.md, "Positions"):
   - `composed_fp16` (`_ComposedShift`): the seed's behaviour, an fp16 rotation of the working keys by
     (new_slot − old_slot) at every prune, compounding rounding. Recorded ablation only.
 
+Score policies (streamkv/policies/scored.py: H2O, TOVA) decide each keep set from the attention of the
+forwards since the previous prune: the forwards then run with engines.attention.PROBABILITIES, which returns the
+probabilities, and hand them to the schedule's `scores()`; the keep slots come back as a device tensor
+and are applied exactly like a schedule's.
+
 No per-token host sync: keep-index tensors are built once per distinct keep tuple and cached on the
 device; position ids and slot numbers are slices of one device arange; NLL goes into a preallocated
 device tensor; the cache length is read from tensor shapes (host metadata). One sync at the end
@@ -28,6 +33,7 @@ device tensor; the cache length is read from tensor shapes (host metadata). One 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -36,8 +42,9 @@ from tqdm import tqdm
 
 from .. import compat
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
-from ..policies import Schedule
+from ..policies.schedule import Schedule
 from ..positions import compose_fp16, rotate
+from .attention import PROBABILITIES, swapped_attention
 from .base import EngineResult
 
 PROGRESS_EVERY = 64   # tokens between progress-bar updates: per-token updates cost more than a tiny forward
@@ -127,7 +134,9 @@ def _shifter(position_mode: str, rerotation: str, model, slots: torch.Tensor):
 def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32",
              progress: bool = False) -> EngineResult:
-    """Per-token NLL and timings of `schedule` on `ids` [T], decoding with the model's own forward."""
+    """Per-token NLL and timings of `schedule` on `ids` [T], decoding with the model's own forward. `schedule`: a policy's
+    Schedule, or its ScoredSchedule (not imported here: a score policy's code counts in its own points'
+    identity, never in this engine's, so adding or editing one leaves every schedule point current)."""
     device = next(model.parameters()).device
     n_tokens = schedule.n_tokens
     ids = ids.to(device)
@@ -142,21 +151,30 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     timer = PhaseTimer(device)
     began = time.perf_counter()
     bar = tqdm(total=n_tokens - 1, disable=not progress, desc="decode", unit="tok")
-    for step in schedule:
-        if step.index <= 1:   # step 0 is the prefill, every later step one decoded token
-            timer.phase("decode" if step.index else "prefill")
-        a, b = step.fed_start, step.fed_end
-        first = length if position_mode == "cache" else a   # cache mode: a new token's position = cache length
-        logits, cache = compat.forward(model, ids[None, a:b], position_ids=slots[None, first:first + b - a],
-                                       cache=cache)
-        scored = min(b, n_tokens - 1) - a                   # the last token of the stream predicts nothing
-        nll[a:a + scored] = nll_from_logits(logits[0, :scored], ids[a + 1:a + 1 + scored], loss_dtype)
-        if step.keep is not None:
-            shifter.prune(cache, keep_index(step.keep))
-        length = compat.get_kv(cache, 0)[0].shape[2]
-        cache_len.append(length)
-        if progress and (b - bar.n >= PROGRESS_EVERY or b >= n_tokens - 1):
-            bar.update(min(b, n_tokens - 1) - bar.n)
+    scores = schedule.scores()   # None: every keep set is in the schedule
+    with contextlib.nullcontext() if scores is None else swapped_attention(model, PROBABILITIES, "decode"):
+        for step in schedule:
+            if step.index <= 1:   # step 0 is the prefill, every later step one decoded token
+                timer.phase("decode" if step.index else "prefill")
+            a, b = step.fed_start, step.fed_end
+            first = length if position_mode == "cache" else a   # cache mode: a new token's position = cache length
+            positions = slots[None, first:first + b - a]
+            if scores is None:
+                logits, cache = compat.forward(model, ids[None, a:b], position_ids=positions, cache=cache)
+                keep = None if step.keep is None else keep_index(step.keep)
+            else:
+                logits, cache, attentions = compat.forward_attending(model, ids[None, a:b], position_ids=positions,
+                                                                     cache=cache)
+                scores.attend(attentions)
+                keep = scores.prune(step)
+            scored = min(b, n_tokens - 1) - a                   # the last token of the stream predicts nothing
+            nll[a:a + scored] = nll_from_logits(logits[0, :scored], ids[a + 1:a + 1 + scored], loss_dtype)
+            if keep is not None:
+                shifter.prune(cache, keep)
+            length = compat.get_kv(cache, 0)[0].shape[2]
+            cache_len.append(length)
+            if progress and (b - bar.n >= PROGRESS_EVERY or b >= n_tokens - 1):
+                bar.update(min(b, n_tokens - 1) - bar.n)
     bar.close()
     ms = timer.stop()
     n_decode = len(schedule.steps) - 1

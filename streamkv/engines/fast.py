@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 
 from .. import compat, compile_cache
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
-from ..policies import Schedule
+from ..policies.schedule import Schedule
 from ..spec import REROTATIONS
 from .attention import swapped_attention
 from .base import EngineResult

@@ -47,7 +47,7 @@ from transformers import AttentionInterface
 
 from .. import compat
 from ..metrics import PhaseTimer, nll_from_logits
-from ..policies import Schedule
+from ..policies.schedule import Schedule
 from ..positions import rotate
 from ..spec import REROTATIONS
 from .attention import swapped_attention

@@ -11,7 +11,7 @@ there is no padding, no mask is passed, and transformers' SDPA attention runs wi
 path of the flash / cuDNN kernels on CUDA. The LM head runs on each window's last position only
 (compat.last_logits): the other C − 1 positions predict nothing. B = 1 is one window per forward, what a
 recompute-per-token generator pays (as the seed measured). B changes the forwards' shapes, so on a GPU
-the fp16 GEMMs may round differently: RunSpec.recompute_batch is part of the config hash (streamkv/spec.py).
+the fp16 GEMMs may round differently: RunSpec.recompute_batch is part of the config hash (streamkv/runspec.py).
 
 Memory of one forward on top of the weights (inference mode keeps one layer's activations at a time; the
 widest point is a GPT-NeoX parallel-residual MLP: the residual, the attention output, the normed input,

@@ -9,6 +9,9 @@ rebuilt from that store:
 - `absolute` mode: stored keys are used as they are; the new token's position is its index.
 After each step the visible list is cut to `step.keep` (slots of the grown cache), and checked against the
 schedule's own view of the cache (`step.after`), so the slot arithmetic of the policy is cross-checked.
+Under a score policy (H2O, TOVA) the forwards run with engines.attention.PROBABILITIES and every token's attention over
+the cache it saw goes to the schedule's `scores()`, which returns the keep slots at each prune; the
+cache length is then checked against the schedule's.
 
 The rotation here is deliberately NOT streamkv.positions.rotate: it multiplies each rotary pair
 (i, i + rot_dims/2) as one complex128 number by e^{iΔθ_i}, so a bug in the shared rotate cannot hide
@@ -16,6 +19,7 @@ in both this engine and the decode engine. (The tests also check this rotation a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 
@@ -24,7 +28,8 @@ from tqdm import tqdm
 
 from .. import compat
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
-from ..policies import Schedule
+from ..policies.schedule import Schedule
+from .attention import PROBABILITIES, swapped_attention
 from .base import EngineResult
 
 
@@ -82,7 +87,9 @@ def _float64(model):
 def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32",
              progress: bool = False) -> EngineResult:
-    """Per-token NLL of `schedule` on `ids` [T], computed in float64 as described in the module doc."""
+    """Per-token NLL of `schedule` on `ids` [T], computed in float64 as described in the module doc. `schedule`: a policy's
+    Schedule, or its ScoredSchedule (not imported here: a score policy's code counts in its own points'
+    identity, never in this engine's, so adding or editing one leaves every schedule point current)."""
     if position_mode not in ("cache", "absolute"):
         raise ValueError(f"unknown position_mode {position_mode!r}")
     if rerotation != "exact":
@@ -100,24 +107,35 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     timer = PhaseTimer(device)
     began = time.perf_counter()
     bar = tqdm(total=n_tokens - 1, disable=not progress, desc="reference", unit="tok")
-    for step in schedule:
-        if step.index <= 1:   # step 0 is the prefill, every later step one decoded token
-            timer.phase("decode" if step.index else "prefill")
-        assert visible == step.before.indices(), "the reference's cache drifted from the schedule"
-        for t in range(step.fed_start, step.fed_end):
-            position = len(visible) if position_mode == "cache" else t
-            cache = store.cache_of(visible, position_mode, rot)
-            logits, cache = compat.forward(model, ids[None, t:t + 1], cache=cache,
-                                           position_ids=torch.tensor([[position]], device=device))
-            store.add(cache, position)
-            if t + 1 < n_tokens:
-                nll[t] = nll_from_logits(logits[0, -1:], ids[t + 1:t + 2], loss_dtype)[0]
-            visible.append(t)
-            bar.update(1)
-        if step.keep is not None:
-            visible = [visible[slot] for slot in step.keep]
-        assert visible == step.after.indices(), "step.keep and step.after disagree"
-        cache_len.append(len(visible))
+    scores = schedule.scores()   # None: every keep set is in the schedule
+    with contextlib.nullcontext() if scores is None else swapped_attention(model, PROBABILITIES, "reference"):
+        for step in schedule:
+            if step.index <= 1:   # step 0 is the prefill, every later step one decoded token
+                timer.phase("decode" if step.index else "prefill")
+            assert scores is not None or visible == step.before.indices(), "the reference's cache drifted"
+            for t in range(step.fed_start, step.fed_end):
+                position = len(visible) if position_mode == "cache" else t
+                cache = store.cache_of(visible, position_mode, rot)
+                position_ids = torch.tensor([[position]], device=device)
+                if scores is None:
+                    logits, cache = compat.forward(model, ids[None, t:t + 1], cache=cache, position_ids=position_ids)
+                else:
+                    logits, cache, attentions = compat.forward_attending(model, ids[None, t:t + 1], cache=cache,
+                                                                         position_ids=position_ids)
+                    scores.attend(attentions)
+                store.add(cache, position)
+                if t + 1 < n_tokens:
+                    nll[t] = nll_from_logits(logits[0, -1:], ids[t + 1:t + 2], loss_dtype)[0]
+                visible.append(t)
+                bar.update(1)
+            keep = step.keep if scores is None else scores.prune(step)
+            if keep is not None:
+                visible = [visible[slot] for slot in keep]   # a tuple, or a tensor of a score policy's slots
+            if scores is None:
+                assert visible == step.after.indices(), "step.keep and step.after disagree"
+            else:
+                assert len(visible) == step.length_after, "the reference's cache drifted from the schedule"
+            cache_len.append(len(visible))
     bar.close()
     ms = timer.stop()
     n_decode = len(schedule.steps) - 1

@@ -19,5 +19,7 @@ def build(lookup: Lookup, spec: "TablesSpec") -> Table:
                                        Group(None, block_rows(lookup, block, COLUMNS)))
     head, align = headers("Variant", COLUMNS)
     caption = (f"Ablations on {spec.long.display} ({spec.model}, {spec.profile} profile). Max keys is the "
-               "most keys one query attended to, itself included; prunes counts eviction events.")
+               "most keys one query attended to, itself included; prunes counts eviction events. H2O and TOVA "
+               "keep the sinks and half of the remaining budget as a recent window, the other half by "
+               "attention score, pruned at the same R.")
     return Table("ablations", "tab:ablations", caption, head, align, groups)
