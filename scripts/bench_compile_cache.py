@@ -46,8 +46,7 @@ def child(args) -> dict:
     from bench_engines import build_model   # same folder: one model builder
     from streamkv import compile_cache
     from streamkv.engines import fast
-    from streamkv.policies import build_schedule
-    from streamkv.spec import PolicySpec
+    from streamkv.policies import PolicySpec, build_schedule
 
     imported = time.perf_counter()
     where = compile_cache.configure(REPO / "results")   # $STREAMKV_COMPILE_CACHE, set by the parent

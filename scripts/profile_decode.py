@@ -27,8 +27,7 @@ from bench_engines import build_model  # noqa: E402  (same folder: one model bui
 from streamkv import compile_cache  # noqa: E402
 from streamkv.engines import fast  # noqa: E402
 from streamkv.engines.attention import swapped_attention  # noqa: E402
-from streamkv.policies import build_schedule  # noqa: E402
-from streamkv.spec import PolicySpec  # noqa: E402
+from streamkv.policies import PolicySpec, build_schedule  # noqa: E402
 
 # First match wins; names are lower-cased. cuBLAS/CUTLASS GEMV and GEMM kernels, SDPA's backends, Inductor.
 KINDS = (("attention", ("fmha", "flash", "attention", "cudnn", "sdpa")),

@@ -24,9 +24,8 @@ from torch._dynamo.testing import CompileCounter
 
 from streamkv import compile_cache
 from streamkv.engines import fast
-from streamkv.policies import build_schedule
+from streamkv.policies import PolicySpec, build_schedule
 from streamkv.runner import Runner
-from streamkv.spec import PolicySpec
 from streamkv.store import Store
 from bounds import EXACT
 from tiny_models import cached_model, cached_stream

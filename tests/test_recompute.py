@@ -16,7 +16,9 @@ import torch
 from streamkv import compat, shards
 from streamkv.engines.recompute import evaluate_recompute
 from streamkv.metrics import nll_from_logits
-from streamkv.spec import DataSpec, ModelSpec, PolicySpec, RunSpec, SpecError
+from streamkv.policies import PolicySpec
+from streamkv.runspec import RunSpec
+from streamkv.spec import DataSpec, ModelSpec, SpecError
 import bounds
 from bounds import BROKEN, EXACT
 from tiny_models import MODELS, cached_model, cached_stream
