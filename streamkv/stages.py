@@ -210,9 +210,10 @@ def _report(out: Outcome, total: int, label: str) -> None:
         say(f"  stale, kept (ALLOW_STALE_RESULTS=1; marked in tables): {slot}")
 
 
-def run_stages(settings: Settings, names, *, runs: int | None = None, profile: Profile | None = None,
-               random_weights: bool = False) -> Outcome:
+def run_stages(settings: Settings, names, *, profile: Profile | None = None, random_weights: bool = False,
+               **options) -> Outcome:
+    """Plan and execute the named stages; `options` go to their plans (plans.plan)."""
     Store(settings.results_dir).check_writable()   # before anything is tokenized, indexed or computed
     ctx = context(settings, tokenize=True, profile=profile, random_weights=random_weights)
-    return execute(ctx, plan(ctx, names, runs=runs), label="+".join(names))
+    return execute(ctx, plan(ctx, names, **options), label="+".join(names))
 
