@@ -32,6 +32,16 @@ PROFILE_NAMES = " | ".join(profiles.PROFILES)   # the --profile help of every co
 
 
 class _Group(click.Group):
+    """The click group; a stage's command comes from the stage registry (streamkv/experiments) when asked
+    for, so a stage registered there has its command, whoever registered it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | {s.command for s in experiments.STAGES})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        stage = next((s for s in experiments.STAGES if s.command == name), None)
+        return _stage_command(stage) if stage is not None else super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -107,10 +117,6 @@ def _stage_command(stage: experiments.Stage) -> click.Command:
     for option in reversed(stage.options):
         command = option(command)
     return click.command(stage.command, help=stage.help)(_knob_options(command))
-
-
-for _stage in experiments.STAGES:
-    main.add_command(_stage_command(_stage))
 
 
 @main.command()

@@ -5,14 +5,20 @@ the CLI on the tiny model."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
 
-from streamkv import experiments, settings as settings_mod, tables
+from streamkv import experiments, plans, settings as settings_mod, tables
+from streamkv.profiles import Variant
 from streamkv.settings import Settings
 from streamkv.store import Store
+from streamkv.tables.columns import PPL, headers, trace
+from streamkv.tables.layout import INSERT, Entry, Group, Row, Table
 
 MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
 
@@ -70,3 +76,48 @@ def test_slot_roots_come_from_the_registry(tmp_path):
     assert store.path("runs/pg19/abc") == tmp_path / "runs" / "pg19" / "abc.json"
     assert store.path("sweeps/pg19/R=4") == tmp_path / "paper_experiments" / "sweeps" / "pg19" / "R=4.json"
     assert experiments.result_directories() == ("baselines", "paper_experiments", "mit_bench", "runs")
+
+
+# ------------------------------------------------------------------ how to add a stage, how to add a table
+TOY_TOKENS = 320   # demo cap 256 + a few prune cycles: seconds on the demo model
+TOY = Variant("r2", "Lazy Pruning (R = 2)", knobs=(("compress_every", 2),))
+
+
+def toy_plan(ctx) -> list:
+    """The toy stage's plan: one streaming point on the first TOY_TOKENS tokens of the long stream."""
+    return plans.variant_points(ctx, "toy", dataclasses.replace(ctx.profile.long, max_tokens=TOY_TOKENS), (TOY,))
+
+
+def toy_table(lookup, spec: tables.TablesSpec):
+    """The toy table: its stage's rows (Lines) with their perplexity."""
+    cells = [(line, lookup(line.slot)) for line in spec.rows.get("toy", ())]
+    rows = tuple(Row((Entry(line.display), Entry(INSERT) if cell is None else PPL.compute(cell, None)),
+                     trace(line.slot, cell)) for line, cell in cells)
+    return Table("toy", "tab:toy", "Toy stage.", *headers("Method", (PPL,)), (Group(None, rows),))
+
+
+def test_a_stage_and_its_table_registered_in_one_line_each_run_through_the_cli(invoke, monkeypatch, tmp_path):
+    """docs/ARCHITECTURE.md, "How to add a stage" and "How to add a table", on the demo model."""
+    module = types.ModuleType(f"{experiments.__name__}.toy")   # stands for streamkv/experiments/toy.py
+    module.plan, module.rows = toy_plan, lambda ctx: plans.lines(toy_plan(ctx))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(experiments, "STAGES", experiments.STAGES + (
+        experiments.Stage("toy", "toy", "A toy stage.", "toy", tables=("toy",)),))      # the stage's line
+    monkeypatch.setattr(tables, "GENERATORS", tables.GENERATORS + (("toy", toy_table),))  # the table's line
+
+    quick = {"WARMUP_RUNS": "0", "REPEAT_RUNS": "1"}   # every command plans the same points
+    result = invoke("toy", env=quick)
+    assert result.exit_code == 0, result.output
+    assert "toy: 1 points: 0 reused, 0 copied from an equal spec, 1 computed" in result.stderr
+    path = tmp_path / "results" / "paper_experiments" / "toy" / "demo-long" / "r2.json"
+    doc = json.loads(path.read_text())
+    assert doc["slot"] == "toy/demo-long/r2" and doc["spec"]["policy"]["compress_every"] == 2
+    assert doc["spec"]["data"]["n_tokens"] == TOY_TOKENS
+
+    # `tables` plans it without tokenizing (the stream index) and writes its table beside the others.
+    result = invoke("tables", "--out-dir", str(tmp_path / "generated"), env=quick)
+    assert result.exit_code == 0, result.output
+    toy_tex = (tmp_path / "generated" / "toy.tex").read_text()
+    assert f"{doc['metrics']['perplexity']:.3f}" in toy_tex and doc["config_hash"] in toy_tex
+    result = invoke("status", env=quick)   # `status` lists it too
+    assert ["toy/demo-long/r2", "current", "parallel"] in [line.split() for line in result.stdout.splitlines()]
