@@ -150,11 +150,7 @@ class Worker:
     def _settle(self, unit: Unit) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(unit.slot)
-        if unit.part is None:
-            self._settle_point(unit)
-        elif self._settle_part(unit):
-            self.report[unit.slot] = COMPUTED
-        else:
+        if not (self._settle_point(unit) if unit.part is None else self._settle_part(unit)):
             return   # a range: its point is complete only once the last range is merged
         for slot, planned in unit.copies:
             if self.report.get(unit.slot) == FAILED:   # nothing to copy: each slot tries on its own, as alone
@@ -167,24 +163,26 @@ class Worker:
         if self.bar is not None:
             self.bar.update(len(unit.slots))
 
-    def _settle_point(self, unit: Unit) -> None:
+    def _settle_point(self, unit: Unit) -> bool:
+        """Find the claimed point done, copy it or compute it; True: the point is settled."""
         if written(self.store, unit.slot, unit.config_hash, unit.planned):
             self.report.setdefault(unit.slot, DONE)
-            return
+            return True
         source = self._equal_result(unit) if unit.may_copy else None
         if source is not None:
             self.store.copy(source, unit.slot)
             self.report[unit.slot] = COPIED
-            return
+            return True
         began = time.perf_counter()
         try:
             self.runner(unit.spec.kind).run(unit.slot, unit.spec)
         except MitFailure as failure:   # a reference that cannot run: the stage goes on
             say(str(failure))
             self.report[unit.slot] = FAILED
-            return
+            return True
         self.report[unit.slot] = COMPUTED
         self._said("computed", unit.slot, began)
+        return True
 
     def _equal_result(self, unit: Unit) -> Path | None:
         """A result with the unit's config_hash in another slot (another run may have just written it)."""
@@ -192,15 +190,19 @@ class Worker:
                      if e.config_hash == unit.config_hash and e.slot != unit.slot), None)
 
     def _settle_part(self, unit: Unit) -> bool:
-        """Compute the claimed range unless it is there; True when this worker completed the point."""
+        """Compute the claimed range unless it is there, and merge the point when it was the last; True:
+        the point is settled (found done, or merged here)."""
         if written(self.store, unit.slot, unit.config_hash, unit.planned):
             self.report.setdefault(unit.slot, DONE)
-            return False
+            return True
         if not self.store.tree.is_file(_part_path(self.store, unit, unit.part)):
             began = time.perf_counter()
             self._write_part(unit, self.runner("run").run_part(unit.spec, unit.part))
             self._said("computed", f"{unit.slot} tokens {unit.part[0]}..{unit.part[1] - 1}", began)
-        return self._merge(unit)
+        if not self._merge(unit):
+            return False
+        self.report[unit.slot] = COMPUTED
+        return True
 
     def _said(self, what: str, where: str, began: float) -> None:
         if self.bar is None:   # the stage's process shows its own bar instead
