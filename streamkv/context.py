@@ -28,11 +28,10 @@ class StageError(ValueError):
 
 
 class Spec(Protocol):
-    """What execution needs of a point's spec (a RunSpec, a mit.MitSpec): its hash, its stored form, the
-    engine `status` lists, and its kind, which names the runner that computes it (worker.RUNNERS)."""
+    """What execution needs of a point's spec (a RunSpec, a mit.MitSpec): its hash, its stored form and the
+    engine `status` lists; its stage's runner computes it (streamkv/experiments: Stage.runner)."""
 
     engine: str
-    kind: str
 
     def config_hash(self) -> str: ...
 
@@ -45,6 +44,7 @@ class Point:
     spec: Spec | None         # None: the dataset's DataSpec is unknown (planning without tokenizing)
     display: str = ""         # the label tables and figures print for it
     value: int | None = None  # a sweep point's knob value
+    stage: str = ""           # the stage that planned it (plans.plan): its runner computes it
 
 
 # Here rather than with the other slot names in plans.py, which imports this module: Context.mit needs it

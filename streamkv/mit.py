@@ -131,7 +131,6 @@ class MitSpec:
     provenance: dict = field(default_factory=dict, metadata=NOT_HASHED)  # provenance(): commit, setup patch
 
     engine = "mit"             # as `streamkv status` lists it
-    kind = "mit_reference"     # the kind of result it makes, which names its runner (streamkv/worker.py)
 
     def to_dict(self) -> dict:
         return hashed_fields(self)

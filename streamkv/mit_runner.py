@@ -83,13 +83,15 @@ class MitFailure(RuntimeError):
 
 
 def make(store: Store, settings: Settings, *, progress: bool, device_shared_by: int) -> MitRunner:
-    """A worker's runner of MitSpecs (streamkv/worker.py, RUNNERS): MIT's script shows its own output and
+    """A worker's runner of MitSpecs (streamkv/experiments: the mit stage's runner): MIT's script shows its own output and
     records no device placement of ours."""
     return MitRunner(store, settings)
 
 
 class MitRunner(Recorder):
     """Runs MIT points one after another (the stage's runner for MitSpecs)."""
+
+    kind = "mit_reference"
 
     def __init__(self, store: Store, settings: Settings):
         super().__init__(store)

@@ -90,7 +90,7 @@ def plan(ctx: Context, names, **options) -> list[Point]:
     compared = {s.compared_with for s in stages} - {None}
     points = _required_baselines(ctx, compared) if compared and experiments.BASELINE not in names else []
     for stage in stages:
-        points += stage.plan(ctx, **options)
+        points += [dataclasses.replace(p, stage=stage.name) for p in stage.plan(ctx, **options)]
     unique = {}
     for p in points:
         unique.setdefault(p.slot, p)
@@ -99,7 +99,8 @@ def plan(ctx: Context, names, **options) -> list[Point]:
 
 def _required_baselines(ctx: Context, compared: set[str]) -> list[Point]:
     datasets = ctx.profile.datasets if "all" in compared else (ctx.profile.long,)
-    points = experiments.get(experiments.BASELINE).plan(ctx, datasets=datasets)
+    points = [dataclasses.replace(p, stage=experiments.BASELINE)
+              for p in experiments.get(experiments.BASELINE).plan(ctx, datasets=datasets)]
     s = ctx.settings
     if s.auto_baseline or s.force:
         return points

@@ -14,6 +14,8 @@ from .store import Store, nll_bytes
 
 
 class Recorder:
+    kind = ""   # the result's kind (streamkv/schema.py), which each runner names
+
     def __init__(self, store: Store):
         self.store = store
         self._fingerprint: dict | None = None
@@ -29,7 +31,7 @@ class Recorder:
                cache_len: list[int] | None = None, repeats: list[dict] = (), **fields) -> Path:
         """Write `spec`'s result for `slot` (at `output` if given); `fields`: the kind's own keys, or a
         fingerprint of its own. Returns the JSON path."""
-        result = {"kind": spec.kind, "slot": slot, "config_hash": spec.config_hash(), "spec": spec.to_dict(),
+        result = {"kind": self.kind, "slot": slot, "config_hash": spec.config_hash(), "spec": spec.to_dict(),
                   "fingerprint": self.fingerprint, "metrics": metrics, **fields,
                   "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         return self.store.write(result, nll=nll_bytes(nll), cache_len=cache_len, repeats=repeats, path=output)

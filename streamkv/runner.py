@@ -27,12 +27,14 @@ from .store import Store
 
 
 def make(store: Store, settings: Settings, *, progress: bool, device_shared_by: int) -> Runner:
-    """A worker's runner of RunSpecs (streamkv/worker.py, RUNNERS)."""
+    """A worker's runner of RunSpecs (streamkv/experiments: Stage.runner)."""
     return Runner(store, progress=progress, cpu_threads=settings.cpu_threads, device_shared_by=device_shared_by)
 
 
 class Runner(Recorder):
     """Runs specs one after another, keeping the last model loaded: a stage runs many points on one."""
+
+    kind = "run"
 
     def __init__(self, store: Store, *, progress: bool = True, cpu_threads: int = 1, device_shared_by: int = 1):
         super().__init__(store)

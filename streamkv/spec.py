@@ -181,8 +181,6 @@ class RunSpec:
     device: str = "cpu"
     measure: MeasureSpec = field(default_factory=MeasureSpec)
 
-    kind = "run"   # not a field: the kind of result it makes, which names its runner (streamkv/worker.py)
-
     def __post_init__(self) -> None:
         checks = ((self.mode, MODES, "mode"), (self.position_mode, POSITION_MODES, "position_mode"),
                   (self.rerotation, REROTATIONS, "rerotation"), (self.engine, engines.names(), "engine"))

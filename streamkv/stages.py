@@ -55,8 +55,8 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
         say(f"removed what a killed write left: {leftover}")
     for problem in store.scan().problems:
         say(f"skipped: {problem}")
-    here = None
-    todo = []
+    machine = None   # this machine's fingerprint, collected for the first reused baseline
+    todo = []   # (unit, whether its stage computes it in this process: Stage.here)
     for p in points:
         # The slot's file as this run found it, taken before it is classified: whatever another run writes
         # from here on counts as computed elsewhere (worker.written), never as a copy of itself. A slot
@@ -64,17 +64,18 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
         # computed (Store.identity).
         planned = store.identity(p.slot, p.spec.config_hash())
         state = "missing" if s.force else classify(ctx, p)
+        stage = experiments.get(p.stage)
         # FORCE: no result of an earlier run is copied, only this run's; a re-measurement copies nothing.
-        unit = worker.Unit(p.slot, p.spec, may_copy=not s.force, planned=planned)
+        unit = worker.Unit(p.slot, p.spec, stage.runner, may_copy=not s.force, planned=planned)
         if state == "current" and p.slot.startswith(f"{experiments.get(experiments.BASELINE).slots}/"):
-            here = here or fingerprint.collect()
-            moved = _baseline_moved(ctx, p, here)
+            machine = machine or fingerprint.collect()
+            moved = _baseline_moved(ctx, p, machine)
             if moved:
                 action = "re-running it (STRICT_BASELINE_CHECK=1)" if s.strict_baseline_check else \
                     "reusing it; STRICT_BASELINE_CHECK=1 re-runs it"
                 say(f"warning: {p.slot} was measured in another environment ({'; '.join(moved)}); {action}")
                 if s.strict_baseline_check:
-                    todo.append(dataclasses.replace(unit, may_copy=False))
+                    todo.append((dataclasses.replace(unit, may_copy=False), stage.here))
                     continue
         if state == "current":
             out.reused.append(p.slot)
@@ -83,19 +84,19 @@ def execute(ctx: Context, points: list[Point], *, runner=None, label: str = "poi
         else:
             if state == "stale":
                 out.stale_replaced.append(p.slot)
-            todo.append(unit)
+            todo.append((unit, stage.here))
     report = {}
     with tqdm(total=len(points), initial=len(points) - len(todo), desc=label, unit="point", file=sys.stderr,
               dynamic_ncols=True) as bar:
-        # The points go where the settings say, but the kinds that run here (MIT's reference: its checkout
-        # and interpreter are on this machine) stay in this process; the executor is chosen (Slurm reached,
-        # GPUs counted) only when something must be computed.
-        for kinds_here in (False, True):
-            mine = [u for u in todo if (u.spec.kind in worker.RUN_HERE) == kinds_here]
+        # The points go where the settings say, but those of stages that run here (MIT's reference: its
+        # checkout and interpreter are on this machine) stay in this process; the executor is chosen (Slurm
+        # reached, GPUs counted) only when something must be computed.
+        for in_process in (False, True):
+            mine = [u for u, stays in todo if stays == in_process]
             if mine:
-                chosen = executors.InProcess(s, runner) if kinds_here else executors.executor(s, runner=runner)
+                chosen = executors.InProcess(s, runner) if in_process else executors.executor(s, runner=runner)
                 report.update(chosen.run(store, worker.units_of(mine, chosen.split(len(mine))), bar))
-    for unit in todo:
+    for unit, _ in todo:
         # No report: its worker was lost after writing it (its result is there, or the executor failed).
         what = report.get(unit.slot, worker.COMPUTED)
         {worker.COMPUTED: out.computed, worker.COPIED: out.copied, worker.FAILED: out.failed,

@@ -12,7 +12,8 @@ point), and the recompute baseline one per token range when it is split over sev
 - after claiming, a unit whose slot was written since the stage planned it (by another worker, another run
   of the stage) is done: never computed twice; a re-run computes only what is missing;
 - a unit that may be copied takes a result with the same config_hash from another slot, else it is
-  computed by the runner of its spec's kind (RUNNERS), made once per worker: the model stays loaded;
+  computed by its stage's runner (streamkv/experiments: Stage.runner), made on first need (torch and the
+  engines load only when a RunSpec must be computed) and once per worker: the model stays loaded;
 - results are written by slot through the store (atomic, keyed by config_hash); a baseline range is
   written under results/.parts/<config_hash>/, and whoever writes the last range merges them into the
   baseline's result and removes them.
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import submitit
 
+from . import experiments
 from .console import say
 from .mit_runner import MitFailure
 from .settings import Settings
@@ -41,19 +43,13 @@ PARTS = ".parts"
 # What a worker did with a slot: computed, copied from an equal result, failed (MIT's script ended without
 # a result), or found done (written since the stage planned it, by another worker or run).
 COMPUTED, COPIED, FAILED, DONE = "computed", "copied", "failed", "done"
-# The module whose `make(store, settings, *, progress, device_shared_by)` gives the runner of each kind of
-# spec (its result's "kind"), imported on first need: torch and the engines load only when a RunSpec must be
-# computed.
-RUNNERS = {"run": "streamkv.runner", "mit_reference": "streamkv.mit_runner"}
-# Kinds computed in the stage's own process whatever the executor: MIT's script needs its checkout and
-# interpreter (MIT_REPO, PYTHON_BIN), which only the machine that planned it is known to have.
-RUN_HERE = ("mit_reference",)
 
 
 @dataclass(frozen=True)
 class Unit:
     slot: str
-    spec: object                                   # a RunSpec or mit.MitSpec: config_hash(), kind
+    spec: object                                   # a RunSpec or mit.MitSpec (context.Spec)
+    runner: str = experiments.RUNNER               # its stage's runner module (Stage.runner)
     part: tuple[int, int] | None = None            # a baseline token range; None: the whole point
     ranges: tuple[tuple[int, int], ...] = ()       # every range of the point, when it is split
     may_copy: bool = True                          # False: a re-measurement (FORCE, STRICT_BASELINE_CHECK)
@@ -82,7 +78,7 @@ def units_of(points: list[Unit], split: int) -> list[Unit]:
         first[h] = dataclasses.replace(first[h], copies=first[h].copies + ((p.slot, p.planned),)) if h in first else p
     units = []
     for unit in first.values():
-        if unit.spec.kind == "run" and unit.spec.mode == "baseline" and split > 1:
+        if unit.runner == experiments.RUNNER and unit.spec.mode == "baseline" and split > 1:
             from . import shards   # it imports torch: only when a baseline is split over workers
 
             ranges = tuple(shards.ranges(unit.spec.data.n_tokens, unit.spec.policy.cap_total, split))
@@ -123,15 +119,15 @@ class Worker:
                  device_shared_by: int = 1, runner=None):
         self.store, self.settings, self.name, self.bar = store, settings, name, bar
         self.device_shared_by = device_shared_by   # workers on this worker's GPU, itself included
-        self._runners = {} if runner is None else {"run": runner}
+        self._runners = {} if runner is None else {experiments.RUNNER: runner}
         self.report: dict[str, str] = {}
 
-    def runner(self, kind: str):
-        if kind not in self._runners:
-            make = importlib.import_module(RUNNERS[kind]).make
-            self._runners[kind] = make(self.store, self.settings, progress=self.bar is not None,
-                                       device_shared_by=self.device_shared_by)
-        return self._runners[kind]
+    def runner(self, module: str):
+        if module not in self._runners:
+            make = importlib.import_module(module).make
+            self._runners[module] = make(self.store, self.settings, progress=self.bar is not None,
+                                         device_shared_by=self.device_shared_by)
+        return self._runners[module]
 
     def work(self, units: list[Unit], index: int = 0, count: int = 1) -> dict[str, str]:
         order = units[index::count] + [u for i, u in enumerate(units) if i % count != index]
@@ -175,7 +171,7 @@ class Worker:
             return True
         began = time.perf_counter()
         try:
-            self.runner(unit.spec.kind).run(unit.slot, unit.spec)
+            self.runner(unit.runner).run(unit.slot, unit.spec)
         except MitFailure as failure:   # a reference that cannot run: the stage goes on
             say(str(failure))
             self.report[unit.slot] = FAILED
@@ -197,7 +193,7 @@ class Worker:
             return True
         if not self.store.tree.is_file(_part_path(self.store, unit, unit.part)):
             began = time.perf_counter()
-            self._write_part(unit, self.runner("run").run_part(unit.spec, unit.part))
+            self._write_part(unit, self.runner(unit.runner).run_part(unit.spec, unit.part))
             self._said("computed", f"{unit.slot} tokens {unit.part[0]}..{unit.part[1] - 1}", began)
         if not self._merge(unit):
             return False
@@ -229,7 +225,7 @@ class Worker:
             parts = [(r, [EngineResult(**d) for d in torch.load(io.BytesIO(self.store.tree.read(p)),
                                                                 weights_only=True)])
                      for r, p in zip(unit.ranges, paths)]
-            self.runner("run").write_merged(unit.slot, unit.spec, parts)
+            self.runner(unit.runner).write_merged(unit.slot, unit.spec, parts)
             self.store.tree.remove_directory(paths[0].parent)
             say(f"{self.name}: merged {len(parts)} ranges into {unit.slot}")
             return True

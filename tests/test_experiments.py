@@ -69,6 +69,19 @@ def test_every_table_a_stage_feeds_is_generated_and_every_stage_has_its_module()
         experiments.get("nope")
 
 
+def test_every_stage_runner_writes_a_kind_the_store_reads():
+    import importlib
+
+    from streamkv import recorder, store
+
+    for stage in experiments.STAGES:
+        module = importlib.import_module(stage.runner)
+        runners = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, recorder.Recorder)
+                   and v is not recorder.Recorder]
+        assert callable(module.make) and [r.kind for r in runners] != [], stage.name
+        assert {r.kind for r in runners} <= set(store.RESULT_KINDS), stage.name
+
+
 def test_slot_roots_come_from_the_registry(tmp_path):
     store = Store(tmp_path)
     assert store.path("baselines/pg19") == tmp_path / "baselines" / "pg19_baseline_avg.json"

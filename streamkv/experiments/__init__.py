@@ -23,6 +23,8 @@ TOP = ""
 # `streamkv run` without --output: ad-hoc points, no stage's (runs/{dataset}/{hash12}).
 AD_HOC = "runs"
 BASELINE = "baseline"   # the stage every compared stage needs (streamkv/plans.py)
+# The module whose make(store, settings, *, progress, device_shared_by) gives the runner of RunSpecs.
+RUNNER = "streamkv.runner"
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Stage:
     switch: str | None = None      # the Settings bool that puts it in `paper` (env: its name upper-cased)
     compared_with: str | None = None   # the baselines it is compared against: "all" datasets', "long", or none
     tables: tuple[str, ...] = ()   # the tables its rows feed (stems in streamkv.tables.GENERATORS)
+    runner: str = RUNNER           # the module whose make() gives the runner of its points (worker.py)
+    here: bool = False             # its points are computed in the stage's own process, whatever executor
 
     @property
     def module(self):
@@ -69,7 +73,8 @@ STAGES: tuple[Stage, ...] = (
           "sweeps", switch="run_sweeps", compared_with="long", tables=("sweeps",)),
     Stage("mit", "mit-reference", "MIT streaming-llm's eval_long_ppl.py with our Start+Recent sizes (+ the "
           "window-matched variant); exit 1 when a run failed.", "mit_bench", TOP, switch="run_mit_reference",
-          tables=("mit_reference",)),
+          # MIT's script needs its checkout and interpreter (MIT_REPO, PYTHON_BIN): this machine has them.
+          tables=("mit_reference",), runner="streamkv.mit_runner", here=True),
     Stage("bench", "bench", "Decode speed and memory: Start+Recent and Lazy Pruning vs sliding-window "
           "recompute.", "mit_bench", TOP, switch="run_mit_bench", tables=("engines",)),
 )
