@@ -1,10 +1,11 @@
 """The stage registry (streamkv/experiments) against what else names stages: the Makefile's targets, the
-settings' switches, the table generators, the store's layout; and "how to add a stage / a table"
-(docs/ARCHITECTURE.md) done for real: a toy stage and its table, registered in one line each, run through
-the CLI on the tiny model."""
+settings' switches, the table generators, the store's layout; and "how to add an engine / a stage / a table"
+(docs/ARCHITECTURE.md) done for real: a toy engine, a toy stage and its table, each registered in one line,
+run through the CLI on the demo model."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from streamkv import experiments, plans, settings as settings_mod, tables
+from streamkv import code_identity, engines, experiments, plans, settings as settings_mod, tables
 from streamkv.profiles import Variant
 from streamkv.settings import Settings
 from streamkv.store import Store
@@ -134,3 +135,30 @@ def test_a_stage_and_its_table_registered_in_one_line_each_run_through_the_cli(i
     assert f"{doc['metrics']['perplexity']:.3f}" in toy_tex and doc["config_hash"] in toy_tex
     result = invoke("status", env=quick)   # `status` lists it too
     assert ["toy/demo-long/r2", "current", "parallel"] in [line.split() for line in result.stdout.splitlines()]
+
+
+def test_an_engine_registered_in_one_line_runs_through_the_cli(invoke, monkeypatch, tmp_path):
+    """docs/ARCHITECTURE.md, "How to add an engine": a module with `evaluate` (here the reference engine's,
+    under another name) and one REGISTRY line; `run --engine toy` scores what `--engine reference` scores."""
+    name = f"{engines.__name__}.toy"    # stands for streamkv/engines/toy.py, written outside the checkout
+    source = tmp_path / "toy.py"
+    source.write_text("from streamkv.engines.reference import evaluate  # noqa: F401\n")
+    loaded = importlib.util.spec_from_file_location(name, source)
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, name, module)
+    path_of = code_identity._path   # its code identity is read from its file, as for a module in the package
+    monkeypatch.setattr(code_identity, "_path", lambda m: source if m == name else path_of(m))
+    monkeypatch.setattr(code_identity, "_modules", {})
+    monkeypatch.setitem(engines.REGISTRY, "toy", engines.Engine("toy", self_timed=False))   # the engine's line
+
+    docs = {}
+    for engine in ("toy", "reference"):
+        result = invoke("run", "--engine", engine, "--cap-total", "32", "--max-eval-tokens", "80",
+                        "--warmup-runs", "0", "--repeat-runs", "1", "--output", f"{engine}.json")
+        assert result.exit_code == 0, result.output
+        docs[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
+    toy, reference = docs["toy"], docs["reference"]
+    assert toy["spec"]["engine"] == "toy" and toy["config_hash"] != reference["config_hash"]
+    assert toy["metrics"]["perplexity"] == reference["metrics"]["perplexity"]
+    assert (tmp_path / toy["artifacts"]["nll"]).read_bytes() == (tmp_path / reference["artifacts"]["nll"]).read_bytes()
