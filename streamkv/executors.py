@@ -2,8 +2,8 @@
 
 Every executor runs streamkv/worker.py's Worker over the units (claims, done checks, copies of equal
 results, computation, results by slot and config_hash) and returns its report (what happened to each slot):
-- `InProcess` (one worker, no --gpus; and always for kinds that run here, MIT's reference): one Worker in
-  the stage's own process, the model loaded once, engine progress bars shown;
+- `InProcess` (one worker, no --gpus; and always for a stage that runs here, `Stage.here`: MIT's
+  reference): one Worker in the stage's own process, the model loaded once, engine progress bars shown;
 - `Workers`, `local` with --workers N and/or --gpus all|0,1,3: N worker processes started by submitit's
   LocalExecutor, worker k pinned to GPU gpus[k % len(gpus)] through CUDA_VISIBLE_DEVICES (without --gpus
   the workers run on the CPU: CUDA is hidden from them);
