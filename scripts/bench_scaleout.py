@@ -43,7 +43,7 @@ def units(results: Path, profile_name: str, max_tokens: int | None, split: int) 
         synthetic = dataclasses.replace(synthetic, max_tokens=max_tokens)
     profile = dataclasses.replace(profile, long=synthetic, short=synthetic)
     ctx = context.context(settings, tokenize=True, random_weights=True, profile=profile)
-    return worker.units_of([(p.slot, p.spec) for p in plans.plan(ctx, ["sweeps"])], split)
+    return worker.units_of([worker.Unit(p.slot, p.spec) for p in plans.plan(ctx, ["sweeps"])], split)
 
 
 def main() -> None:
@@ -61,12 +61,11 @@ def main() -> None:
             work = units(results, args.profile, args.max_tokens, count)
             slots = sorted({u.slot for u in work})
             opts = executors.Options(workers=count, gpus=executors.parse_gpus(args.gpus) or None)
+            # One CPU worker runs in this process, as a stage runs it; otherwise submitted workers.
+            chosen = executors.InProcess(Settings()) if opts.in_process else executors.Workers(opts)
             began = time.perf_counter()
-            if opts.in_process:   # one CPU worker: in this process, as a stage runs it
-                worker.Worker(Store(results)).work(work)
-            else:
-                with tqdm(total=len(slots), desc=f"{count} worker(s)", unit="point", file=sys.stderr) as bar:
-                    executors.run(Store(results), work, opts, bar)
+            with tqdm(total=len(slots), desc=f"{count} worker(s)", unit="point", file=sys.stderr) as bar:
+                chosen.run(Store(results), work, bar)
             wall = time.perf_counter() - began
             store = Store(results)
             docs = {s: store.read(store.path(s)) for s in slots}

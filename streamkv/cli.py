@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from . import assets, context, fingerprint, plans, profiles, reports, settings as settings_mod, stages
+from . import assets, context, experiments, fingerprint, plans, profiles, reports, settings as settings_mod, stages
 from .assets import AssetError
 from .confined import kind
 from .fetch import FetchError, fetch_command
@@ -34,6 +34,16 @@ PROFILE_NAMES = " | ".join(profiles.PROFILES)   # the --profile help of every co
 
 
 class _Group(click.Group):
+    """The click group; a stage's command comes from the stage registry (streamkv/experiments) when asked
+    for, so a stage registered there has its command, whoever registered it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | {s.command for s in experiments.STAGES})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        stage = next((s for s in experiments.STAGES if s.command == name), None)
+        return _stage_command(stage) if stage is not None else super().get_command(ctx, name)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -95,51 +105,20 @@ def _settings(**flags) -> settings_mod.Settings:
     return loaded
 
 
-def _stage_command(name: str, help_text: str):
-    @_knob_options
-    def command(**flags) -> None:
-        stages.run_stages(_settings(**flags), [name])
+def _stage_command(stage: experiments.Stage) -> click.Command:
+    """The stage's command: the knobs every stage takes, then its own options (Stage.options), each a
+    Settings field, --random-weights (timing-only weights) or an option of its plan (the baseline's --runs).
+    Exit 1 when a point's run failed (MIT's script), after the others were computed."""
+    def command(random_weights: bool = False, **flags) -> None:
+        fields = {f.name for f in dataclasses.fields(settings_mod.Settings)}
+        options = {k: v for k, v in flags.items() if k not in fields}
+        s = _settings(**{k: v for k, v in flags.items() if k in fields})
+        if stages.run_stages(s, [stage.name], random_weights=random_weights, **options).failed:
+            sys.exit(1)
 
-    return click.command(name, help=help_text)(command)
-
-
-for _name, _help in (("main", "Main results: baseline (reused) + Start+Recent + Lazy Pruning, both datasets."),
-                     ("ablations", "Lazy Pruning ablation ladder on the long dataset."),
-                     ("sweeps", "R sweep (σ and δ too with RUN_QUALITY_HEURISTICS=1) on the long dataset.")):
-    main.add_command(_stage_command(_name, _help))
-
-
-@main.command()
-@_knob_options
-@click.option("--runs", type=click.IntRange(min=1), default=None,
-              help="Timed repeats to average (default: keep the stored baseline, else 1)")
-def baseline(runs: int | None, **flags) -> None:
-    """The fixed sliding-window-recompute baseline, written once and reused."""
-    stages.run_stages(_settings(**flags), ["baseline"], runs=runs)
-
-
-@main.command()
-@_knob_options
-@click.option("--gen-tokens", "mit_bench_gen_tokens", type=int, default=None,
-              help="Tokens decoded after the C-token prefill  [env MIT_BENCH_GEN_TOKENS, default 512]")
-@click.option("--random-weights", is_flag=True,
-              help="Weights drawn from a fixed seed (timing needs no real ones; recorded in each spec).")
-def bench(random_weights: bool, **flags) -> None:
-    """Decode speed and memory: Start+Recent and Lazy Pruning vs sliding-window recompute."""
-    stages.run_stages(_settings(**flags), ["bench"], random_weights=random_weights)
-
-
-@main.command("mit-reference")
-@_knob_options
-@click.option("--mit-repo", default=None, help="Checkout of mit-han-lab/streaming-llm  [env MIT_REPO]")
-@click.option("--python-bin", default=None,
-              help="Interpreter that runs MIT's script  [env PYTHON_BIN, default this one; `make mit` uses "
-                   ".venv-mit]")
-def mit_reference(**flags) -> None:
-    """MIT streaming-llm's eval_long_ppl.py with our Start+Recent sizes (+ the window-matched variant);
-    exit 1 when a run failed."""
-    if stages.run_stages(_settings(**flags), ["mit"]).failed:
-        sys.exit(1)
+    for option in reversed(stage.options):
+        command = option(command)
+    return click.command(stage.command, help=stage.help)(_knob_options(command))
 
 
 @main.command()

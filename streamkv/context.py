@@ -14,12 +14,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
+from typing import Protocol
 
 from . import assets, console, mit, profiles
 from .profiles import Dataset, Profile
 from .settings import Settings
-from .runspec import RunSpec
 from .spec import DataSpec
 from .store import Store
 
@@ -28,14 +27,24 @@ class StageError(ValueError):
     """A stage that cannot proceed as configured; the CLI prints it as one line."""
 
 
+class Spec(Protocol):
+    """What execution needs of a point's spec (a RunSpec, a mit.MitSpec): its hash, its stored form and the
+    engine `status` lists; its stage's runner computes it (streamkv/experiments: Stage.runner)."""
+
+    engine: str
+
+    def config_hash(self) -> str: ...
+
+    def to_dict(self) -> dict: ...
+
+
 @dataclass(frozen=True)
 class Point:
     slot: str
-    # None: the dataset's DataSpec is unknown (planning without tokenizing). Any spec has config_hash(),
-    # to_dict() and engine; a RunSpec is run by runner.Runner, a mit.MitSpec by mit_runner.MitRunner.
-    spec: RunSpec | mit.MitSpec | None
+    spec: Spec | None         # None: the dataset's DataSpec is unknown (planning without tokenizing)
     display: str = ""         # the label tables and figures print for it
     value: int | None = None  # a sweep point's knob value
+    stage: str = ""           # the stage that planned it (plans.plan): its runner computes it
 
 
 # Here rather than with the other slot names in plans.py, which imports this module: Context.mit needs it

@@ -1,21 +1,22 @@
 """Where a stage's units of work run: this process, worker processes on this host, or a Slurm array job.
 
-- in the stage's own process (one worker, no --gpus): streamkv/stages.py, the model loaded once, engine
-  progress bars shown;
-- `local` with --workers N and/or --gpus all|0,1,3: N worker processes started by submitit's LocalExecutor,
-  worker k pinned to GPU gpus[k % len(gpus)] through CUDA_VISIBLE_DEVICES (without --gpus the workers
-  run on the CPU: CUDA is hidden from them);
-- `slurm`: one array job per stage through submitit's SlurmExecutor (partition, time, GPUs per task and
-  account from the flags or STREAMKV_SLURM_*), --workers tasks (default: one per unit).
+Every executor runs streamkv/worker.py's Worker over the units (claims, done checks, copies of equal
+results, computation, results by slot and config_hash) and returns its report (what happened to each slot):
+- `InProcess` (one worker, no --gpus; and always for a stage that runs here, `Stage.here`: MIT's
+  reference): one Worker in the stage's own process, the model loaded once, engine progress bars shown;
+- `Workers`, `local` with --workers N and/or --gpus all|0,1,3: N worker processes started by submitit's
+  LocalExecutor, worker k pinned to GPU gpus[k % len(gpus)] through CUDA_VISIBLE_DEVICES (without --gpus
+  the workers run on the CPU: CUDA is hidden from them);
+- `Workers`, `slurm`: one array job per stage through submitit's SlurmExecutor (partition, time, GPUs per
+  task and account from the flags or STREAMKV_SLURM_*), --workers tasks (default: one per unit).
 
-Every worker gets every unit (streamkv/worker.py: claims, done checks, results by slot and config_hash),
-so workers never collide, and this process only watches: it shows one progress bar over all points
-(counting results as they land in the shared results/ directory), echoes the workers' lines from their
-submitit logs, and when the workers are gone submits the points still missing again, at most
-`retries` times (a worker that was killed, failed or preempted; submitit itself requeues a Slurm task
-that is preempted or times out). The queue is watched with squeue, not sacct: a small cluster often has
-no accounting database. A Slurm partition without a responding node fails the stage in one line once
-`NODE_GRACE_S` has passed, keeping what was finished; a re-run computes the rest.
+Every submitted worker gets every unit, so workers never collide, and this process only watches: it shows
+one progress bar over all points (counting results as they land in the shared results/ directory), echoes
+the workers' lines from their submitit logs, and when the workers are gone submits the points still missing
+again, at most `retries` times (a worker that was killed, failed or preempted; submitit itself requeues a
+Slurm task that is preempted or times out). The queue is watched with squeue, not sacct: a small cluster
+often has no accounting database. A Slurm partition without a responding node fails the stage in one line
+once `NODE_GRACE_S` has passed, keeping what was finished; a re-run computes the rest.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .confined import shown
 from .console import say
 from .settings import Settings, SettingsError
 from .store import Store
-from .worker import Task, Unit
+from .worker import DONE, Task, Unit, Worker, settled, written
 
 EXECUTORS = ("local", "slurm")
 SUBMITIT = ".submitit"
@@ -53,7 +54,7 @@ class Options:
     gpus_per_task: int = 0
     account: str | None = None
     python: str | None = None            # slurm: how tasks start Python, e.g. through apptainer
-    cpu_threads: int = 1                 # torch CPU threads of every worker (CPU_THREADS)
+    settings: Settings = Settings()      # what every worker runs with (CPU_THREADS among them)
 
     @property
     def in_process(self) -> bool:
@@ -93,7 +94,7 @@ def options(settings: Settings) -> Options:
         raise SettingsError("--gpus pins local workers; on Slurm ask for GPUs with --slurm-gpus-per-task")
     return Options(settings.executor, settings.workers, gpus, settings.retries, settings.slurm_partition,
                    settings.slurm_time, settings.slurm_gpus_per_task, settings.slurm_account, settings.slurm_python,
-                   settings.cpu_threads)
+                   settings)
 
 
 def worker_count(opts: Options, n_units: int) -> int:
@@ -102,35 +103,74 @@ def worker_count(opts: Options, n_units: int) -> int:
     return len(opts.gpus) if opts.executor == "local" and opts.gpus else (n_units if opts.executor == "slurm" else 1)
 
 
-def run(store: Store, units: list[Unit], opts: Options, bar: tqdm) -> None:
-    """Compute every unit on workers (module doc); returns when each point has its result, else raises
-    StageError. One worker without --gpus runs in the stage's own process instead (streamkv/stages.py)."""
+class InProcess:
+    """One Worker in the stage's own process. `runner` (tests) replaces the runner of RunSpecs."""
+
+    def __init__(self, settings: Settings, runner=None):
+        self.settings, self.runner = settings, runner
+
+    def split(self, n_units: int) -> int:
+        """Token ranges of a recompute baseline: none, one worker computes it whole."""
+        return 1
+
+    def run(self, store: Store, units: list[Unit], bar: tqdm) -> dict[str, str]:
+        return Worker(store, self.settings, bar=bar, runner=self.runner).work(units)
+
+
+class Workers:
+    """Submitted workers (module doc): local processes or a Slurm array."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+
+    def split(self, n_units: int) -> int:
+        """Token ranges of a recompute baseline: one per worker."""
+        return worker_count(self.opts, n_units)
+
+    def run(self, store: Store, units: list[Unit], bar: tqdm) -> dict[str, str]:
+        return run(store, units, self.opts, bar)
+
+
+def executor(settings: Settings, *, runner=None) -> InProcess | Workers:
+    """The executor the settings ask for (--executor, --workers, --gpus); `runner`: in process, with it."""
+    if runner is not None:
+        return InProcess(settings, runner)
+    opts = options(settings)
+    return InProcess(settings) if opts.in_process else Workers(opts)
+
+
+def run(store: Store, units: list[Unit], opts: Options, bar: tqdm) -> dict[str, str]:
+    """Settle every unit on submitted workers (module doc); returns their merged reports once each point has
+    its result, else raises StageError."""
     if opts.in_process:
-        raise ValueError("one local worker without --gpus runs in the stage's process, not through submitit")
+        raise ValueError("one local worker without --gpus runs in the stage's process (InProcess)")
     backend = _Slurm(store, opts) if opts.executor == "slurm" else _Local(store, opts)
-    base = bar.n        # points done before these units (reused, copied)
+    base = bar.n        # points done before these units (reused)
+    report: dict[str, str] = {}
     for attempt in range(opts.retries + 1):
-        missing = [u for u in units if not _point_done(store, u)]
+        missing = [u for u in units if not settled(store, u)]
         if not missing:
-            return
+            return report
         if attempt:
             say(f"{len({u.slot for u in missing})} points missing after attempt {attempt}: submitting them again "
                  f"(attempt {attempt + 1} of {opts.retries + 1})")
         backend.submit(missing, min(worker_count(opts, len(missing)), len(missing)))
         backend.wait(lambda: _show(store, units, bar, base))
-    missing = sorted({u.slot for u in units if not _point_done(store, u)})
+        for slot, what in backend.reports():
+            if what != DONE or slot not in report:   # what a worker did beats another's "found it done"
+                report[slot] = what
+    missing = sorted({u.slot for u in units if not settled(store, u)})
     if missing:
         raise StageError(f"{len(missing)} points still missing after {opts.retries + 1} attempts "
                          f"({', '.join(missing)}): {backend.failure() or 'the workers ended without them'}; "
                          "finished points are kept, a re-run computes the rest")
-
-
-def _point_done(store: Store, unit: Unit) -> bool:
-    return store.lookup(unit.slot, unit.config_hash, allow_stale=False) is not None
+    return report
 
 
 def _show(store: Store, units: list[Unit], bar: tqdm, base: int) -> None:
-    landed = len({u.slot for u in units if _point_done(store, u)})
+    points = {u.config_hash: u for u in units}.values()   # a split point's ranges are one point
+    landed = sum(written(store, slot, u.config_hash, planned) for u in points
+                 for slot, planned in ((u.slot, u.planned), *u.copies))
     if base + landed > bar.n:
         bar.update(base + landed - bar.n)
 
@@ -161,6 +201,14 @@ class _Backend:
             for line in complete.decode(errors="replace").splitlines():
                 if line.startswith("worker "):
                     say(line)
+
+    def reports(self) -> list[tuple[str, str]]:
+        """(slot, what happened) from every worker that returned (Worker.work); a killed one left none."""
+        found = []
+        for job in self.jobs:
+            if Path(job.paths.result_pickle).exists() and job.exception() is None:
+                found += list(job.result().items())
+        return found
 
     def failure(self) -> str | None:
         """What the first failed worker left: its error's last line, or that it left no result at all.
@@ -200,7 +248,7 @@ class _Local(_Backend):
             visible = () if gpu is None else (gpu,)
             executor.update_parameters(timeout_min=self.opts.time_min, gpus_per_node=len(visible),
                                        visible_gpus=visible)
-            self.jobs.append(executor.submit(Task(self.opts.cpu_threads, shared), str(self.store.root), units, k,
+            self.jobs.append(executor.submit(Task(self.opts.settings, shared), str(self.store.root), units, k,
                                              count))
 
     def wait(self, show) -> None:
@@ -231,7 +279,7 @@ class _Slurm(_Backend):
         executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
         root = str(self.store.root.resolve())
         try:
-            self.jobs = executor.map_array(Task(self.opts.cpu_threads), [root] * count, [units] * count, range(count), [count] * count)
+            self.jobs = executor.map_array(Task(self.opts.settings), [root] * count, [units] * count, range(count), [count] * count)
         except (subprocess.CalledProcessError, OSError) as err:
             raise StageError(f"slurm: sbatch failed: {_last_line(err)}") from None
         say(f"slurm: submitted array job {self.jobs[0].job_id.split('_')[0]} ({count} tasks)")

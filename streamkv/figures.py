@@ -62,9 +62,9 @@ def _provenance(cells: list[Cell]) -> str:
 
 def cache_len_figure(lookup: Lookup, spec: TablesSpec) -> tuple[Figure, list[Cell]] | None:
     """Strict vs lazy on the long dataset: whole stream on the left, its first few prune cycles on the right."""
-    if not spec.main:
+    if not spec.rows.get("main"):
         return None
-    lines = spec.main[0].lines
+    lines = spec.rows["main"][0].lines
     cells = [lookup(line.slot) for line in lines]
     if None in cells:
         log.info("%s not drawn: one of %s is missing", CACHE_LEN, ", ".join(line.slot for line in lines))

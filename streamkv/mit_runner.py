@@ -17,15 +17,15 @@ import os
 import re
 import subprocess
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-from . import assets, fingerprint
+from . import assets
 from .console import say
 from .mit import SCRIPT, MitSpec, checkout, code_sha256
+from .recorder import Recorder
 from .settings import Settings
 from .spec import ModelSpec
-from .store import Store, nll_bytes
+from .store import Store
 
 LOG_TAIL_LINES = 200
 
@@ -82,13 +82,21 @@ class MitFailure(RuntimeError):
     """The MIT script failed; the message is the stage's one line."""
 
 
-class MitRunner:
+def make(store: Store, settings: Settings, *, progress: bool, device_shared_by: int) -> MitRunner:
+    """A worker's runner of MitSpecs (streamkv/experiments: the mit stage's runner): MIT's script shows its own output and
+    records no device placement of ours."""
+    return MitRunner(store, settings)
+
+
+class MitRunner(Recorder):
     """Runs MIT points one after another (the stage's runner for MitSpecs)."""
 
+    kind = "mit_reference"
+
     def __init__(self, store: Store, settings: Settings):
-        self.store, self.python = store, settings.python_bin
+        super().__init__(store)
+        self.python = settings.python_bin
         self.repo = checkout(settings.mit_repo)
-        self._fingerprint: dict | None = None
 
     def run(self, slot: str, spec: MitSpec) -> Path:
         """Run the script once and write the slot's JSON; MitFailure (and no JSON) when it fails."""
@@ -132,25 +140,15 @@ class MitRunner:
         if len(nll) != spec.expected_predictions:
             limitations.append(f"It scored {len(nll)} tokens; our runs on this dataset score "
                                f"{spec.expected_predictions}.")
-        self._fingerprint = self._fingerprint or fingerprint.collect()
-        result = {
-            "kind": "mit_reference",
-            "slot": slot,
-            "config_hash": spec.config_hash(),
-            "spec": spec.to_dict(),
-            "fingerprint": self._fingerprint,
-            "metrics": {"perplexity": ppl, "nll_sum": nll_sum, "n_predicted_tokens": len(nll),
-                        # exp(mean) of the logged NLLs in fp64: agrees with MIT's own number to its rounding
-                        "perplexity_from_log": math.exp(nll_sum / len(nll)),
-                        **({"mit_reported": reported} if reported else {})},
-            "mit": {"repository": str(self.repo), **spec.provenance, "python": self.python,
-                    "command": command[1:], "matches": spec.matches},
-            "limitations": limitations,
-            # The guide: MIT numbers stay out of the main table unless verified in this environment.
-            "use_in_main_table": False,
-            "artifacts": {"log": log.name},
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        self.store.write(result, nll=nll_bytes(nll))
+        metrics = {"perplexity": ppl, "nll_sum": nll_sum, "n_predicted_tokens": len(nll),
+                   # exp(mean) of the logged NLLs in fp64: agrees with MIT's own number to its rounding
+                   "perplexity_from_log": math.exp(nll_sum / len(nll)),
+                   **({"mit_reported": reported} if reported else {})}
+        self.record(slot, spec, metrics, nll,
+                    mit={"repository": str(self.repo), **spec.provenance, "python": self.python,
+                         "command": command[1:], "matches": spec.matches},
+                    limitations=limitations,
+                    # The guide: MIT numbers stay out of the main table unless verified in this environment.
+                    use_in_main_table=False, artifacts={"log": log.name})
         say(f"mit-reference: {slot}: PPL {ppl:.3f}")
         return path

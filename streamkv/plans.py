@@ -1,7 +1,10 @@
-"""Plans: each stage's Points (slot, spec), from the profile and the knobs.
+"""Plans: the Points (slot, spec) of the named stages, from the profile and the knobs.
 
-A plan is the list of Points a stage fills: streamkv/stages.py computes what the store lacks, and
-streamkv/reports.py takes the tables' rows and curves from the same plans. Slots (docs/ARCHITECTURE.md):
+Each stage plans its own points (streamkv/experiments/, one module per stage, one registry); this module
+holds what several share (the engines and timing protocol of a streaming point, its variant slots, the row
+lines of a table) and `plan`, which puts the baselines a stage is compared against in front of it. A plan
+is what streamkv/stages.py computes and what streamkv/reports.py takes the tables' rows and curves from.
+Slots (docs/ARCHITECTURE.md):
   baselines/{dataset}                      the fixed sliding-window-recompute baseline, both datasets
   main/{dataset}/{strict,lazy}             both datasets
   ablations/{long}/{label}                 the profile's ladder on the long dataset
@@ -18,13 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import engines
+from . import engines, experiments, tables
 from .context import Context, Point, StageError, classify, variant_slot
-from .profiles import Dataset, Variant
+from .profiles import Dataset
 from .settings import Settings
 from .runspec import RunSpec
 from .spec import MeasureSpec
-from .store import Store
 
 BASELINE_DISPLAY = "Baseline (sliding-window recompute)"
 
@@ -51,7 +53,7 @@ def with_engines(ctx: Context, draft: RunSpec, engine: str | None = None) -> Run
         timing_tokens=0 if own else ctx.profile.timing_tokens, timing_engine="" if own else timing))
 
 
-def streaming_spec(ctx: Context, dataset: Dataset, variant: Variant) -> RunSpec | None:
+def streaming_spec(ctx: Context, dataset: Dataset, variant) -> RunSpec | None:
     policy = ctx.profile.policy(variant)   # a bad knob fails here, with or without the DataSpec
     data = ctx.data(dataset)
     if data is None:
@@ -61,139 +63,45 @@ def streaming_spec(ctx: Context, dataset: Dataset, variant: Variant) -> RunSpec 
     return with_engines(ctx, draft)
 
 
-def _stored_spec(store: Store, slot: str) -> RunSpec | None:
-    try:
-        return RunSpec.from_dict(store.read(store.path(slot))["spec"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def plan_baseline(ctx: Context, runs: int | None = None, datasets: tuple[Dataset, ...] | None = None) -> list[Point]:
-    """The recompute baseline per dataset. Without `runs`, a stored baseline that differs only in its
-    repeat count is the one wanted: the baseline is fixed and reused, not re-timed per REPEAT_RUNS."""
-    points = []
-    for d in datasets or ctx.profile.datasets:
-        slot = f"baselines/{d.name}"
-        data = ctx.data(d)
-        spec = None if data is None else RunSpec(
-            model=ctx.model, data=data, mode="baseline", policy=ctx.profile.baseline_policy(), engine="recompute",
-            device=ctx.profile.device,
-            # No warm-up run: one baseline run recomputes a full window per token for the whole stream
-            # (PG19: minutes), and its TPOT is a mean over thousands of steps, the first few included.
-            measure=MeasureSpec(0, runs or 1), recompute_batch=ctx.settings.recompute_batch)
-        stored = _stored_spec(ctx.store, slot)
-        if spec is not None and runs is None and stored is not None \
-                and dataclasses.replace(stored, measure=spec.measure) == spec:
-            spec = stored
-        points.append(Point(slot, spec, BASELINE_DISPLAY))
-    return points
-
-
-def _variant_points(ctx: Context, stage: str, dataset: Dataset, variants) -> list[Point]:
+def variant_points(ctx: Context, stage: str, dataset: Dataset, variants) -> list[Point]:
+    """One streaming point per profile Variant, in slots stage/dataset/label."""
     return [Point(variant_slot(stage, dataset, v.label), streaming_spec(ctx, dataset, v), v.display, v.value)
             for v in variants]
 
 
-def plan_main(ctx: Context, datasets: tuple[Dataset, ...] | None = None) -> list[Point]:
-    return [p for d in datasets or ctx.profile.datasets
-            for p in _variant_points(ctx, "main", d, ctx.profile.main_variants())]
+def lines(points: list[Point]) -> tuple[tables.Line, ...]:
+    """Table rows (figure curves) of points: their labels and slots, from the plan itself."""
+    return tuple(tables.Line(p.display, p.slot, p.value) for p in points)
 
 
-def plan_ablations(ctx: Context) -> list[Point]:
-    ladder = ctx.profile.ablations(ctx.settings.run_quality_heuristics)
-    return _variant_points(ctx, "ablations", ctx.profile.long, ladder)
-
-
-def sweep_points(ctx: Context) -> dict[str, list[Point]]:
-    return {knob: _variant_points(ctx, "sweeps", ctx.profile.long, variants)
-            for knob, variants in ctx.profile.sweeps(ctx.settings.run_quality_heuristics).items()}
-
-
-def plan_sweeps(ctx: Context) -> list[Point]:
-    return [p for points in sweep_points(ctx).values() for p in points]
-
-
-# The engine comparison of the bench: the seed's style of decoding (HF forward, DynamicCache, eviction by
-# re-slicing the cache) beside the ring-buffer engine, each timing itself on the same tokens.
-BENCH_ENGINES = (("decode", "streaming", "HF decode"), ("fast", "fast", "fast (ring buffer)"))
-
-
-def plan_bench(ctx: Context) -> list[Point]:
-    """Decode speed and memory of each method on the first C + N + 1 tokens of each stream (N =
-    MIT_BENCH_GEN_TOKENS): one prefill forward of C tokens, then N tokens decoded one per forward, fed from
-    the stream (teacher forcing: a forward costs the same whichever token it is fed, and every method
-    decodes the very same tokens). The seed guide filled this role with MIT's benchmark_streaming.py;
-    here the paper's own engines do it: the decode engine for Start+Recent and Lazy Pruning (it times
-    itself), the recompute engine for the baseline. Each is an ordinary point with its own spec.
-    On the long stream, the engine comparison (`bench_engine_points`) adds no eviction and the fast engine."""
-    p, points = ctx.profile, []
-    for d in p.datasets:
-        data = _bench_data(ctx, d)
-        points += _bench_points(ctx, d, data, "decode", p.main_variants())
-        spec = None if data is None else RunSpec(mode="baseline", policy=p.baseline_policy(), engine="recompute",
-                                                 model=ctx.model, data=data, device=p.device, measure=_bench_timing(ctx),
-                                                 recompute_batch=ctx.settings.recompute_batch)
-        points.append(Point(f"mit_bench/{d.name}_benchmark_recompute", spec, BASELINE_DISPLAY))
-    return points + [pt for row in bench_engine_points(ctx) for pt in row[1]]
-
-
-def bench_engine_points(ctx: Context) -> list[tuple[str, list[Point]]]:
-    """(engine display, its points: no eviction, then the main variants) per engine of BENCH_ENGINES."""
-    d = ctx.profile.long
-    data = _bench_data(ctx, d)
-    return [(display, _bench_points(ctx, d, data, engine, ctx.profile.engine_variants()))
-            for engine, _, display in BENCH_ENGINES]
-
-
-def _bench_data(ctx: Context, d: Dataset):
-    return ctx.data(dataclasses.replace(d, max_tokens=ctx.profile.cap_total + ctx.settings.mit_bench_gen_tokens + 1))
-
-
-def _bench_timing(ctx: Context) -> MeasureSpec:
-    return MeasureSpec(warmup_runs=warmup_runs(ctx), repeat_runs=ctx.settings.repeat_runs)
-
-
-def _bench_points(ctx: Context, d: Dataset, data, engine: str, variants) -> list[Point]:
-    stem = next(stem for name, stem, _ in BENCH_ENGINES if name == engine)
-    p = ctx.profile
-    return [Point(f"mit_bench/{d.name}_benchmark_{stem}_{v.label}", None if data is None else RunSpec(
-                mode="streaming", policy=p.policy(v), position_mode=v.position_mode, rerotation=v.rerotation,
-                engine=engine, model=ctx.model, data=data, device=p.device, measure=_bench_timing(ctx)), v.display)
-            for v in variants]
-
-
-def plan_mit(ctx: Context) -> list[Point]:
-    return [Point(m.slot, m.spec, m.reference.display) for m in ctx.mit()]
-
-
-PLANNERS = {"main": plan_main, "ablations": plan_ablations, "sweeps": plan_sweeps, "bench": plan_bench,
-            "mit": plan_mit}
-COMPARED_WITH_BASELINE = ("main", "ablations", "sweeps")
+def baseline_line(ctx: Context, dataset: Dataset) -> tables.Line:
+    """The row of the dataset's recompute baseline, which every compared block shows first."""
+    return lines(experiments.get(experiments.BASELINE).plan(ctx, datasets=(dataset,)))[0]
 
 
 def paper_stages(settings: Settings) -> tuple[str, ...]:
-    """What `paper` runs and the tables show: RUN_ABLATIONS / RUN_SWEEPS switch those stages off,
-    RUN_MIT_REFERENCE / RUN_MIT_BENCH switch the optional ones on."""
-    s = settings
-    return (("baseline", "main") + ("ablations",) * s.run_ablations + ("sweeps",) * s.run_sweeps
-            + ("mit",) * s.run_mit_reference + ("bench",) * s.run_mit_bench)
+    """What `paper` runs and the tables show: the registry's stages whose switch (RUN_ABLATIONS, ...) is on."""
+    return tuple(s.name for s in experiments.enabled(settings))
 
 
-def plan(ctx: Context, names, *, runs: int | None = None) -> list[Point]:
-    """Points of the named stages, the baselines they compare against first, each slot once."""
-    needs_baseline = "baseline" not in names and any(n in COMPARED_WITH_BASELINE for n in names)
-    points = _required_baselines(ctx, names) if needs_baseline else []
-    for name in names:
-        points += plan_baseline(ctx, runs) if name == "baseline" else PLANNERS[name](ctx)
+def plan(ctx: Context, names, **options) -> list[Point]:
+    """Points of the named stages, the baselines they compare against first, each slot once. `options` go
+    to each named stage's plan (a single stage's command options, e.g. the baseline's --runs)."""
+    stages = [experiments.get(n) for n in names]
+    compared = {s.compared_with for s in stages} - {None}
+    points = _required_baselines(ctx, compared) if compared and experiments.BASELINE not in names else []
+    for stage in stages:
+        points += [dataclasses.replace(p, stage=stage.name) for p in stage.plan(ctx, **options)]
     unique = {}
     for p in points:
         unique.setdefault(p.slot, p)
     return list(unique.values())
 
 
-def _required_baselines(ctx: Context, names) -> list[Point]:
-    datasets = ctx.profile.datasets if "main" in names else (ctx.profile.long,)
-    points = plan_baseline(ctx, datasets=datasets)
+def _required_baselines(ctx: Context, compared: set[str]) -> list[Point]:
+    datasets = ctx.profile.datasets if "all" in compared else (ctx.profile.long,)
+    points = [dataclasses.replace(p, stage=experiments.BASELINE)
+              for p in experiments.get(experiments.BASELINE).plan(ctx, datasets=datasets)]
     s = ctx.settings
     if s.auto_baseline or s.force:
         return points

@@ -8,47 +8,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import figures, tables
+from . import experiments, figures, tables
 from .console import say
-from .context import Context, Point, classify, context, variant_slot
-from .plans import bench_engine_points, paper_stages, plan, plan_ablations, plan_baseline, plan_main, sweep_points
-from .profiles import SWEEP_SYMBOLS, Profile
+from .context import Context, classify, context
+from .plans import paper_stages, plan
+from .profiles import Profile
 from .settings import Settings, default_results_dir
 from .store import Store
 
 
 def tables_spec(ctx: Context) -> tables.TablesSpec:
-    """The slots and labels of every table row and figure curve, taken from the plan itself."""
-    profile, names = ctx.profile, paper_stages(ctx.settings)
-
-    def lines(points: list[Point]) -> tuple[tables.Line, ...]:
-        return tuple(tables.Line(p.display, p.slot, p.value) for p in points)
-
-    baseline = {d.name: lines(plan_baseline(ctx, datasets=(d,)))[0] for d in profile.datasets}
-    long = profile.long.name
+    """The slots and labels of every table row and figure curve, taken from the plan itself: the rows of
+    each enabled stage that feeds a table (streamkv/experiments)."""
+    profile = ctx.profile
     return tables.TablesSpec(
         profile=profile.name, model=profile.model_display,
-        long=tables.Dataset(long, profile.long.display, profile.long.source, profile.long.cite),
+        long=tables.Dataset(profile.long.name, profile.long.display, profile.long.source, profile.long.cite),
         short=tables.Dataset(profile.short.name, profile.short.display, profile.short.source, profile.short.cite),
         cap_total=profile.cap_total, n_sink=profile.n_sink, lazy_r=profile.lazy_r,
-        main=tuple(tables.Block(d.display, baseline[d.name], lines(plan_main(ctx, (d,)))) for d in profile.datasets),
-        ablations=tables.Block(None, baseline[long], lines(plan_ablations(ctx))) if "ablations" in names else None,
-        sweeps=tuple(tables.Block(SWEEP_SYMBOLS[knob], baseline[long], lines(points), knob)
-                     for knob, points in sweep_points(ctx).items()) if "sweeps" in names else (),
+        rows={s.name: s.rows(ctx) for s in experiments.enabled(ctx.settings) if s.tables},
         timing_indicative=not profile.device.startswith("cuda"),
         random_weights=ctx.random_weights,
-        mit=_mit_comparisons(ctx) if "mit" in names else (),
-        engines=tuple(tables.EngineRow(profile.long.display, display, lines(points[:1])[0], lines(points[1:]))
-                      for display, points in bench_engine_points(ctx)) if "bench" in names else (),
     )
-
-
-def _mit_comparisons(ctx: Context) -> tuple[tables.Comparison, ...]:
-    """Each MIT reference beside the main point of ours with the same sinks and recent window."""
-    ours = {p.slot: tables.Line(p.display, p.slot) for p in plan_main(ctx)}
-    return tuple(tables.Comparison(m.dataset.display, tables.Line(m.reference.display, m.slot),
-                                   ours[variant_slot("main", m.dataset, m.reference.ours)], m.spec.provenance)
-                 for m in ctx.mit())
 
 
 @dataclass

@@ -13,24 +13,32 @@ re-time them.
 from __future__ import annotations
 
 import statistics
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from . import assets, compile_cache, engines, fingerprint, metrics, shards, timing
+from . import assets, compile_cache, engines, metrics, shards, timing
 from .engines.base import EngineResult
 from .policies import build_schedule
+from .recorder import Recorder
 from .runspec import RunSpec
+from .settings import Settings
 from .spec import SpecError
-from .store import Store, nll_bytes
+from .store import Store
 
 
-class Runner:
+def make(store: Store, settings: Settings, *, progress: bool, device_shared_by: int) -> Runner:
+    """A worker's runner of RunSpecs (streamkv/experiments: Stage.runner)."""
+    return Runner(store, progress=progress, cpu_threads=settings.cpu_threads, device_shared_by=device_shared_by)
+
+
+class Runner(Recorder):
     """Runs specs one after another, keeping the last model loaded: a stage runs many points on one."""
 
+    kind = "run"
+
     def __init__(self, store: Store, *, progress: bool = True, cpu_threads: int = 1, device_shared_by: int = 1):
-        self.store = store
+        super().__init__(store)
         self.progress = progress
         self.device_shared_by = device_shared_by   # recorded in every result's metrics (schema.Metrics)
         # Explicit, never torch's default; the fingerprint records it (fingerprint.collect).
@@ -39,7 +47,6 @@ class Runner:
         compile_cache.configure(store.root)
         self._loaded: tuple | None = None          # (ModelSpec, device, model)
         self._tokenizers: dict = {}                # ModelSpec -> tokenizer, loaded on first text stream
-        self._fingerprint: dict | None = None
 
     def _model(self, spec: RunSpec):
         if self._loaded is None or self._loaded[:2] != (spec.model, spec.device):
@@ -99,27 +106,18 @@ class Runner:
         # Every method must score the same tokens (DESIGN: honest numbers); an engine that does not is a bug.
         if quality.nll.numel() != n_tokens - 1:
             raise RuntimeError(f"engine {spec.engine} scored {quality.nll.numel()} tokens, expected {n_tokens - 1}")
-        if self._fingerprint is None:
-            self._fingerprint = fingerprint.collect()
-        result = {
-            "kind": "run",
-            "slot": slot,
-            "config_hash": spec.config_hash(),
-            "spec": spec.to_dict(),
-            "code": spec.code_identity(),
+        result_metrics = {**_metrics(spec, model.config, schedule, quality, timed),
+                          "device_shared_by": self.device_shared_by}
+        return self.record(
+            slot, spec, result_metrics, quality.nll.float().tolist(), output=output,
+            # recompute keeps no cache between steps, so it has no curve to record
+            cache_len=list(quality.cache_len_after_step) or None, repeats=result_metrics["repeat_runs"],
+            code=spec.code_identity(),
             # The loaded weights' dtype, as torch spells it: compare() reads it as a dtype. The compile
             # cache's counts are this process's so far, hence read at every write.
-            "fingerprint": {**self._fingerprint, "dtype": str(next(model.parameters()).dtype),
-                            "compile_cache": compile_cache.record()},
-            "metrics": {**_metrics(spec, model.config, schedule, quality, timed),
-                        "device_shared_by": self.device_shared_by},
-            "engines": {"perplexity": quality.engine, "timing": timing_engine},
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        repeats = result["metrics"]["repeat_runs"]
-        return self.store.write(result, nll=nll_bytes(quality.nll.float().tolist()),
-                                # recompute keeps no cache between steps, so it has no curve to record
-                                cache_len=list(quality.cache_len_after_step) or None, repeats=repeats, path=output)
+            fingerprint={**self.fingerprint, "dtype": str(next(model.parameters()).dtype),
+                         "compile_cache": compile_cache.record()},
+            engines={"perplexity": quality.engine, "timing": timing_engine})
 
     def _evaluate(self, model, ids: torch.Tensor, spec: RunSpec, schedule):
         """(EngineResult giving the perplexity, timed EngineResults, timing engine name), per the timing

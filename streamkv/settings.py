@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from . import experiments
 from .assets import REPO
 from .confined import kind, shown
 
@@ -88,6 +89,7 @@ class Settings:
     # and scheduler noise; ours is its recommended stable setting (streamkv/timing.py).
     warmup_runs: int = 1
     repeat_runs: int = 3
+    # The stages' switches (streamkv/experiments names each Stage.switch; its env knob is the name upper-cased).
     run_sweeps: bool = True
     run_ablations: bool = True
     run_quality_heuristics: bool = False         # Slack/Max_Drop ablations and the σ/δ sweeps
@@ -159,8 +161,6 @@ KNOBS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "REPEAT_RUNS": ("repeat_runs", _int),
     "CPU_THREADS": ("cpu_threads", _int),
     "RECOMPUTE_BATCH": ("recompute_batch", _int),
-    "RUN_SWEEPS": ("run_sweeps", _bool),
-    "RUN_ABLATIONS": ("run_ablations", _bool),
     "RUN_QUALITY_HEURISTICS": ("run_quality_heuristics", _bool),
     "SWEEP_R_VALUES": ("sweep_r_values", _ints),
     "SWEEP_SIGMA_VALUES": ("sweep_sigma_values", _ints),
@@ -168,8 +168,6 @@ KNOBS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "ALLOW_STALE_RESULTS": ("allow_stale_results", _bool),
     "STRICT_BASELINE_CHECK": ("strict_baseline_check", _bool),
     "AUTO_BASELINE": ("auto_baseline", _bool),
-    "RUN_MIT_REFERENCE": ("run_mit_reference", _bool),
-    "RUN_MIT_BENCH": ("run_mit_bench", _bool),
     "MIT_BENCH_GEN_TOKENS": ("mit_bench_gen_tokens", _int),
     "MIT_REPO": ("mit_repo", _str),
     "BASELINE_SINK": ("baseline_sink", _int),
@@ -191,6 +189,8 @@ KNOBS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "STREAMKV_SLURM_GPUS_PER_TASK": ("slurm_gpus_per_task", _int),
     "STREAMKV_SLURM_ACCOUNT": ("slurm_account", _str),
     "STREAMKV_SLURM_PYTHON": ("slurm_python", _str),
+    # Each stage's switch (streamkv/experiments): RUN_ABLATIONS, RUN_SWEEPS, RUN_MIT_REFERENCE, RUN_MIT_BENCH.
+    **{stage.env: (stage.switch, _bool) for stage in experiments.STAGES if stage.switch},
 }
 _ENV_OF = {field: env for env, (field, _) in KNOBS.items()}
 

@@ -2,7 +2,8 @@
 
 Layout under the results directory (RESULTS_DIR, default results/):
 - `baselines/{dataset}` -> baselines/{dataset}_baseline_avg.json (the seed guide's names);
-- `mit_bench/...` and `runs/...` (ad-hoc `streamkv run`) -> <slot>.json at the top;
+- the slots of stages stored at the top (streamkv/experiments: `mit_bench/...`) and `runs/...` (ad-hoc
+  `streamkv run`) -> <slot>.json at the top;
 - every other slot -> paper_experiments/<slot>.json, e.g. paper_experiments/main/pg19/lazy.json.
 Beside a result `<label>.json`: `<label>.nll.f32` (per-token NLL, raw little-endian float32),
 `<label>.cache_len.json` (cache length after every step) and, for REPEAT_RUNS > 1, `<label>.run{k}.json`
@@ -47,13 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from . import locks
+from . import experiments, locks
 from .confined import Refused, Tree, loads
 from .schema import SCHEMA_VERSION, Result, check_derived, validate
 
 RESULT_KINDS = ("run", "mit_reference")
-_TOP_LEVEL = ("mit_bench", "runs")           # slot roots stored as <results>/<slot>.json
-_SCANNED = ("baselines", "paper_experiments") + _TOP_LEVEL
 _ARTIFACT = re.compile(r"\.(cache_len|run\d+)\.json$")
 _TEMP = re.compile(r"^\.(?P<target>.+)\.[^.]+\.tmp$")   # atomic_write's temp names: .<target>.<random>.tmp
 
@@ -161,11 +160,11 @@ class Store:
         parts = slot.split("/")
         if any(p in ("", ".", "..") for p in parts) or len(parts) < 2:
             raise ValueError(f"bad slot {slot!r}")
-        if parts[0] == "baselines" and len(parts) == 2:
-            return self.root / "baselines" / f"{parts[1]}_baseline_avg.json"
-        if parts[0] in _TOP_LEVEL:
+        if parts[0] == experiments.get(experiments.BASELINE).slots and len(parts) == 2:
+            return self.root / parts[0] / f"{parts[1]}_baseline_avg.json"   # the seed guide's name
+        if parts[0] in experiments.top_level():
             return self.root.joinpath(*parts[:-1], f"{parts[-1]}.json")
-        return self.root.joinpath("paper_experiments", *parts[:-1], f"{parts[-1]}.json")
+        return self.root.joinpath(experiments.GRID, *parts[:-1], f"{parts[-1]}.json")
 
     def _tree(self, path: Path) -> Tree:
         """The tree a result path lies in: the results directory, or for `run --output` elsewhere, the
@@ -280,7 +279,7 @@ class Store:
     def sweep(self) -> list[Path]:
         """Tidy every slot that no other process is writing; returns the files removed."""
         results = set()
-        for top in _SCANNED:
+        for top in experiments.result_directories():
             for file, mode in self.tree.walk(self.root / top):
                 name = file.name.lstrip(".")
                 if stat.S_ISREG(mode) and not name.endswith(".lock"):
@@ -378,7 +377,7 @@ class Store:
         """Every result under the results directory; bad files (links and special files among them) are
         reported, never raised."""
         report = ScanReport()
-        for top in _SCANNED:
+        for top in experiments.result_directories():
             try:
                 found = list(self.tree.walk(self.root / top))
             except Refused as e:   # the top directory itself is a link or a file

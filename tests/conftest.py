@@ -115,8 +115,8 @@ def tables_spec(long: tables.Dataset, short: tables.Dataset, *, lazy_r: int, abl
     swept = tuple(tables.Block(SWEEP_SYMBOLS[knob], base(long), tuple(
         tables.Line(f"{SWEEP_SYMBOLS[knob]} = {v}", f"sweeps/{long.name}/{knob}={v}", v) for v in values), knob)
         for knob, values in (sweeps or {}).items())
-    return tables.TablesSpec(long=long, short=short, lazy_r=lazy_r, main=main, ablations=ladder, sweeps=swept,
-                             **fields)
+    rows = {"main": main, "sweeps": swept, **({"ablations": ladder} if ladder else {})}
+    return tables.TablesSpec(long=long, short=short, lazy_r=lazy_r, rows=rows, **fields)
 
 
 def pytest_configure(config):

@@ -28,7 +28,7 @@ def demo_units(results: Path) -> list[worker.Unit]:
     profile = dataclasses.replace(profile, long=dataclasses.replace(profile.long, max_tokens=N_TOKENS))
     ctx = context.context(settings, tokenize=True, profile=profile)
     points = plans.plan(ctx, ["sweeps"])
-    return worker.units_of([(p.slot, p.spec) for p in points], split=2)
+    return worker.units_of([worker.Unit(p.slot, p.spec) for p in points], split=2)
 
 
 def holder(results: Path, key: str) -> int | None:
@@ -101,7 +101,7 @@ def test_workers_placed_on_one_gpu_record_that_they_shared_it(tmp_path, capsys):
     assert "up to 2 share a GPU" in capsys.readouterr().err
     alone = tmp_path / "alone"
     unit = [u for u in demo_units(alone) if u.part is None][0]
-    worker.Worker(Store(alone)).work([unit])      # one worker in the stage's process: alone on its device
+    worker.Worker(Store(alone), Settings()).work([unit])      # one worker in the stage's process: alone on its device
     assert Store(alone).read(Store(alone).path(unit.slot))["metrics"]["device_shared_by"] == 1
 
 

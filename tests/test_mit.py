@@ -284,7 +284,7 @@ def test_patched_checkout_runs_on_our_device_dtype_and_stream_and_the_table_comp
     Store(s.results_dir).write(ours, nll=nll)
     ctx = context.context(s, tokenize=False, profile=profile)
     spec = reports.tables_spec(ctx)
-    assert [(c.reference.slot, c.ours.slot) for c in spec.mit] == [
+    assert [(c.reference.slot, c.ours.slot) for c in spec.rows["mit"]] == [
         ("mit_bench/pg19_mit_reference", "main/pg19/strict"), ("mit_bench/pg19_mit_reference_windowmatch",
                                                               "main/pg19/lazy"),
         ("mit_bench/wikitext_mit_reference", "main/wikitext/strict"),

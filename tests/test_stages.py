@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamkv import assets, context, engines, plans, reports, stages
+from streamkv import assets, context, engines, plans, reports, stages, worker
 from streamkv.engines.contiguous import Unsupported
 from streamkv.policies import PolicySpec, build_schedule
 from streamkv.runspec import RunSpec
@@ -361,3 +361,19 @@ def test_a_changed_tokenizer_invalidates_the_stream_index(fakes, monkeypatch):
     monkeypatch.setattr(assets, "load_stream", lambda *a: calls.append(a) or (None, before))
     points_of(profile, settings(), ["main"])
     assert calls, "the index entry made with the old tokenizer was reused"
+
+
+def test_equal_specs_become_one_unit_whose_other_slots_are_its_copies(fakes):
+    """worker.units_of: each distinct spec is computed once, whatever executor runs it; R = 4 of the sweep
+    is the main lazy point, so it is that unit's copy, and the split baseline's ranges all carry it."""
+    profile, settings = fakes
+    _, points = points_of(profile, settings(), ["main", "sweeps"])
+    todo = [worker.Unit(p.slot, p.spec) for p in points]
+    units = worker.units_of(todo, split=1)
+    assert len(units) == len({p.spec.config_hash() for p in points}) == len(points) - 2
+    lazy = next(u for u in units if u.slot == "main/long/lazy")
+    assert lazy.copies == (("sweeps/long/R=4", None),) and lazy.slots == ("main/long/lazy", "sweeps/long/R=4")
+    bench_like = dataclasses.replace(todo[0], slot="mit_bench/long_benchmark_recompute")   # = baselines/long
+    split = [u for u in worker.units_of([todo[0], bench_like], split=2)]
+    assert len(split) == 2 and {u.part for u in split} == set(split[0].ranges)
+    assert all(u.copies == (("mit_bench/long_benchmark_recompute", None),) for u in split)

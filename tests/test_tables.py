@@ -197,12 +197,12 @@ def test_engine_table_divides_by_the_same_engines_tpot_without_eviction():
                                  cell("f0", 2.5), cell("f1", 2.6, 0.01))}   # f64 missing
     rows = (EngineRow("PG19", "HF decode", Line("No eviction", "d0"), (Line("strict", "d1"), Line("lazy", "d64"))),
             EngineRow("PG19", "fast", Line("No eviction", "f0"), (Line("strict", "f1"), Line("lazy", "f64"))))
-    table = engines.build(cells.get, SimpleNamespace(engines=rows))   # the generator reads spec.engines only
+    table = engines.build(cells.get, SimpleNamespace(rows={"bench": rows}))   # the generator reads the bench rows only
     texts = [[e.text for e in r.entries] for g in table.groups for r in g.rows]
     assert texts[0] == ["HF decode", "20.00 ± 4.00", "22.00", "1.100", "18.00", "0.900"]
     assert texts[1] == ["fast", "2.50", "2.60 ± 0.01", "1.040", "[INSERT DATA]", "[INSERT DATA]"]
     cells["d64"] = Cell("d64", {"tpot_ms": 18.0, "device_shared_by": 2}, "a" * 64)   # timed beside a worker
-    table = engines.build(cells.get, SimpleNamespace(engines=rows))
+    table = engines.build(cells.get, SimpleNamespace(rows={"bench": rows}))
     assert [e.marks for e in table.groups[0].rows[0].entries][3:] == [(), ("shared",), ("shared",)]
     assert table.headers == ("Engine", "No eviction", "strict", "Overhead", "lazy", "Overhead")
     assert "PG19" in table.caption

@@ -6,8 +6,9 @@ applies the reuse and stale rules (see cells.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 from ..files import atomic_write
 from . import ablations, engines, main, mit, negative, sweeps
@@ -78,16 +79,15 @@ class TablesSpec:
     cap_total: int                                 # KV budget C
     n_sink: int                                    # S of the main runs
     lazy_r: int                                    # R of the main Lazy Pruning run
-    main: tuple[Block, ...] = ()                   # one block per dataset, long first: strict, lazy
-    ablations: Block | None = None                 # None: the stage is switched off
-    sweeps: tuple[Block, ...] = ()                 # one block per swept knob; none when switched off
+    # Stage name -> the rows its plan gives its tables (streamkv.experiments: Stage.rows); a stage that is
+    # switched off has none. main: a Block per dataset, long first; ablations: a Block; sweeps: a Block per
+    # swept knob; mit: Comparisons; bench: EngineRows.
+    rows: Mapping[str, Any] = field(default_factory=dict)
     timing_indicative: bool = False                # CPU timings: the paper marks them indicative only
     random_weights: bool = False                   # timing-only weights: a notice on the title page
-    mit: tuple[Comparison, ...] = ()               # MIT reference rows; none when RUN_MIT_REFERENCE=0
-    engines: tuple[EngineRow, ...] = ()            # the bench's engine comparison; none when RUN_MIT_BENCH=0
 
     def sweep(self, knob: str) -> Block | None:
-        return next((b for b in self.sweeps if b.knob == knob), None)
+        return next((b for b in self.rows.get("sweeps", ()) if b.knob == knob), None)
 
 
 # (file stem, generator); a generator returns None when its table has no rows in this plan.

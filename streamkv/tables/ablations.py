@@ -14,7 +14,7 @@ COLUMNS = (TPOT, SPEEDUP, PPL, DELTA_PPL, MAX_KEYS, PRUNES)
 
 
 def build(lookup: Lookup, spec: "TablesSpec") -> Table:
-    block = spec.ablations
+    block = spec.rows.get("ablations")
     groups = () if block is None else (Group(None, (baseline_row(lookup, block, COLUMNS),)),
                                        Group(None, block_rows(lookup, block, COLUMNS)))
     head, align = headers("Variant", COLUMNS)

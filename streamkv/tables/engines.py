@@ -1,6 +1,6 @@
 """engines.tex: TPOT of the decode engines with and without eviction, and the eviction overhead.
 
-One row per engine of the bench's engine comparison (TablesSpec.engines): the seed's style of decoding
+One row per engine of the bench's engine comparison (the bench stage's rows): the seed's style of decoding
 (HF forward with a DynamicCache re-sliced at every prune) and the ring-buffer engine, on the same tokens.
 Eviction overhead = TPOT with eviction / TPOT of the same engine without eviction (R = 0, the cache
 growing from C): it isolates what pruning costs each engine. No rows (RUN_MIT_BENCH=0): no table.
@@ -42,15 +42,16 @@ def _row(lookup: Lookup, row: "EngineRow") -> Row:
 
 
 def build(lookup: Lookup, spec: "TablesSpec") -> Table | None:
-    if not spec.engines:
+    rows = spec.rows.get("bench", ())
+    if not rows:
         return None
-    first = spec.engines[0]
+    first = rows[0]
     headers = ["Engine", first.no_eviction.display]
     for line in first.lines:
         headers += [line.display, "Overhead"]
-    datasets = ", ".join(dict.fromkeys(r.dataset for r in spec.engines))
+    datasets = ", ".join(dict.fromkeys(r.dataset for r in rows))
     caption = (f"Decode engines on the same tokens of {datasets} (prefill C, then the bench's decoded tokens): "
                "TPOT in ms as median ± half range over the timed repeats, and eviction overhead (×) = TPOT with "
                "eviction / TPOT of the same engine without eviction.")
     return Table("engines", "tab:engines", caption, tuple(headers), ("l",) + ("r",) * (len(headers) - 1),
-                 (Group(None, tuple(_row(lookup, r) for r in spec.engines)),))
+                 (Group(None, tuple(_row(lookup, r) for r in rows)),))

@@ -15,7 +15,7 @@ COLUMNS = (TPOT, SPEEDUP, PPL, DELTA_PPL, MEMORY)
 
 def build(lookup: Lookup, spec: "TablesSpec") -> Table:
     groups = tuple(Group(block.title, block_rows(lookup, block, COLUMNS, with_baseline=True))
-                   for block in spec.main)
+                   for block in spec.rows["main"])
     head, align = headers("Method", COLUMNS)
     caption = (f"Main results: {spec.model}, {spec.profile} profile, KV budget C = {spec.cap_total} tokens "
                f"with {spec.n_sink} sinks. TPOT is decode time per token; speedup and ΔPPL are relative to "

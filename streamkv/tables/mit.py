@@ -1,6 +1,6 @@
 """mit_reference.tex (appendix): MIT streaming-llm's own perplexity beside ours, with the difference.
 
-One row per MIT reference point (TablesSpec.mit): MIT's eval_long_ppl.py with our Start+Recent sizes
+One row per MIT reference point (the mit stage's rows): MIT's eval_long_ppl.py with our Start+Recent sizes
 against our Start+Recent point, and the window-matched run (Lazy Pruning's recent window) against Lazy
 Pruning. No rows (RUN_MIT_REFERENCE=0): no table.
 """
@@ -39,8 +39,8 @@ def _row(lookup: Lookup, c: "Comparison") -> Row:
     return Row(entries, f"{trace(c.reference.slot, mit)}; {trace(c.ours.slot, ours)}")
 
 
-def _caption(spec: "TablesSpec") -> str:
-    origin = spec.mit[0].provenance
+def _caption(comparisons: "tuple[Comparison, ...]") -> str:
+    origin = comparisons[0].provenance
     commit = (origin.get("commit") or "unknown commit")[:7]
     patch = (f", with our setup patch {origin['patch']} (GPT-NeoX cache layout, device and dtype options, our stream "
              "file, tokenizer file format; nothing that touches the attention or the eviction)"
@@ -51,7 +51,8 @@ def _caption(spec: "TablesSpec") -> str:
 
 
 def build(lookup: Lookup, spec: "TablesSpec") -> Table | None:
-    if not spec.mit:
+    comparisons = spec.rows.get("mit", ())
+    if not comparisons:
         return None
-    rows = tuple(_row(lookup, c) for c in spec.mit)
-    return Table("mit_reference", "tab:mit", _caption(spec), HEADERS, ALIGN, (Group(None, rows),))
+    rows = tuple(_row(lookup, c) for c in comparisons)
+    return Table("mit_reference", "tab:mit", _caption(comparisons), HEADERS, ALIGN, (Group(None, rows),))

@@ -14,8 +14,9 @@ COLUMNS = (TPOT, SPEEDUP, PPL, DELTA_PPL, MAX_KEYS, PRUNES)
 
 
 def build(lookup: Lookup, spec: "TablesSpec") -> Table:
-    groups = [Group(None, (baseline_row(lookup, spec.sweeps[0], COLUMNS),))] if spec.sweeps else []
-    groups += [Group(f"Sweep over {block.title}", block_rows(lookup, block, COLUMNS)) for block in spec.sweeps]
+    blocks = spec.rows.get("sweeps", ())
+    groups = [Group(None, (baseline_row(lookup, blocks[0], COLUMNS),))] if blocks else []
+    groups += [Group(f"Sweep over {block.title}", block_rows(lookup, block, COLUMNS)) for block in blocks]
     head, align = headers("Setting", COLUMNS)
     caption = (f"Sweeps of Lazy Pruning on {spec.long.display} ({spec.model}, {spec.profile} profile); "
                "each block varies one knob; the KV budget C is the same for every row (auto-cap).")
