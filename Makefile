@@ -103,7 +103,8 @@ $(VENV_TF4)/.installed: requirements-tf4.lock pyproject.toml
 
 test-tf4: $(VENV_TF4)/.installed ## Engine and model tests on the paper's transformers line (4.57.3)
 	$(VENV_TF4)/bin/python -m pytest $(PYTEST_ARGS) tests/test_engines.py tests/test_reference.py \
-		tests/test_parallel.py tests/test_metrics.py tests/test_assets.py tests/test_demo_model.py
+		tests/test_parallel.py tests/test_fast.py tests/test_recompute.py tests/test_score_policies.py \
+		tests/test_metrics.py tests/test_assets.py tests/test_demo_model.py
 
 lint: $(installed) ## hadolint on the Dockerfile (zero findings)
 	$(MAKE) lint-docker

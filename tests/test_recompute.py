@@ -12,6 +12,7 @@ import functools
 
 import pytest
 import torch
+import transformers
 
 from streamkv import compat, shards
 from streamkv.engines.recompute import evaluate_recompute
@@ -103,8 +104,10 @@ def test_a_head_on_the_wrong_position_is_caught(monkeypatch):
 
 
 def test_windows_take_sdpas_causal_path_without_a_mask(monkeypatch):
-    """No padding, so no mask: transformers hands SDPA is_causal=True, which the flash / cuDNN kernels
-    serve on CUDA (an explicit mask would force the slower kernels)."""
+    """No padding, so no mask: transformers 5.x hands SDPA is_causal=True, which the flash / cuDNN kernels
+    serve on CUDA (an explicit mask would force the slower kernels). transformers 4.57 builds an explicit
+    causal mask for these forwards instead (same numbers, slower kernels on CUDA): asserted as such, so the
+    day it skips the mask this test says so."""
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
 
     def recording(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
@@ -117,7 +120,9 @@ def test_windows_take_sdpas_causal_path_without_a_mask(monkeypatch):
     layers = model.config.num_hidden_layers
     # The prefill, then 27 windows in batches of 7, 7, 7, 6: every call causal, none with a mask.
     assert [c[:2] for c in calls[::layers]] == [(1, CAP), (7, CAP), (7, CAP), (7, CAP), (6, CAP)]
-    assert len(calls) == 5 * layers and all(no_mask and causal for _, _, no_mask, causal in calls)
+    causal_without_mask = int(transformers.__version__.split(".")[0]) >= 5
+    assert len(calls) == 5 * layers
+    assert all((no_mask and causal) == causal_without_mask for _, _, no_mask, causal in calls)
 
 
 BASELINE = RunSpec(model=ModelSpec("m", "0" * 40), data=DataSpec("d", "d.json", "f" * 64, 100), mode="baseline",
