@@ -140,10 +140,13 @@ def main(argv=None) -> int:
                "copy_TBps": bandwidth / 1e12, "step_us": step_us, "kernel_us": kernel_us,
                "gaps_us": step_us - kernel_us, "floor_us": floor["matmul"] + floor["attention"],
                "layers": model.config.num_hidden_layers, "by_kind": dict(by_kind), "top_kernels": kernels[:args.top]}
-    text = json.dumps(summary, indent=1)
     if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    # The console gets the per-kind table; the kernel list is in --out.
+    print(f"{summary['device']}: {step_us:.1f} µs a step, kernels {kernel_us:.1f} µs, floor {summary['floor_us']:.1f} µs")
+    for kind, row in by_kind.items():
+        floor_note = f", {row['over_floor']:.2f}x its floor" if "over_floor" in row else ""
+        print(f"  {kind:20s} {row['us_per_step']:8.1f} µs  {row['calls_per_step']:6.1f} kernels{floor_note}")
     return 0
 
 

@@ -57,17 +57,33 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+def no_sync(function):
+    """`function` under CUDA's sync debug mode "error": a host-device sync inside it raises."""
+    def checked(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return checked
+
+
+def assert_decode_equals_reference(ref, dec, schedule) -> None:
+    """Both float64 runs score every predicted token, follow the schedule's cache lengths, and agree at EXACT."""
+    for result in (ref, dec):
+        assert result.nll.shape == (schedule.n_tokens - 1,) and result.nll.dtype == torch.float64
+        assert result.cache_len_after_step == schedule.cache_len_after_step
+    assert max_diff(dec.nll, ref.nll) <= EXACT
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_decode_matches_reference(model_name, case, mode):
     schedule = build_schedule(CASES[case], N_TOKENS)
     assert case == "full" or schedule.n_prunes >= 5, "the case must exercise eviction"
-    ref, dec = run("reference", model_name, case, mode), run("decode", model_name, case, mode)
-    for result in (ref, dec):
-        assert result.nll.shape == (N_TOKENS - 1,) and result.nll.dtype == torch.float64
-        assert result.cache_len_after_step == schedule.cache_len_after_step
-    assert max_diff(dec.nll, ref.nll) <= EXACT
+    assert_decode_equals_reference(run("reference", model_name, case, mode), run("decode", model_name, case, mode),
+                                   schedule)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -128,15 +144,6 @@ def test_composed_fp16_drifts_from_exact(model_name, record_property):
 def test_decode_loop_never_waits_for_the_device(mode, rerotation, monkeypatch):
     """Every forward, loss and prune of the loop runs under CUDA's sync debug mode "error" (setup and
     the final read-back may sync)."""
-    def no_sync(function):
-        def checked(*args, **kwargs):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return function(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        return checked
-
     monkeypatch.setattr(compat, "forward", no_sync(compat.forward))
     monkeypatch.setattr(decode, "nll_from_logits", no_sync(decode.nll_from_logits))
     for shifter in (decode._ExactShift, decode._ComposedShift, decode._NoShift):

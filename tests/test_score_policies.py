@@ -19,6 +19,7 @@ import torch
 from bounds import BROKEN, EXACT
 from streamkv import assets, engines
 from streamkv.policies import H2O, TOVA, PolicySpec, build_schedule, scoring
+from test_engines import assert_decode_equals_reference, max_diff, no_sync
 from tiny_models import MODELS, cached_model, cached_stream, dense_nll
 
 N_TOKENS = 60
@@ -36,10 +37,6 @@ def run(engine: str, model_name: str, name: str, rate: str, mode: str):
     schedule = build_schedule(policy(name, rate), N_TOKENS)
     return engines.get(engine).function(cached_model(model_name), cached_stream(N_TOKENS), schedule,
                                         position_mode=mode, loss_dtype="float64")
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item()
 
 
 # How the oracle turns one dense forward's attention into per-token scores. attention: [layers, heads,
@@ -103,11 +100,8 @@ def _attention(model, ids, seen) -> torch.Tensor:
 def test_decode_matches_reference(model_name, name, rate, mode):
     schedule = build_schedule(policy(name, rate), N_TOKENS)
     assert schedule.n_prunes >= 5, "the case must exercise eviction"
-    ref, dec = run("reference", model_name, name, rate, mode), run("decode", model_name, name, rate, mode)
-    for result in (ref, dec):
-        assert result.nll.shape == (N_TOKENS - 1,) and result.nll.dtype == torch.float64
-        assert result.cache_len_after_step == schedule.cache_len_after_step
-    assert max_diff(dec.nll, ref.nll) <= EXACT
+    assert_decode_equals_reference(run("reference", model_name, name, rate, mode),
+                                   run("decode", model_name, name, rate, mode), schedule)
 
 
 @pytest.mark.parametrize("rate", sorted(RATES))
@@ -175,15 +169,6 @@ def test_policies_differ(model_name):
 def test_scoring_never_waits_for_the_device(name, mode, monkeypatch):
     """Scoring and choosing the kept slots stay on the device: the decode loop's no-sync promise holds
     for score policies too (CUDA's sync debug mode "error" around every attend and prune)."""
-    def no_sync(function):
-        def checked(*args, **kwargs):
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                return function(*args, **kwargs)
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        return checked
-
     for method in ("attend", "prune"):
         monkeypatch.setattr(scoring.Scores, method, no_sync(getattr(scoring.Scores, method)))
     schedule = build_schedule(policy(name, "lazy"), N_TOKENS)
