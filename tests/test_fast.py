@@ -58,9 +58,9 @@ def test_fast_matches_reference(model_name, case, mode):
 
 @pytest.mark.parametrize("case", ["strict", "lazy_drop"])
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-def test_sdpa_decode_attention_matches_reference(model_name, case):
-    """The benchmark's other decode attention (torch's fused SDPA kernels) computes the same function."""
-    got = run_fast(model_name, case, "cache", decode_attention="sdpa")
+def test_split_decode_attention_matches_reference(model_name, case):
+    """The benchmark's other decode attention (split_attention's two reductions) computes the same function."""
+    got = run_fast(model_name, case, "cache", decode_attention="split")
     assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
 
 
@@ -153,14 +153,15 @@ def test_rotary_tables_are_float64_angles():
 
 
 @cuda
+@pytest.mark.parametrize("attention", sorted(fast.DECODE_ATTENTION))
 @pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
 @pytest.mark.parametrize("case", ["strict", "lazy_drop", "full"])
-def test_cuda_graph_matches_reference(case, compile):
-    """The captured step on the GPU, float64 model, against the CPU reference."""
+def test_cuda_graph_matches_reference(case, compile, attention):
+    """The captured step on the GPU, float64 model, against the CPU reference, with each decode attention."""
     m = model("gpt_neox")
     try:
         m.to("cuda")
-        got = run_fast("gpt_neox", case, "cache", graph=True, compile=compile)
+        got = run_fast("gpt_neox", case, "cache", graph=True, compile=compile, decode_attention=attention)
     finally:
         m.to("cpu")
     assert max_diff(got.nll, run_reference("gpt_neox", case, "cache").nll) <= EXACT

@@ -89,10 +89,12 @@ def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def split_attention(query, k, v, mask, scaling):
     """One query per head against every buffer slot, as two reductions (scores over the head dim, output over
-    the slots) in fp32 (float64 for float64 models). Why not SDPA: its kernels give a batch-1, one-query decode one thread block per head
-    (32 blocks on a 132-SM H100), so reading the buffer runs at a fraction of the bandwidth; compiled, these
-    reductions become Triton kernels spread over every (head, slot) and (head, dim). Grouped-query heads
-    share their KV head by a view, never a copy.
+    the slots) in fp32 (float64 for float64 models). The candidate for the decode step's attention (issue
+    17): SDPA's kernels may give a batch-1, one-query decode one thread block per head (32 blocks on a
+    132-SM H100), reading the buffer at a fraction of the bandwidth; compiled, these reductions become
+    Triton kernels spread over every (head, slot) and (head, dim). Grouped-query heads share their KV head
+    by a view, never a copy. Equal to the reference on CPU (tests/test_fast.py); not yet timed on a GPU,
+    so not the default: `scripts/bench_decode.py --engines fast,fast:decode_attention=split` decides.
 
     query [1, H, 1, D], k/v [1, Hkv, C, D], mask [1, C] additive; returns [1, H, 1, D] in v's dtype."""
     heads, kv_heads, dim = query.shape[1], k.shape[1], query.shape[-1]
@@ -104,9 +106,9 @@ def split_attention(query, k, v, mask, scaling):
     return out.reshape(1, heads, 1, dim).to(v.dtype)
 
 
-DECODE_ATTENTION = {"split": split_attention,
-                    "sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_attention(
-                        q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])}
+DECODE_ATTENTION = {"sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_attention(
+                        q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]),
+                    "split": split_attention}
 
 
 class _Ring:
@@ -117,7 +119,7 @@ class _Ring:
     copy the whole buffer at every layer."""
 
     def __init__(self, model, ids: torch.Tensor, plan: StreamPlan, position_mode: str,
-                 decode_attention: str = "split"):
+                 decode_attention: str = "sdpa"):
         cfg, param = model.config, next(model.parameters())
         device, dtype = param.device, param.dtype
         rotary = compat.rotary(model)
@@ -272,15 +274,15 @@ def check_supported(schedule: Schedule, position_mode: str, rerotation: str) -> 
 @torch.inference_mode()
 def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32", progress: bool = False,
-             graph: bool | None = None, compile: bool | None = None, decode_attention: str = "split") -> EngineResult:
+             graph: bool | None = None, compile: bool | None = None, decode_attention: str = "sdpa") -> EngineResult:
     """Per-token NLL and timings of `schedule` on `ids` [T], equal to the reference engine's (module doc).
 
     graph: capture the step as a CUDA graph (default: on CUDA). compile: torch.compile the step before
     capturing it (default: with graph), which fuses the many small element-wise kernels of a one-token
     forward (layer norms, both rotaries, residual adds); without graph (CPU) the compiled step is called
     from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py).
-    decode_attention: how a decode step attends, `split` (split_attention) or `sdpa` (torch's fused
-    kernels; the prefill always uses them). graph, compile and decode_attention are benchmark diagnostics:
+    decode_attention: how a decode step attends, `sdpa` (torch's fused kernels, which the prefill always
+    uses) or `split` (split_attention). graph, compile and decode_attention are benchmark diagnostics:
     the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the mean decode
     step; compilation, warm-up and capture run before the timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
