@@ -148,7 +148,7 @@ def _write_tables(s: settings_mod.Settings, out_dir: Path) -> None:
     click.echo(f"wrote {', '.join(str(p) for p in report.written)}", err=True)
     for slot in report.stale:
         state = "shown, marked †" if s.allow_stale_results else "not shown (ALLOW_STALE_RESULTS=0)"
-        click.echo(f"stale result: {slot} ({state})", err=True)
+        click.echo(f"stale result: {slot} ({state}): {report.why_stale.get(slot, '?')}", err=True)
     for problem in report.problems:
         click.echo(f"skipped: {problem}", err=True)
 
