@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from . import assets, context, experiments, fingerprint, plans, profiles, reports, settings as settings_mod, stages
+from . import assets, context, experiments, fingerprint, plans, policies, profiles, reports, settings as settings_mod, stages
 from .assets import AssetError
 from .confined import kind
 from .fetch import FetchError, fetch_command
@@ -188,6 +188,10 @@ def fingerprint_command() -> None:
 @click.option("--profile", default=None, help=f"{PROFILE_NAMES}  [env STREAMKV_PROFILE]")
 @click.option("--dataset", default=None, help="A dataset of the profile  [default: its long one]")
 @click.option("--mode", default="streaming", show_default=True, help="baseline | streaming")
+@click.option("--policy", "policy_name", default=PolicySpec.NAME, show_default=True,
+              help=f"{' | '.join(policies.REGISTRY)}: the eviction policy of a streaming run")
+@click.option("--heavy", type=int, default=None,
+              help="H, slots kept by score (h2o, tova)  [default: half of what the sinks leave of C]")
 @click.option("--n-sink", type=int, default=None, help="S  [default: the profile's; baseline: BASELINE_SINK]")
 @click.option("--window-size", type=int, default=None, help="W  [default: auto-cap from --cap-total]")
 @click.option("--compress-every", type=int, default=None, help="R, 0 = never prune  [default: the profile's lazy R]")
@@ -263,7 +267,7 @@ def _check_writable(output: Path) -> None:
         raise SpecError(f"--output {output} cannot be written ({err})") from None
 
 
-def _run_policy(o: dict, p) -> PolicySpec:
+def _run_policy(o: dict, p):
     policy = _policy_of_flags(o, p)
     if o["window_size"] is not None and o["cap_total"] is not None and policy.cap_total != o["cap_total"]:
         raise SpecError(f"--window-size {o['window_size']} and --cap-total {o['cap_total']} disagree: "
@@ -271,7 +275,18 @@ def _run_policy(o: dict, p) -> PolicySpec:
     return policy
 
 
-def _policy_of_flags(o: dict, p) -> PolicySpec:
+# The lazy family's own knobs: refused for a score policy rather than silently ignored.
+LAZY_ONLY = {"cache_slack": None, "max_drop": None, "overlap": 0, "refresh_budget": 0, "refresh_policy": "none"}
+
+
+def _policy_of_flags(o: dict, p):
+    unit = policies.get(o["policy_name"])
+    if o["mode"] == "baseline" and unit is not PolicySpec:
+        raise SpecError(f"--policy {o['policy_name']} is for streaming runs: the baseline recomputes, it evicts nothing")
+    if unit is not PolicySpec:
+        return _scored_policy(o, p, unit)
+    if o["heavy"] is not None:
+        raise SpecError("--heavy sets the scored slots of h2o / tova, not of --policy lazy")
     if o["mode"] == "baseline":
         if o["n_sink"] is None and o["window_size"] is None:
             return p.baseline_policy()
@@ -285,6 +300,18 @@ def _policy_of_flags(o: dict, p) -> PolicySpec:
     if o["window_size"] is not None:
         return PolicySpec(window=o["window_size"], **knobs)
     return PolicySpec.auto_cap(p.cap_total, **knobs)
+
+
+def _scored_policy(o: dict, p, unit):
+    given = [f"--{k.replace('_', '-')}" for k, default in LAZY_ONLY.items() if o[k] != default]
+    if given:
+        raise SpecError(f"{', '.join(given)}: knobs of the lazy policy, not of --policy {unit.NAME}")
+    sink = p.n_sink if o["n_sink"] is None else o["n_sink"]
+    heavy = (p.cap_total - sink) // 2 if o["heavy"] is None else o["heavy"]
+    knobs = dict(n_sink=sink, heavy=heavy, compress_every=p.lazy_r if o["compress_every"] is None else o["compress_every"])
+    if o["window_size"] is not None:
+        return unit(window=o["window_size"], **knobs)
+    return unit.auto_cap(p.cap_total, **knobs)
 
 
 # Commands owned by their feature modules (docs/ARCHITECTURE.md, "CLI ownership").

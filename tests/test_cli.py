@@ -83,6 +83,16 @@ def test_run_writes_one_result_with_the_flags_in_its_spec(invoke, faked, tmp_pat
     assert (doc["spec"]["policy"]["n_sink"], doc["spec"]["policy"]["window"]) == (4, 12)
 
 
+def test_run_takes_a_score_policy_with_its_knobs(invoke, faked, tmp_path):
+    # fake profile: C = 16, S = 2; H defaults to half of what the sinks leave, W to the rest
+    result = invoke("run", "--policy", "tova", "--compress-every", "3", "--output", "t.json")
+    assert result.exit_code == 0, result.output
+    policy = json.loads((tmp_path / "t.json").read_text())["spec"]["policy"]
+    assert policy == {"name": "tova", "n_sink": 2, "heavy": 7, "window": 7, "compress_every": 3}
+    assert invoke("run", "--policy", "h2o", "--heavy", "4", "--output", "h.json").exit_code == 0
+    assert json.loads((tmp_path / "h.json").read_text())["spec"]["policy"]["heavy"] == 4
+
+
 def test_stage_commands_compute_then_reuse(invoke, faked, tmp_path):
     assert invoke("main").exit_code == 0
     assert len(faked[-1].computed) == 6
@@ -172,6 +182,11 @@ def test_run_on_the_demo_model_writes_the_documented_result(invoke, tmp_path):
     (["--window-size", "10", "--cap-total", "40"], "--window-size 10 and --cap-total 40 disagree"),
     (["--mode", "baseline", "--window-size", "10", "--cap-total", "40"], "--window-size 10 and --cap-total 40"),
     (["--output", "/proc/x.json"], "--output /proc/x.json cannot be written"),
+    (["--policy", "nope"], "unknown policy 'nope'"),
+    (["--policy", "h2o", "--cache-slack", "2"], "--cache-slack: knobs of the lazy policy, not of --policy h2o"),
+    (["--policy", "tova", "--mode", "baseline"], "--policy tova is for streaming runs"),
+    (["--heavy", "3"], "--heavy sets the scored slots of h2o / tova"),
+    (["--policy", "tova", "--engine", "fast"], "the fast engine realises schedule policies, not the score-based tova"),
 ])
 def test_run_refuses_before_any_model_loads(invoke, faked, tmp_path, args, message):
     assert_one_line_error(invoke("run", *args), message, tmp_path / "results")
