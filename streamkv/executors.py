@@ -20,6 +20,7 @@ once `NODE_GRACE_S` has passed, keeping what was finished; a re-run computes the
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -92,6 +93,11 @@ def options(settings: Settings) -> Options:
     gpus = parse_gpus(settings.gpus)
     if settings.executor == "slurm" and gpus is not None:
         raise SettingsError("--gpus pins local workers; on Slurm ask for GPUs with --slurm-gpus-per-task")
+    cpus = os.cpu_count() or 1
+    if settings.executor == "local" and (settings.workers or 1) > cpus:
+        # Each local worker is a process with its own model: more of them than CPUs only thrash the host.
+        raise SettingsError(f"--workers / STREAMKV_WORKERS {settings.workers}: more local worker processes than "
+                            f"this machine's {cpus} CPUs; use at most {cpus}, or --executor slurm")
     return Options(settings.executor, settings.workers, gpus, settings.retries, settings.slurm_partition,
                    settings.slurm_time, settings.slurm_gpus_per_task, settings.slurm_account, settings.slurm_python,
                    settings)

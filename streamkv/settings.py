@@ -144,9 +144,13 @@ class Settings:
                 raise SettingsError(f"{_ENV_OF[name]} must be >= {low}, got {value}")
         if self.cpu_threads > MAX_CPU_THREADS:
             raise SettingsError(f"CPU_THREADS must be <= {MAX_CPU_THREADS}, got {shown(str(self.cpu_threads))}")
-        if self.executor == "local" and self.slurm_python is not None:
-            raise SettingsError("--slurm-python / STREAMKV_SLURM_PYTHON says how Slurm array tasks start Python; "
-                                "with the local executor it would be ignored: add --executor slurm, or drop it")
+        # Slurm's own knobs mean nothing to local workers: refused, never silently ignored.
+        slurm_only = [f"--{name.replace('_', '-')} / {_ENV_OF[name]}" for name in
+                      ("slurm_partition", "slurm_account", "slurm_python") if getattr(self, name) is not None]
+        slurm_only += ["--slurm-gpus-per-task / STREAMKV_SLURM_GPUS_PER_TASK"] if self.slurm_gpus_per_task else []
+        if self.executor == "local" and slurm_only:
+            raise SettingsError(f"{', '.join(slurm_only)} only configure Slurm array tasks; with the local executor "
+                                "they would be ignored: add --executor slurm, or drop them")
         for name in ("sweep_r_values", "sweep_sigma_values", "sweep_delta_values"):
             values = getattr(self, name)
             if values is not None and min(values) < 0:

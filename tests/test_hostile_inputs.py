@@ -426,7 +426,11 @@ def _no_cuda(monkeypatch):
     (["main", "--gpus", "0"], "--gpus '0': torch sees no CUDA device"),
     (["main", "--workers", "2", "--gpus", "0"], "--gpus '0': torch sees no CUDA device"),
     (["run", "--dataset", ""], "has no dataset ''"),
-    (["main", "--slurm-python", "python3"], "with the local executor it would be ignored"),
+    (["main", "--slurm-python", "python3"], "with the local executor they would be ignored"),
+    (["main", "--slurm-partition", "gpu", "--slurm-account", "lab"],
+     "--slurm-partition / STREAMKV_SLURM_PARTITION, --slurm-account / STREAMKV_SLURM_ACCOUNT only configure Slurm"),
+    (["main", "--slurm-gpus-per-task", "1"], "--slurm-gpus-per-task / STREAMKV_SLURM_GPUS_PER_TASK only configure"),
+    (["main", "--workers", "100000"], "--workers / STREAMKV_WORKERS 100000: more local worker processes than"),
 ])
 def test_case_8_silent_accepts_are_refused(invoke, faked, tmp_path, monkeypatch, args, message):
     _no_cuda(monkeypatch)
