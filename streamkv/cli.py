@@ -270,8 +270,9 @@ def _check_writable(output: Path) -> None:
 def _run_policy(o: dict, p):
     policy = _policy_of_flags(o, p)
     if o["window_size"] is not None and o["cap_total"] is not None and policy.cap_total != o["cap_total"]:
+        knobs = "S+W+O+B+σ" if isinstance(policy, PolicySpec) else "S+W+H"
         raise SpecError(f"--window-size {o['window_size']} and --cap-total {o['cap_total']} disagree: "
-                        f"S+W+O+B+σ = {policy.cap_total}; give one of them, or values that add up")
+                        f"{knobs} = {policy.cap_total}; give one of them, or values that add up")
     return policy
 
 

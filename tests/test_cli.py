@@ -186,6 +186,7 @@ def test_run_on_the_demo_model_writes_the_documented_result(invoke, tmp_path):
     (["--policy", "h2o", "--cache-slack", "2"], "--cache-slack: knobs of the lazy policy, not of --policy h2o"),
     (["--policy", "tova", "--mode", "baseline"], "--policy tova is for streaming runs"),
     (["--heavy", "3"], "--heavy sets the scored slots of h2o / tova"),
+    (["--policy", "h2o", "--window-size", "10", "--cap-total", "40"], "disagree: S+W+H = 31"),
     (["--policy", "tova", "--engine", "fast"], "the fast engine realises schedule policies, not the score-based tova"),
 ])
 def test_run_refuses_before_any_model_loads(invoke, faked, tmp_path, args, message):
