@@ -81,7 +81,8 @@ def units_of(points: list[Unit], split: int) -> list[Unit]:
         if unit.runner == experiments.RUNNER and unit.spec.mode == "baseline" and split > 1:
             from . import shards   # it imports torch: only when a baseline is split over workers
 
-            ranges = tuple(shards.ranges(unit.spec.data.n_tokens, unit.spec.policy.cap_total, split))
+            ranges = tuple(shards.ranges(unit.spec.data.n_tokens, unit.spec.policy.cap_total, split,
+                                        unit.spec.recompute_batch))
             if len(ranges) > 1:
                 units += [dataclasses.replace(unit, part=r, ranges=ranges) for r in ranges]
                 continue

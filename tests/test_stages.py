@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamkv import assets, context, engines, plans, reports, stages, worker
+from streamkv import assets, context, engines, plans, reports, shards, stages, worker
 from streamkv.engines.contiguous import Unsupported
 from streamkv.policies import PolicySpec, build_schedule
 from streamkv.runspec import RunSpec
@@ -377,3 +377,8 @@ def test_equal_specs_become_one_unit_whose_other_slots_are_its_copies(fakes):
     split = [u for u in worker.units_of([todo[0], bench_like], split=2)]
     assert len(split) == 2 and {u.part for u in split} == set(split[0].ranges)
     assert all(u.copies == (("mit_bench/long_benchmark_recompute", None),) for u in split)
+    # A batched baseline is cut at its batch boundaries (shards.ranges), so no part forwards another's batch.
+    batched = dataclasses.replace(todo[0], spec=dataclasses.replace(todo[0].spec, recompute_batch=5))
+    spec = batched.spec
+    assert worker.units_of([batched], split=2)[0].ranges == \
+        tuple(shards.ranges(spec.data.n_tokens, spec.policy.cap_total, 2, 5)) != split[0].ranges

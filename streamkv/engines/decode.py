@@ -22,8 +22,8 @@ Positions (DESIGN.md, "Positions"):
     (new_slot − old_slot) at every prune, compounding rounding. Recorded ablation only.
 
 Score policies (streamkv/policies/scored.py: H2O, TOVA) decide each keep set from the attention of the
-forwards since the previous prune: the forwards then run with engines.attention.PROBABILITIES, which returns the
-probabilities, and hand them to the schedule's `scores()`; the keep slots come back as a device tensor
+forwards since the previous prune: the forwards then run with engines.attention.PROBABILITIES, which
+returns the probabilities, and hand them to the schedule's `scores()`; the keep slots come back as a device tensor
 and are applied exactly like a schedule's.
 
 No per-token host sync: keep-index tensors are built once per distinct keep tuple and cached on the
@@ -134,8 +134,8 @@ def _shifter(position_mode: str, rerotation: str, model, slots: torch.Tensor):
 def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32",
              progress: bool = False) -> EngineResult:
-    """Per-token NLL and timings of `schedule` on `ids` [T], decoding with the model's own forward. `schedule`: a policy's
-    Schedule, or its ScoredSchedule (not imported here: a score policy's code counts in its own points'
+    """Per-token NLL and timings of `schedule` on `ids` [T], decoding with the model's own forward.
+    `schedule`: a policy's Schedule, or its ScoredSchedule (not imported here: a score policy's code counts in its own points'
     identity, never in this engine's, so adding or editing one leaves every schedule point current)."""
     device = next(model.parameters()).device
     n_tokens = schedule.n_tokens
