@@ -22,7 +22,7 @@ mit_prepared := $(wildcard $(MIT_DIR)/.streamkv-patch)
 mit_vars   := $(if $(mit_prepared),MIT_REPO=$(abspath $(MIT_DIR)) PYTHON_BIN=$(abspath $(VENV_MIT))/bin/python,)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup paper baseline main ablations sweeps mit mit-env bench tex pdf test test-default-kernels test-tf4 lint clean
+.PHONY: help setup paper baseline main ablations sweeps mit mit-env bench tex pdf test test-default-kernels test-tf4 test-flash-decode lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -85,6 +85,18 @@ test: $(installed) ## Run the test suite (transformers 5.x; the numerics on port
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-default-kernels
 	$(MAKE) test-tf4
+	$(MAKE) test-flash-decode
+
+# The fast engine's Triton decode attention runs on CPU under Triton's interpreter, with Triton in a folder
+# of its own (requirements-triton.lock says why).
+TRITON_SITE := .triton-interpreter
+$(TRITON_SITE)/.installed: requirements-triton.lock $(installed)
+	rm -rf $(TRITON_SITE)
+	$(VENV)/bin/pip install -q --target $(TRITON_SITE) -r requirements-triton.lock
+	touch $@
+
+test-flash-decode: $(TRITON_SITE)/.installed ## The Triton decode attention against float64 SDPA and the reference, on CPU
+	TRITON_INTERPRET=1 PYTHONPATH=$(abspath $(TRITON_SITE)) $(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/test_flash_decode.py
 
 # Every numeric tolerance is derived from the dtype, the number of terms and the magnitudes
 # (tests/bounds.py), not from one CPU's kernels: this runs the tests that check them a second time on ATen's

@@ -9,6 +9,11 @@ replays under torch.profiler. Each kernel is put in one kind by its name (KINDS)
 and the LM head), attention, fused element-wise (Inductor's Triton kernels), and copies / other. Per kind:
 microseconds per step, kernels per step, and for matmul and attention the floor, their bytes over the copy
 bandwidth measured in the same process (weights; K and V of every layer's buffer).
+
+--decode-attention picks the step's attention (fast.DECODE_ATTENTION). Inductor's kernels of the `split`
+attention are Triton reductions, counted as fused element-wise: so the script also times every decode
+attention alone (`attention_alone`): one layer's query against its own `cap`-slot K/V, all layers in one
+captured graph (their buffers exceed the L2 cache, as in the step), against reading K and V once.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from torch._inductor import config as inductor_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
@@ -55,13 +61,38 @@ def copy_bandwidth(device: str, n_bytes: int = 1 << 30, repeats: int = 10) -> fl
     return 2 * n_bytes * repeats / (start.elapsed_time(end) / 1e3)
 
 
-def captured_step(model, ids: torch.Tensor, cap: int, sink: int):
+def attention_alone(cfg, cap: int, bandwidth: float, replays: int = 50) -> dict:
+    """µs per layer of each decode attention of the fast engine, compiled as the step compiles it, over every
+    layer's own buffers in one CUDA graph, and that time over the floor of reading the layer's K and V."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    layers, options = cfg.num_hidden_layers, dict(device="cuda", dtype=torch.float16)
+    query = [torch.randn(1, heads, 1, dim, **options) for _ in range(layers)]
+    k = [torch.randn(1, kv_heads, cap, dim, **options) for _ in range(layers)]
+    v = [torch.randn(1, kv_heads, cap, dim, **options) for _ in range(layers)]
+    mask = torch.zeros(1, cap, **options)
+    mask[:, cap // 2: cap // 2 + 64] = float("-inf")        # the gap a lazy schedule leaves, say
+    floor_us = 2 * k[0].numel() * k[0].element_size() / bandwidth * 1e6
+    out = {}
+    for name, attend in fast.DECODE_ATTENTION.items():
+        attend = torch.compile(attend, dynamic=False)
+
+        def every_layer(attend=attend):
+            for layer in range(layers):
+                attend(query[layer], k[layer], v[layer], mask, dim ** -0.5)
+        us = timed_replays(fast._capture(every_layer), replays) / layers
+        out[name] = {"us_per_layer": us, "floor_us_per_layer": floor_us, "over_floor": us / floor_us}
+    return out
+
+
+def captured_step(model, ids: torch.Tensor, cap: int, sink: int, decode_attention: str):
     """The engine's CUDA graph and stream (its `nll` fills as it replays) for strict Start+Recent, prefilled
     and ready to replay."""
     schedule = build_schedule(PolicySpec(n_sink=sink, window=cap - sink, compress_every=1), ids.numel())
     plan = fast.check_supported(schedule, "cache", "exact")
-    ring = fast._Ring(model, ids, plan, "cache")
-    nll = torch.zeros(ids.numel() - 1, device=ids.device)
+    ring = fast._Ring(model, ids, plan, "cache", decode_attention)
+    nll = torch.zeros(ids.numel() - 1, device=next(model.parameters()).device)
     stream = fast._Stream(model, ring, schedule.prefill_len, nll, torch.float32)
     fast._Active.ring = ring
     stream.prefill()
@@ -105,6 +136,7 @@ def floors(model, cap: int, bandwidth: float) -> dict:
             "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}
 
 
+@torch.inference_mode()   # as the engine's evaluate: no autograd state for the compiled step to trace
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cap", type=int, default=2048)
@@ -112,16 +144,19 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=400, help="replays timed with CUDA events")
     p.add_argument("--profiled", type=int, default=50, help="replays under torch.profiler")
     p.add_argument("--top", type=int, default=25, help="kernels listed one by one")
+    p.add_argument("--decode-attention", default="sdpa", choices=tuple(fast.DECODE_ATTENTION))
+    p.add_argument("--stream", type=int, default=2561, help="stream length (tokens); bench_decode.py's default "
+                   "(cap + steps + 1) gives the same compiled graph, so one compiles and the other hits the cache")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py profiles the CUDA graph of the fast engine: it needs a GPU")
     model = build_model(argparse.Namespace(tiny=False, device="cuda", dtype="float16"))
-    n_tokens = args.cap + args.steps + args.profiled + 2 * fast.GRAPH_WARMUP_STEPS + 8
+    n_tokens = max(args.stream, args.cap + args.steps + args.profiled + 2 * fast.GRAPH_WARMUP_STEPS + 8)
     ids = torch.randint(0, model.config.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(0))
     with swapped_attention(model, fast.ATTN_IMPLEMENTATION, "fast"):
         try:
-            graph, _ = captured_step(model, ids, args.cap, args.sink)
+            graph, _ = captured_step(model, ids, args.cap, args.sink, args.decode_attention)
             step_us = timed_replays(graph, args.steps)
             kernels = kernel_table(graph, args.profiled)
         finally:
@@ -136,10 +171,13 @@ def main(argv=None) -> int:
         by_kind[kind]["floor_us"] = floor[kind]
         by_kind[kind]["over_floor"] = by_kind[kind]["us_per_step"] / floor[kind]
     kernel_us = sum(r["us_per_step"] for r in kernels)
-    summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args) | {"out": None},
+    alone = attention_alone(model.config, args.cap, bandwidth)
+    summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "args": vars(args) | {"out": None}, "coordinate_descent_tuning": inductor_config.coordinate_descent_tuning,
                "copy_TBps": bandwidth / 1e12, "step_us": step_us, "kernel_us": kernel_us,
                "gaps_us": step_us - kernel_us, "floor_us": floor["matmul"] + floor["attention"],
-               "layers": model.config.num_hidden_layers, "by_kind": dict(by_kind), "top_kernels": kernels[:args.top]}
+               "layers": model.config.num_hidden_layers, "by_kind": dict(by_kind), "attention_alone": alone,
+               "top_kernels": kernels[:args.top]}
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1) + "\n")
     # The console gets the per-kind table; the kernel list is in --out.
@@ -147,6 +185,8 @@ def main(argv=None) -> int:
     for kind, row in by_kind.items():
         floor_note = f", {row['over_floor']:.2f}x its floor" if "over_floor" in row else ""
         print(f"  {kind:20s} {row['us_per_step']:8.1f} µs  {row['calls_per_step']:6.1f} kernels{floor_note}")
+    for name, row in alone.items():
+        print(f"  attention {name:10s} alone: {row['us_per_layer']:.1f} µs a layer, {row['over_floor']:.2f}x its floor")
     return 0
 
 

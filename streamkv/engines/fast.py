@@ -39,6 +39,7 @@ from .. import compat, compile_cache
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from ..policies.schedule import Schedule
 from ..spec import REROTATIONS
+from . import flash_decode
 from .attention import swapped_attention
 from .base import EngineResult
 from .contiguous import StreamPlan, Unsupported, stream_plan
@@ -108,7 +109,8 @@ def split_attention(query, k, v, mask, scaling):
 
 DECODE_ATTENTION = {"sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_attention(
                         q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]),
-                    "split": split_attention}
+                    "split": split_attention,
+                    "flash": flash_decode.attend}
 
 
 class _Ring:

@@ -1,0 +1,113 @@
+"""Decode attention split over the key slots (flash-decoding), as two Triton kernels: the fast engine's
+attention for one query per head on CUDA.
+
+Why: torch's SDPA gives a batch-1, one-query decode one thread block per head, 32 blocks on a 132-SM H100,
+each streaming its head's whole K/V buffer. Here every head's slots are cut into `splits` chunks and each
+(head, chunk) is one program, so hundreds of blocks read the buffer at once:
+
+1. `_partials`: program (h, s) walks its chunk in BLOCK_N-slot tiles with an online softmax: the running
+   maximum m, the running sum l of exp(score − m) and the running output acc = Σ exp(score − m)·v;
+   it writes (m, l, acc) of its chunk.
+2. `_combine`: program h rescales every chunk to the largest m and returns Σ acc / Σ l.
+
+Scores are q·k · scaling + mask (additive, the ring's -inf for slots the query does not see), all in
+fp32 (float64 for float64 tensors): the same function as SDPA, other rounding. Grouped-query heads read
+their KV head (h // group). Triton compiles for the tensors' device; on CPU it runs only under its
+interpreter (TRITON_INTERPRET=1), which is how tests/test_flash_decode.py checks it against float64 SDPA.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # CPU-only torch wheels ship no Triton: `attend` then says so
+    triton = None
+
+BLOCK_N = 64          # slots per tile
+TARGET_PROGRAMS = 512  # programs per call (~4 per SM on an H100): enough to keep every SM reading
+
+
+def n_splits(heads: int, slots: int) -> int:
+    """Chunks per head: about TARGET_PROGRAMS programs in all, at least one tile per chunk."""
+    return max(1, min(-(-TARGET_PROGRAMS // heads), -(-slots // BLOCK_N)))
+
+
+if triton is not None:
+    @triton.jit
+    def _partials(q, k, v, mask, m_out, l_out, acc_out, scaling, slots, chunk, dim, group,
+                  stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        WORK = m_out.dtype.element_ty   # fp32, or float64 for float64 tensors (attend allocates m_out so)
+        h, s = tl.program_id(0), tl.program_id(1)
+        splits = tl.num_programs(1)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        qv = tl.load(q + h * stride_qh + d, mask=d_ok, other=0.0).to(WORK)
+        kv_head = h // group
+        m_i = tl.full((), float("-inf"), WORK)
+        l_i = tl.zeros((), WORK)
+        acc = tl.zeros((BLOCK_D,), WORK)
+        end = tl.minimum(s * chunk + chunk, slots)
+        for tile_k in range(0, tl.cdiv(chunk, BLOCK_N)):
+            n = s * chunk + tile_k * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < end
+            tile = n_ok[:, None] & d_ok[None, :]
+            kt = tl.load(k + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :], mask=tile, other=0.0)
+            score = tl.sum(qv[None, :] * kt.to(WORK), 1) * scaling
+            score += tl.load(mask + n, mask=n_ok, other=0.0).to(WORK)
+            score = tl.where(n_ok, score, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(score, 0))
+            # A tile (or chunk) of unseen slots only: keep every exp at 0 rather than exp(-inf + inf).
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_ref)
+            p = tl.exp(score - m_ref)
+            vt = tl.load(v + kv_head * stride_vh + n[:, None] * stride_vn + d[None, :], mask=tile, other=0.0)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * vt.to(WORK), 0)
+            m_i = m_new
+        at = h * splits + s
+        tl.store(m_out + at, m_i)
+        tl.store(l_out + at, l_i)
+        tl.store(acc_out + at * BLOCK_D + d, acc)
+
+    @triton.jit
+    def _combine(m_in, l_in, acc_in, out, dim, stride_oh,
+                 SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+        h = tl.program_id(0)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, BLOCK_D)
+        m = tl.load(m_in + h * SPLITS + s)
+        m_max = tl.max(m, 0)
+        weight = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+        total = tl.sum(weight * tl.load(l_in + h * SPLITS + s), 0)
+        acc = tl.load(acc_in + (h * SPLITS + s)[:, None] * BLOCK_D + d[None, :])
+        o = tl.sum(weight[:, None] * acc, 0) / total
+        tl.store(out + h * stride_oh + d, o.to(out.dtype.element_ty), mask=d < dim)
+
+
+def attend(query, k, v, mask, scaling):
+    """Same contract as fast.split_attention: query [1, H, 1, D], k/v [1, Hkv, C, D] with unit stride over D,
+    mask [1, C] additive; returns [1, H, 1, D] in v's dtype."""
+    if triton is None:
+        raise RuntimeError("decode_attention='flash' needs Triton (it comes with torch's CUDA wheels)")
+    heads, kv_heads, slots, dim = query.shape[1], k.shape[1], k.shape[2], query.shape[-1]
+    splits = n_splits(heads, slots)
+    # The combine kernel reduces over a power-of-two count of chunks: the padding chunks see no slot
+    # (m = -inf, l = 0, acc = 0) and weigh nothing.
+    padded = triton.next_power_of_2(splits)
+    chunk = -(-slots // splits)
+    block_d = triton.next_power_of_2(dim)
+    work = torch.float64 if v.dtype == torch.float64 else torch.float32
+    m = torch.empty(heads, padded, dtype=work, device=v.device)
+    l = torch.empty(heads, padded, dtype=work, device=v.device)
+    acc = torch.empty(heads, padded, block_d, dtype=work, device=v.device)
+    out = torch.empty(1, heads, 1, dim, dtype=v.dtype, device=v.device)
+    q = query.reshape(heads, dim)
+    # chunk * padded >= slots: the programs past `splits` start beyond the last slot and write the zeros above.
+    _partials[(heads, padded)](q, k, v, mask, m, l, acc, scaling, slots, chunk, dim, heads // kv_heads,
+                               q.stride(0), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
+                               BLOCK_N=BLOCK_N, BLOCK_D=block_d)
+    _combine[(heads,)](m, l, acc, out, dim, out.stride(1), SPLITS=padded, BLOCK_D=block_d)
+    return out

@@ -1,0 +1,83 @@
+"""The fast engine's Triton decode attention (engines/flash_decode.py) against float64 SDPA and the reference.
+
+Triton compiles for a GPU; on a CPU it runs under its interpreter (TRITON_INTERPRET=1, numpy underneath),
+which executes the same kernel source program by program. `make test-flash-decode` (part of `make test`)
+runs this file so, with Triton from requirements-triton.lock in its own folder: the CPU torch wheel ships
+no Triton, and the image's locks stay as they are. Elsewhere (a plain `pytest` without Triton) the module
+is skipped with that reason. On a CUDA machine the kernels run compiled, on the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamkv.engines import flash_decode
+
+if flash_decode.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 with Triton installed: `make test-flash-decode`",
+                allow_module_level=True)
+
+from bounds import BROKEN, EXACT  # noqa: E402
+from test_engines import CASES, max_diff  # noqa: E402
+from test_fast import model, run_fast, run_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def inputs(heads, kv_heads, slots, dim, hidden, seed=0):
+    """float64 query [1, H, 1, D], K/V [1, Hkv, C, D] and an additive mask hiding the slots in `hidden`."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, n, dim, generator=g, dtype=torch.float64)
+               for h, n in ((heads, 1), (kv_heads, slots), (kv_heads, slots)))
+    mask = torch.zeros(1, slots, dtype=torch.float64)
+    mask[:, hidden] = float("-inf")
+    return [x.to(DEVICE) for x in (q, k, v, mask)]
+
+
+def sdpa(q, k, v, mask, scaling):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+# (heads, kv heads, slots, head dim, hidden slots): chunk counts that are not powers of two (padding
+# chunks), a last tile cut short, grouped heads, whole chunks that see nothing, one slot seen.
+SHAPES = {"pythia-like": (8, 8, 300, 80, slice(100, 200)),
+          "gqa": (8, 2, 200, 16, slice(0, 150)),
+          "one-chunk": (4, 4, 40, 128, slice(10, 20)),
+          "one-slot-seen": (2, 2, 257, 32, slice(1, None))}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_kernel_is_sdpa_in_float64(shape):
+    heads, kv_heads, slots, dim, hidden = SHAPES[shape]
+    q, k, v, mask = inputs(heads, kv_heads, slots, dim, hidden)
+    assert flash_decode.n_splits(heads, slots) >= (2 if slots > flash_decode.BLOCK_N else 1)
+    got = flash_decode.attend(q, k, v, mask, 0.3)
+    assert got.shape == q.shape and got.dtype == torch.float64
+    assert max_diff(got, sdpa(q, k, v, mask, 0.3)) <= EXACT
+
+
+def test_kernel_reads_the_mask():
+    """Hiding one more slot moves the output: the comparison above would see a kernel that ignored the mask."""
+    heads, kv_heads, slots, dim, _ = SHAPES["pythia-like"]
+    q, k, v, mask = inputs(heads, kv_heads, slots, dim, slice(100, 200))
+    k[..., 250, :] = 4 * q[0, 0, 0]   # a slot the query attends to strongly
+    masked = mask.clone()
+    masked[:, 250] = float("-inf")
+    assert max_diff(flash_decode.attend(q, k, v, masked, 0.3), flash_decode.attend(q, k, v, mask, 0.3)) > BROKEN
+
+
+@pytest.mark.parametrize("case", ["strict", "lazy_drop", "lazy_drop_r5"])
+@pytest.mark.parametrize("model_name", ["gpt_neox", "llama"])
+def test_fast_engine_with_flash_decode_matches_reference(model_name, case):
+    """The whole engine, eager, with this attention in every decode step: equal to the float64 reference."""
+    assert case in CASES
+    m = model(model_name)
+    try:
+        m.to(DEVICE)
+        got = run_fast(model_name, case, "cache", graph=False, compile=False, decode_attention="flash")
+    finally:
+        m.to("cpu")
+    assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
