@@ -79,6 +79,14 @@ def test_split_attention_is_sdpa_with_grouped_heads_and_masked_slots():
 
 def test_unknown_decode_attention_is_refused():
     with pytest.raises(ValueError, match="decode_attention"):
+        run_fast("gpt_neox", "strict", "cache", decode_attention="flashy")
+
+
+def test_flash_decode_attention_on_cpu_is_refused_up_front(monkeypatch):
+    """The Triton attention compiles for GPUs: on CPU tensors (outside Triton's interpreter, which
+    tests/test_flash_decode.py uses) one line says so before any work, whether or not Triton is installed."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="flash.*'sdpa'"):
         run_fast("gpt_neox", "strict", "cache", decode_attention="flash")
 
 

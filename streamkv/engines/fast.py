@@ -298,6 +298,8 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     n_decode = n_fed - n_prefill
     if decode_attention not in DECODE_ATTENTION:
         raise ValueError(f"unknown decode_attention {decode_attention!r}; choose one of {tuple(DECODE_ATTENTION)}")
+    if decode_attention == "flash":
+        flash_decode.check_runs_on(device)
     ring = _Ring(model, ids, plan, position_mode, decode_attention)
     nll = torch.zeros(n_fed, dtype=as_dtype(loss_dtype), device=device)
     stream = _Stream(model, ring, n_prefill, nll, as_dtype(loss_dtype))

@@ -17,6 +17,8 @@ interpreter (TRITON_INTERPRET=1), which is how tests/test_flash_decode.py checks
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -27,6 +29,16 @@ except ImportError:   # CPU-only torch wheels ship no Triton: `attend` then says
 
 BLOCK_N = 64          # slots per tile
 TARGET_PROGRAMS = 512  # programs per call (~4 per SM on an H100): enough to keep every SM reading
+
+
+def check_runs_on(device: torch.device) -> None:
+    """Refuse up front, in one line, what `attend` could not run: no Triton, or CPU tensors outside Triton's
+    interpreter."""
+    if triton is None:
+        raise RuntimeError("decode_attention='flash' needs Triton (torch's CUDA wheels bring it); use 'sdpa'")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"decode_attention='flash' runs on CUDA (on {device.type} only under TRITON_INTERPRET=1, "
+                           "for tests); use 'sdpa'")
 
 
 def n_splits(heads: int, slots: int) -> int:
@@ -90,8 +102,6 @@ if triton is not None:
 def attend(query, k, v, mask, scaling):
     """Same contract as fast.split_attention: query [1, H, 1, D], k/v [1, Hkv, C, D] with unit stride over D,
     mask [1, C] additive; returns [1, H, 1, D] in v's dtype."""
-    if triton is None:
-        raise RuntimeError("decode_attention='flash' needs Triton (it comes with torch's CUDA wheels)")
     heads, kv_heads, slots, dim = query.shape[1], k.shape[1], k.shape[2], query.shape[-1]
     splits = n_splits(heads, slots)
     # The combine kernel reduces over a power-of-two count of chunks: the padding chunks see no slot
