@@ -5,10 +5,16 @@ which executes the same kernel source program by program. `make test-flash-decod
 runs this file so, with Triton from requirements-triton.lock in its own folder: the CPU torch wheel ships
 no Triton, and the image's locks stay as they are. Elsewhere (a plain `pytest` without Triton) the module
 is skipped with that reason. On a CUDA machine the kernels run compiled, on the GPU.
+
+The interpreter forgives what the GPU compiler refuses (types, shapes), so the kernels are also compiled
+here, ahead of time, for an H100 (sm_90) with Triton's own ptxas: no GPU needed.
 """
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -81,3 +87,34 @@ def test_fast_engine_with_flash_decode_matches_reference(model_name, case):
     finally:
         m.to("cpu")
     assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
+
+
+# Ahead-of-time compile for sm_90, in a process without TRITON_INTERPRET (under it, kernels are not
+# compiled). Argument types follow `attend`: fp16/bf16/fp32 tensors with fp32 work, float64 with float64.
+COMPILE_FOR_HOPPER = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from streamkv.engines import flash_decode as fd
+    ints = dict.fromkeys(["slots", "chunk", "dim", "group", "stride_qh", "stride_kh", "stride_kn", "stride_vh",
+                          "stride_vn", "stride_oh"], "i32")
+    for io, work in (("fp16", "fp32"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
+        types = {"q": io, "k": io, "v": io, "mask": io, "out": io, "m_out": work, "l_out": work, "acc_out": work,
+                 "m_in": work, "l_in": work, "acc_in": work}
+        for kernel, constexprs in ((fd._partials, {"BLOCK_N": fd.BLOCK_N, "BLOCK_D": 128}),
+                                   (fd._combine, {"SPLITS": 16, "BLOCK_D": 128})):
+            signature = {name: "constexpr" if name in constexprs else ints.get(name) or
+                         ("fp32" if name == "scaling" else "*" + types[name]) for name in kernel.arg_names}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                      target=GPUTarget("cuda", 90, 32))
+            assert compiled.asm["cubin"], (kernel, io)
+            print(kernel.fn.__name__, io, "ok")
+""")
+
+
+def test_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(" ok") == 8
