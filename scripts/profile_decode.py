@@ -10,10 +10,10 @@ and the LM head), attention, fused element-wise (Inductor's Triton kernels), and
 microseconds per step, kernels per step, and for matmul and attention the floor, their bytes over the copy
 bandwidth measured in the same process (weights; K and V of every layer's buffer).
 
---decode-attention picks the step's attention (fast.DECODE_ATTENTION). Inductor's kernels of the `split`
-attention are Triton reductions, counted as fused element-wise: so the script also times every decode
-attention alone (`attention_alone`): one layer's query against its own `cap`-slot K/V, all layers in one
-captured graph (their buffers exceed the L2 cache, as in the step), against reading K and V once.
+--decode-attention picks the step's attention (fast.DECODE_ATTENTION; the `flash` kernels' names say
+flash_decode, so they count as attention). The script also times every decode attention alone
+(`attention_alone`): one layer's query against its own `cap`-slot K/V, all layers in one captured graph
+(their buffers exceed the L2 cache, as in the step), against reading K and V once.
 """
 from __future__ import annotations
 
@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     kernel_us = sum(r["us_per_step"] for r in kernels)
     alone = attention_alone(model.config, args.cap, bandwidth)
     summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "args": vars(args) | {"out": None}, "coordinate_descent_tuning": inductor_config.coordinate_descent_tuning,
+               "args": vars(args) | {"out": None},
+               "coordinate_descent_tuning": inductor_config.coordinate_descent_tuning,
                "copy_TBps": bandwidth / 1e12, "step_us": step_us, "kernel_us": kernel_us,
                "gaps_us": step_us - kernel_us, "floor_us": floor["matmul"] + floor["attention"],
                "layers": model.config.num_hidden_layers, "by_kind": dict(by_kind), "attention_alone": alone,
@@ -181,12 +182,14 @@ def main(argv=None) -> int:
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1) + "\n")
     # The console gets the per-kind table; the kernel list is in --out.
-    print(f"{summary['device']}: {step_us:.1f} µs a step, kernels {kernel_us:.1f} µs, floor {summary['floor_us']:.1f} µs")
+    print(f"{summary['device']}: {step_us:.1f} µs a step, kernels {kernel_us:.1f} µs, "
+          f"floor {summary['floor_us']:.1f} µs")
     for kind, row in by_kind.items():
         floor_note = f", {row['over_floor']:.2f}x its floor" if "over_floor" in row else ""
         print(f"  {kind:20s} {row['us_per_step']:8.1f} µs  {row['calls_per_step']:6.1f} kernels{floor_note}")
     for name, row in alone.items():
-        print(f"  attention {name:10s} alone: {row['us_per_layer']:.1f} µs a layer, {row['over_floor']:.2f}x its floor")
+        print(f"  attention {name:10s} alone: {row['us_per_layer']:.1f} µs a layer, "
+              f"{row['over_floor']:.2f}x its floor")
     return 0
 
 

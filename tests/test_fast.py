@@ -56,27 +56,6 @@ def test_fast_matches_reference(model_name, case, mode):
     assert got.engine == "fast" and got.tpot_ms is not None and got.ttft_ms is not None
 
 
-@pytest.mark.parametrize("case", ["strict", "lazy_drop"])
-@pytest.mark.parametrize("model_name", sorted(MODELS))
-def test_split_decode_attention_matches_reference(model_name, case):
-    """The benchmark's other decode attention (split_attention's two reductions) computes the same function."""
-    got = run_fast(model_name, case, "cache", decode_attention="split")
-    assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
-
-
-def test_split_attention_is_sdpa_with_grouped_heads_and_masked_slots():
-    """split_attention against torch's SDPA in float64: 8 query heads on 2 KV heads, a third of the slots
-    masked. Pairing query head h with KV head h mod 2 (tiling instead of grouping) must miss."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 8, 1, 16, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(1, 2, 30, 16, generator=g, dtype=torch.float64) for _ in range(2))
-    mask = torch.zeros(1, 30, dtype=torch.float64).masked_fill(torch.arange(30) % 3 == 1, float("-inf"))
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
-    assert max_diff(fast.split_attention(q, k, v, mask, 0.25), want) <= EXACT
-    tiled = fast.split_attention(q.reshape(1, 4, 2, 1, 16).transpose(1, 2).reshape(1, 8, 1, 16), k, v, mask, 0.25)
-    assert max_diff(tiled.reshape(1, 2, 4, 1, 16).transpose(1, 2).reshape(1, 8, 1, 16), want) > BROKEN
-
-
 def test_unknown_decode_attention_is_refused():
     with pytest.raises(ValueError, match="decode_attention"):
         run_fast("gpt_neox", "strict", "cache", decode_attention="flashy")

@@ -101,8 +101,8 @@ COMPILE_FOR_HOPPER = textwrap.dedent("""
     for io, work in (("fp16", "fp32"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
         types = {"q": io, "k": io, "v": io, "mask": io, "out": io, "m_out": work, "l_out": work, "acc_out": work,
                  "m_in": work, "l_in": work, "acc_in": work}
-        for kernel, constexprs in ((fd._partials, {"BLOCK_N": fd.BLOCK_N, "BLOCK_D": 128}),
-                                   (fd._combine, {"SPLITS": 16, "BLOCK_D": 128})):
+        for kernel, constexprs in ((fd._flash_decode_partials, {"BLOCK_N": fd.BLOCK_N, "BLOCK_D": 128}),
+                                   (fd._flash_decode_combine, {"SPLITS": 16, "BLOCK_D": 128})):
             signature = {name: "constexpr" if name in constexprs else ints.get(name) or
                          ("fp32" if name == "scaling" else "*" + types[name]) for name in kernel.arg_names}
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),

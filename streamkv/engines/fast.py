@@ -88,28 +88,12 @@ def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat(((r * cos + rotated_half * sin).to(x.dtype), x[..., rd:]), dim=-1)
 
 
-def split_attention(query, k, v, mask, scaling):
-    """One query per head against every buffer slot, as two reductions (scores over the head dim, output over
-    the slots) in fp32 (float64 for float64 models). The candidate for the decode step's attention (issue
-    17): SDPA's kernels may give a batch-1, one-query decode one thread block per head (32 blocks on a
-    132-SM H100), reading the buffer at a fraction of the bandwidth; compiled, these reductions become
-    Triton kernels spread over every (head, slot) and (head, dim). Grouped-query heads share their KV head
-    by a view, never a copy. Equal to the reference on CPU (tests/test_fast.py); not yet timed on a GPU,
-    so not the default: `scripts/bench_decode.py --engines fast,fast:decode_attention=split` decides.
-
-    query [1, H, 1, D], k/v [1, Hkv, C, D], mask [1, C] additive; returns [1, H, 1, D] in v's dtype."""
-    heads, kv_heads, dim = query.shape[1], k.shape[1], query.shape[-1]
-    work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    q = query.reshape(1, kv_heads, heads // kv_heads, 1, dim).to(work)
-    scores = (q * k[:, :, None].to(work)).sum(-1) * scaling + mask     # [1, Hkv, G, C]
-    weights = torch.softmax(scores, dim=-1)
-    out = (weights[..., None] * v[:, :, None].to(work)).sum(-2)        # [1, Hkv, G, D]
-    return out.reshape(1, heads, 1, dim).to(v.dtype)
-
-
+# How a decode step attends (the prefill always uses SDPA). `flash` is the issue-17 candidate: SDPA on an H100
+# ran 1.54x the bandwidth floor end to end, and Inductor's version of a split over the slots (two reductions)
+# was slower still (1.65x; docs/bench/README.md); `flash` is timed by
+# `scripts/bench_decode.py --engines fast,fast:decode_attention=flash` and becomes the default on CUDA if faster.
 DECODE_ATTENTION = {"sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_attention(
                         q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]),
-                    "split": split_attention,
                     "flash": flash_decode.attend}
 
 
@@ -284,8 +268,8 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     forward (layer norms, both rotaries, residual adds); without graph (CPU) the compiled step is called
     from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py).
     decode_attention: how a decode step attends, `sdpa` (torch's fused kernels, which the prefill always
-    uses) or `split` (split_attention). graph, compile and decode_attention are benchmark diagnostics:
-    the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the mean decode
+    uses) or `flash` (engines/flash_decode.py, CUDA). graph, compile and decode_attention are benchmark
+    diagnostics: the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the mean decode
     step; compilation, warm-up and capture run before the timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
     device = next(model.parameters()).device

@@ -5,10 +5,10 @@ Why: torch's SDPA gives a batch-1, one-query decode one thread block per head, 3
 each streaming its head's whole K/V buffer. Here every head's slots are cut into `splits` chunks and each
 (head, chunk) is one program, so hundreds of blocks read the buffer at once:
 
-1. `_partials`: program (h, s) walks its chunk in BLOCK_N-slot tiles with an online softmax: the running
+1. `_flash_decode_partials`: program (h, s) walks its chunk in BLOCK_N-slot tiles with an online softmax: the running
    maximum m, the running sum l of exp(score − m) and the running output acc = Σ exp(score − m)·v;
    it writes (m, l, acc) of its chunk.
-2. `_combine`: program h rescales every chunk to the largest m and returns Σ acc / Σ l.
+2. `_flash_decode_combine`: program h rescales every chunk to the largest m and returns Σ acc / Σ l.
 
 Scores are q·k · scaling + mask (additive, the ring's -inf for slots the query does not see), all in
 fp32 (float64 for float64 tensors): the same function as SDPA, other rounding. Grouped-query heads read
@@ -48,7 +48,7 @@ def n_splits(heads: int, slots: int) -> int:
 
 if triton is not None:
     @triton.jit
-    def _partials(q, k, v, mask, m_out, l_out, acc_out, scaling, slots, chunk, dim, group,
+    def _flash_decode_partials(q, k, v, mask, m_out, l_out, acc_out, scaling, slots, chunk, dim, group,
                   stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         WORK = m_out.dtype.element_ty   # fp32, or float64 for float64 tensors (attend allocates m_out so)
@@ -85,7 +85,7 @@ if triton is not None:
         tl.store(acc_out + at * BLOCK_D + d, acc)
 
     @triton.jit
-    def _combine(m_in, l_in, acc_in, out, dim, stride_oh,
+    def _flash_decode_combine(m_in, l_in, acc_in, out, dim, stride_oh,
                  SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
         h = tl.program_id(0)
         s = tl.arange(0, SPLITS)
@@ -116,8 +116,8 @@ def attend(query, k, v, mask, scaling):
     out = torch.empty(1, heads, 1, dim, dtype=v.dtype, device=v.device)
     q = query.reshape(heads, dim)
     # chunk * padded >= slots: the programs past `splits` start beyond the last slot and write the zeros above.
-    _partials[(heads, padded)](q, k, v, mask, m, l, acc, scaling, slots, chunk, dim, heads // kv_heads,
+    _flash_decode_partials[(heads, padded)](q, k, v, mask, m, l, acc, scaling, slots, chunk, dim, heads // kv_heads,
                                q.stride(0), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
                                BLOCK_N=BLOCK_N, BLOCK_D=block_d)
-    _combine[(heads,)](m, l, acc, out, dim, out.stride(1), SPLITS=padded, BLOCK_D=block_d)
+    _flash_decode_combine[(heads,)](m, l, acc, out, dim, out.stride(1), SPLITS=padded, BLOCK_D=block_d)
     return out

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every measurement issue 17 asks for, on one GPU, in one call, in priority order, each step under the call's
+# deadline (a step that would not fit is skipped with a line, never cut mid-JSON):
+#
+#   scripts/bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]      # default 560 s: a device call's 600 s less slack
+#   STEPS="bench_4096 bench_gqa compile_cache profile" scripts/bench_speed_suite.sh ...   # a second call: these only
+#
+# ANCHOR_PY is the workplace's hf_anchor.py; it runs in every call (the ratios divide by its floor, so they
+# only compare numbers of one call). All steps need about 17 minutes, so two calls. cuda_tests needs pytest
+# and hypothesis importable (on a machine without them, carry their wheels).
+# Writes OUT_DIR/{anchor,bench_decode,bench_4096,bench_gqa,bench_recompute,compile_cache,profile}.json and
+# OUT_DIR/log.txt. docs/bench/README.md ("Speed to the limit") says what each file shows.
+set -uo pipefail
+anchor_py=${1:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
+out=${2:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
+end=$(( $(date +%s) + ${3:-560} ))
+mkdir -p "$out"
+log=$out/log.txt
+export PYTHONUNBUFFERED=1
+
+step() {   # step NAME SECONDS COMMAND...: SECONDS is what the step needs; skipped if less is left
+    local name=$1 need=$2 left=$(( end - $(date +%s) - 5 ))
+    shift 2
+    if [[ -n "${STEPS:-}" && $name != anchor && " $STEPS " != *" $name "* ]]; then return; fi
+    if (( left < need )); then echo "== $name: skipped (needs ${need}s, ${left}s left)" | tee -a "$log"; return; fi
+    echo "== $name: $*" | tee -a "$log"
+    local began=$(date +%s)
+    timeout "$left" "$@" >>"$log" 2>&1
+    echo "== $name: exit $? after $(( $(date +%s) - began ))s" | tee -a "$log"
+}
+
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
+step anchor 70 python3 "$anchor_py" --out "$out/anchor.json"
+# The goal: fast with each decode attention, strict and lazy R=64 at cap 2048, against the anchor's floor.
+step bench_2048 270 python3 scripts/bench_decode.py --engines fast:decode_attention=flash,fast \
+    --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_decode.json"
+# The batched baseline beside the anchor's recompute_ms.
+step recompute 60 python3 scripts/bench_decode.py --engines '' --recompute-batches 1,16,32 --steps 64 \
+    --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_recompute.json"
+step cuda_tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_fast.py \
+    tests/test_recompute.py tests/test_compile.py tests/test_score_policies.py -k "cuda or flash_decode"
+# Not tuned to one shape: cap 4096, and a grouped-query model.
+step bench_4096 140 python3 scripts/bench_decode.py --engines fast:decode_attention=flash --cap 4096 \
+    --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_4096.json"
+step bench_gqa 140 python3 scripts/bench_decode.py --engines fast:decode_attention=flash \
+    --config scripts/configs/llama-3.2-3b-shape.json --stability-runs 1 --repeats 3 \
+    --anchor "$out/anchor.json" --out "$out/bench_gqa.json"
+step compile_cache 150 python3 scripts/bench_compile_cache.py --processes 2 --out "$out/compile_cache.json"
+step profile 80 python3 scripts/profile_decode.py --decode-attention flash --out "$out/profile.json"
