@@ -1,0 +1,78 @@
+"""The GPU benchmark scripts' CPU paths, checked before a GPU call spends device time on them.
+
+bench_decode.py's ratios only mean something if its floor is the anchor's floor and each ratio divides
+numbers of one call; profile_decode.py's kernels only describe the engine if the step it captures is the
+engine's step. Both scripts run here on the demo-size model (the CUDA graph stubbed by a plain call).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from streamkv.engines import fast
+from streamkv.engines.attention import swapped_attention
+from streamkv.policies import PolicySpec, build_schedule
+from bounds import EXACT
+from test_engines import max_diff
+from tiny_models import cached_model, cached_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_decode  # noqa: E402
+import profile_decode  # noqa: E402
+
+H100_ANCHOR = json.loads((ROOT / "docs/bench/h100_hf_anchor_issue17.json").read_text())
+
+
+def test_the_floor_is_the_anchors_for_the_anchors_model():
+    """Pythia-2.8B at cap 2048 over the anchor's copy bandwidth: the anchor's own floor (it rounds to µs)."""
+    model = bench_decode.build_model(argparse.Namespace(tiny=False, device="meta", dtype="float16", config=None))
+    assert bench_decode.floor_ms(model, 2048, H100_ANCHOR["copy_TBps"]) == pytest.approx(H100_ANCHOR["floor_ms"],
+                                                                                          abs=5e-4)
+    assert bench_decode.floor_ms(model, 4096, H100_ANCHOR["copy_TBps"]) > H100_ANCHOR["floor_ms"] + 0.1
+
+
+def test_ratios_divide_numbers_of_one_call(tmp_path):
+    anchor = {"copy_TBps": 0.01, "hf_dense_ms": 10.0, "hf_strict_ms": 20.0, "hf_lazy64_ms": 30.0, "recompute_ms": 40.0}
+    (tmp_path / "anchor.json").write_text(json.dumps(anchor))
+    engine = "fast:compile=0"
+    bench_decode.main(["--tiny", "--engines", engine, "--cap", "32", "--steps", "6", "--lazy-r", "4", "--warmup", "0",
+                       "--repeats", "1", "--stability-runs", "1", "--recompute-batches", "1,3",
+                       "--anchor", str(tmp_path / "anchor.json"), "--out", str(tmp_path / "bench.json")])
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert summary["anchor"] == anchor
+    for name, row in summary["engines"][engine]["runs"][0].items():
+        tpot = row["tpot_ms"]["median"]
+        assert summary["ratios"][f"{engine}_{name}_over_floor"] == pytest.approx(tpot / summary["floor_ms"])
+        assert summary["ratios"][f"hf_strict_ms_over_{engine}_{name}"] == pytest.approx(20.0 / tpot)
+    for name, row in summary["recompute"].items():
+        tpot = row["tpot_ms"]["median"]
+        assert summary["ratios"][f"hf_recompute_ms_over_recompute_{name}"] == pytest.approx(40.0 / tpot)
+    # Batches of one and three windows score the same tokens alike (float32 on CPU: rounding only).
+    assert summary["recompute"]["batch3"]["agreement_with_first"]["max_abs_nll_diff"] < 1e-4
+
+
+def test_the_profiled_step_is_the_engines_step(monkeypatch):
+    """profile_decode's stream, prefilled and stepped, scores each token as fast.evaluate does (float64)."""
+    monkeypatch.setattr(fast, "_capture", lambda step: SimpleNamespace(replay=step))
+    monkeypatch.setattr(profile_decode.compile_cache, "compiled", lambda step: step)   # the engine's own step
+    model, ids, cap, sink, steps = cached_model("gpt_neox", float64_rotary=True), cached_stream(96), 32, 2, 20
+    with torch.inference_mode(), swapped_attention(model, fast.ATTN_IMPLEMENTATION, "fast"):
+        try:
+            graph, stream = profile_decode.captured_step(model, ids, cap, sink, "sdpa")
+            for _ in range(steps):
+                graph.replay()
+        finally:
+            fast._Active.ring = None
+    schedule = build_schedule(PolicySpec(n_sink=sink, window=cap - sink, compress_every=1), ids.numel())
+    want = fast.evaluate(model, ids, schedule, position_mode="cache", loss_dtype="float32", graph=False, compile=False)
+    fed = slice(0, stream.prefill_len + steps)
+    assert int(stream.t) == stream.prefill_len + steps
+    assert max_diff(stream.nll[fed], want.nll[fed]) <= EXACT
+    assert stream.nll[fed].abs().min() > 0      # every one of those tokens was scored
