@@ -269,8 +269,8 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py).
     decode_attention: how a decode step attends, `sdpa` (torch's fused kernels, which the prefill always
     uses) or `flash` (engines/flash_decode.py, CUDA). graph, compile and decode_attention are benchmark
-    diagnostics: the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the mean decode
-    step; compilation, warm-up and capture run before the timed prefill."""
+    diagnostics: the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the
+    mean decode step; compilation, warm-up and capture run before the timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
     device = next(model.parameters()).device
     graph = device.type == "cuda" if graph is None else graph

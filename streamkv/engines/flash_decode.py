@@ -5,9 +5,9 @@ Why: torch's SDPA gives a batch-1, one-query decode one thread block per head, 3
 each streaming its head's whole K/V buffer. Here every head's slots are cut into `splits` chunks and each
 (head, chunk) is one program, so hundreds of blocks read the buffer at once:
 
-1. `_flash_decode_partials`: program (h, s) walks its chunk in BLOCK_N-slot tiles with an online softmax: the running
-   maximum m, the running sum l of exp(score − m) and the running output acc = Σ exp(score − m)·v;
-   it writes (m, l, acc) of its chunk.
+1. `_flash_decode_partials`: program (h, s) walks its chunk in BLOCK_N-slot tiles with an online softmax:
+   the running maximum m, the running sum l of exp(score − m) and the running output
+   acc = Σ exp(score − m)·v; it writes (m, l, acc) of its chunk.
 2. `_flash_decode_combine`: program h rescales every chunk to the largest m and returns Σ acc / Σ l.
 
 Scores are q·k · scaling + mask (additive, the ring's -inf for slots the query does not see), all in
@@ -24,7 +24,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:   # CPU-only torch wheels ship no Triton: `attend` then says so
+except ImportError:   # CPU-only torch wheels ship no Triton: check_runs_on then says so
     triton = None
 
 BLOCK_N = 64          # slots per tile
@@ -49,8 +49,8 @@ def n_splits(heads: int, slots: int) -> int:
 if triton is not None:
     @triton.jit
     def _flash_decode_partials(q, k, v, mask, m_out, l_out, acc_out, scaling, slots, chunk, dim, group,
-                  stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                               stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         WORK = m_out.dtype.element_ty   # fp32, or float64 for float64 tensors (attend allocates m_out so)
         h, s = tl.program_id(0), tl.program_id(1)
         splits = tl.num_programs(1)
@@ -85,8 +85,7 @@ if triton is not None:
         tl.store(acc_out + at * BLOCK_D + d, acc)
 
     @triton.jit
-    def _flash_decode_combine(m_in, l_in, acc_in, out, dim, stride_oh,
-                 SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _flash_decode_combine(m_in, l_in, acc_in, out, dim, stride_oh, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
         h = tl.program_id(0)
         s = tl.arange(0, SPLITS)
         d = tl.arange(0, BLOCK_D)
@@ -100,8 +99,8 @@ if triton is not None:
 
 
 def attend(query, k, v, mask, scaling):
-    """Same contract as fast.split_attention: query [1, H, 1, D], k/v [1, Hkv, C, D] with unit stride over D,
-    mask [1, C] additive; returns [1, H, 1, D] in v's dtype."""
+    """One decode step's attention (fast.DECODE_ATTENTION): query [1, H, 1, D], k/v [1, Hkv, C, D] with unit
+    stride over D, mask [1, C] additive; returns [1, H, 1, D] in v's dtype."""
     heads, kv_heads, slots, dim = query.shape[1], k.shape[1], k.shape[2], query.shape[-1]
     splits = n_splits(heads, slots)
     # The combine kernel reduces over a power-of-two count of chunks: the padding chunks see no slot
@@ -110,14 +109,13 @@ def attend(query, k, v, mask, scaling):
     chunk = -(-slots // splits)
     block_d = triton.next_power_of_2(dim)
     work = torch.float64 if v.dtype == torch.float64 else torch.float32
-    m = torch.empty(heads, padded, dtype=work, device=v.device)
-    l = torch.empty(heads, padded, dtype=work, device=v.device)
+    m, l_sum = (torch.empty(heads, padded, dtype=work, device=v.device) for _ in range(2))
     acc = torch.empty(heads, padded, block_d, dtype=work, device=v.device)
     out = torch.empty(1, heads, 1, dim, dtype=v.dtype, device=v.device)
     q = query.reshape(heads, dim)
     # chunk * padded >= slots: the programs past `splits` start beyond the last slot and write the zeros above.
-    _flash_decode_partials[(heads, padded)](q, k, v, mask, m, l, acc, scaling, slots, chunk, dim, heads // kv_heads,
-                               q.stride(0), k.stride(1), k.stride(2), v.stride(1), v.stride(2),
-                               BLOCK_N=BLOCK_N, BLOCK_D=block_d)
-    _flash_decode_combine[(heads,)](m, l, acc, out, dim, out.stride(1), SPLITS=padded, BLOCK_D=block_d)
+    _flash_decode_partials[(heads, padded)](q, k, v, mask, m, l_sum, acc, scaling, slots, chunk, dim,
+                                            heads // kv_heads, q.stride(0), k.stride(1), k.stride(2),
+                                            v.stride(1), v.stride(2), BLOCK_N=BLOCK_N, BLOCK_D=block_d)
+    _flash_decode_combine[(heads,)](m, l_sum, acc, out, dim, out.stride(1), SPLITS=padded, BLOCK_D=block_d)
     return out
