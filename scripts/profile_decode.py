@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--profiled", type=int, default=50, help="replays under torch.profiler")
     p.add_argument("--top", type=int, default=25, help="kernels listed one by one")
     p.add_argument("--decode-attention", default="sdpa", choices=tuple(fast.DECODE_ATTENTION))
-    p.add_argument("--stream", type=int, default=2561, help="stream length (tokens); bench_decode.py's default "
-                   "(cap + steps + 1) gives the same compiled graph, so one compiles and the other hits the cache")
+    p.add_argument("--stream", type=int, default=2561, help="stream length (tokens): by default bench_decode.py's "
+                   "(cap + steps + 1), so both compile the step for the same buffer shapes")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
