@@ -16,7 +16,8 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from . import assets, context, experiments, fingerprint, plans, policies, profiles, reports, settings as settings_mod, stages
+from . import (assets, context, experiments, fingerprint, plans, policies, profiles, reports,
+               settings as settings_mod, stages)
 from .assets import AssetError
 from .confined import kind
 from .fetch import FetchError, fetch_command

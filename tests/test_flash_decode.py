@@ -18,9 +18,8 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from streamkv.engines import flash_decode
+from streamkv.engines import fast, flash_decode
 
 if flash_decode.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 with Triton installed: `make test-flash-decode`",
@@ -43,10 +42,6 @@ def inputs(heads, kv_heads, slots, dim, hidden, seed=0):
     return [x.to(DEVICE) for x in (q, k, v, mask)]
 
 
-def sdpa(q, k, v, mask, scaling):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-
-
 # (heads, kv heads, slots, head dim, hidden slots): chunk counts that are not powers of two (padding
 # chunks), a last tile cut short, grouped heads, whole chunks that see nothing, one slot seen.
 SHAPES = {"pythia-like": (8, 8, 300, 80, slice(100, 200)),
@@ -62,7 +57,7 @@ def test_kernel_is_sdpa_in_float64(shape):
     assert flash_decode.n_splits(heads, slots) >= (2 if slots > flash_decode.BLOCK_N else 1)
     got = flash_decode.attend(q, k, v, mask, 0.3)
     assert got.shape == q.shape and got.dtype == torch.float64
-    assert max_diff(got, sdpa(q, k, v, mask, 0.3)) <= EXACT
+    assert max_diff(got, fast.DECODE_ATTENTION["sdpa"](q, k, v, mask, 0.3)) <= EXACT
 
 
 def test_kernel_reads_the_mask():

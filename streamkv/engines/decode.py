@@ -23,8 +23,8 @@ Positions (DESIGN.md, "Positions"):
 
 Score policies (streamkv/policies/scored.py: H2O, TOVA) decide each keep set from the attention of the
 forwards since the previous prune: the forwards then run with engines.attention.PROBABILITIES, which
-returns the probabilities, and hand them to the schedule's `scores()`; the keep slots come back as a device tensor
-and are applied exactly like a schedule's.
+returns the probabilities, and hand them to the schedule's `scores()`; the keep slots come back as a
+device tensor and are applied exactly like a schedule's.
 
 No per-token host sync: keep-index tensors are built once per distinct keep tuple and cached on the
 device; position ids and slot numbers are slices of one device arange; NLL goes into a preallocated
@@ -135,8 +135,9 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32",
              progress: bool = False) -> EngineResult:
     """Per-token NLL and timings of `schedule` on `ids` [T], decoding with the model's own forward.
-    `schedule`: a policy's Schedule, or its ScoredSchedule (not imported here: a score policy's code counts in its own points'
-    identity, never in this engine's, so adding or editing one leaves every schedule point current)."""
+    `schedule`: a policy's Schedule, or its ScoredSchedule (not imported here: a score policy's code counts
+    in its own points' identity, never in this engine's, so adding or editing one leaves every schedule
+    point current)."""
     device = next(model.parameters()).device
     n_tokens = schedule.n_tokens
     ids = ids.to(device)

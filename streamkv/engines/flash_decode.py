@@ -1,8 +1,9 @@
 """Decode attention split over the key slots (flash-decoding), as two Triton kernels: the fast engine's
 attention for one query per head on CUDA.
 
-Why: torch's SDPA gives a batch-1, one-query decode one thread block per head, 32 blocks on a 132-SM H100,
-each streaming its head's whole K/V buffer. Here every head's slots are cut into `splits` chunks and each
+Why: torch's fused SDPA kernels grid a one-query decode by (query block, head), so at batch 1 they may run
+one thread block per head, 32 blocks on a 132-SM H100, each streaming its head's whole K/V buffer (not yet
+profiled: docs/bench/README.md). Here every head's slots are cut into `splits` chunks and each
 (head, chunk) is one program, so hundreds of blocks read the buffer at once:
 
 1. `_flash_decode_partials`: program (h, s) walks its chunk in BLOCK_N-slot tiles with an online softmax:

@@ -10,8 +10,8 @@ rebuilt from that store:
 After each step the visible list is cut to `step.keep` (slots of the grown cache), and checked against the
 schedule's own view of the cache (`step.after`), so the slot arithmetic of the policy is cross-checked.
 Under a score policy (H2O, TOVA) the forwards run with engines.attention.PROBABILITIES and every token's
-attention over the cache it saw goes to the schedule's `scores()`, which returns the keep slots at each prune; the
-cache length is then checked against the schedule's.
+attention over the cache it saw goes to the schedule's `scores()`, which returns the keep slots at each
+prune; the cache length is then checked against the schedule's.
 
 The rotation here is deliberately NOT streamkv.positions.rotate: it multiplies each rotary pair
 (i, i + rot_dims/2) as one complex128 number by e^{iΔθ_i}, so a bug in the shared rotate cannot hide
@@ -88,8 +88,9 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32",
              progress: bool = False) -> EngineResult:
     """Per-token NLL of `schedule` on `ids` [T], computed in float64 as described in the module doc.
-    `schedule`: a policy's Schedule, or its ScoredSchedule (not imported here: a score policy's code counts in its own points'
-    identity, never in this engine's, so adding or editing one leaves every schedule point current)."""
+    `schedule`: a policy's Schedule, or its ScoredSchedule (not imported here: a score policy's code counts
+    in its own points' identity, never in this engine's, so adding or editing one leaves every schedule
+    point current)."""
     if position_mode not in ("cache", "absolute"):
         raise ValueError(f"unknown position_mode {position_mode!r}")
     if rerotation != "exact":
