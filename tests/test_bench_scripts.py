@@ -38,12 +38,16 @@ def test_the_floor_is_the_anchors_for_the_anchors_model():
     assert bench_decode.floor_ms(model, 4096, H100_ANCHOR["copy_TBps"]) > H100_ANCHOR["floor_ms"] + 0.1
 
 
+ANCHOR = {"copy_TBps": 0.01, "hf_dense_ms": 10.0, "hf_strict_ms": 20.0, "hf_lazy64_ms": 30.0, "recompute_ms": 40.0}
+TINY_RUN = ["--tiny", "--cap", "32", "--steps", "6", "--lazy-r", "4", "--warmup", "0", "--repeats", "1",
+            "--stability-runs", "1"]
+
+
 def test_ratios_divide_numbers_of_one_call(tmp_path):
-    anchor = {"copy_TBps": 0.01, "hf_dense_ms": 10.0, "hf_strict_ms": 20.0, "hf_lazy64_ms": 30.0, "recompute_ms": 40.0}
+    anchor = ANCHOR
     (tmp_path / "anchor.json").write_text(json.dumps(anchor))
     engine = "fast:compile=0"
-    bench_decode.main(["--tiny", "--engines", engine, "--cap", "32", "--steps", "6", "--lazy-r", "4", "--warmup", "0",
-                       "--repeats", "1", "--stability-runs", "1", "--recompute-batches", "1,3",
+    bench_decode.main([*TINY_RUN, "--engines", engine, "--recompute-batches", "1,3",
                        "--anchor", str(tmp_path / "anchor.json"), "--out", str(tmp_path / "bench.json")])
     summary = json.loads((tmp_path / "bench.json").read_text())
     assert summary["anchor"] == anchor
@@ -56,6 +60,27 @@ def test_ratios_divide_numbers_of_one_call(tmp_path):
         assert summary["ratios"][f"hf_recompute_ms_over_recompute_{name}"] == pytest.approx(40.0 / tpot)
     # Batches of one and three windows score the same tokens alike (float32 on CPU: rounding only).
     assert summary["recompute"]["batch3"]["agreement_with_first"]["max_abs_nll_diff"] < 1e-4
+
+
+def test_a_run_cut_short_keeps_its_ratios(tmp_path, monkeypatch):
+    """A device call's deadline kills the bench between engines: the JSON on disk already holds the first
+    engine's rows with their ratios to the anchor's floor."""
+    (tmp_path / "anchor.json").write_text(json.dumps(ANCHOR))
+    protocol = bench_decode.protocol
+
+    def deadline(args, engine, model, ids):
+        if engine != "fast:compile=0":
+            raise KeyboardInterrupt   # what `timeout` leaves on disk is what was written before
+        return protocol(args, engine, model, ids)
+
+    monkeypatch.setattr(bench_decode, "protocol", deadline)
+    with pytest.raises(KeyboardInterrupt):
+        bench_decode.main([*TINY_RUN, "--engines", "fast:compile=0,decode", "--anchor", str(tmp_path / "anchor.json"),
+                           "--out", str(tmp_path / "bench.json")])
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    strict = summary["engines"]["fast:compile=0"]["runs"][0]["strict"]["tpot_ms"]["median"]
+    assert summary["ratios"]["fast:compile=0_strict_over_floor"] == pytest.approx(strict / summary["floor_ms"])
+    assert "decode" not in summary["engines"]
 
 
 def test_the_profiled_step_is_the_engines_step(monkeypatch):
