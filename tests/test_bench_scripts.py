@@ -44,13 +44,12 @@ TINY_RUN = ["--tiny", "--cap", "32", "--steps", "6", "--lazy-r", "4", "--warmup"
 
 
 def test_ratios_divide_numbers_of_one_call(tmp_path):
-    anchor = ANCHOR
-    (tmp_path / "anchor.json").write_text(json.dumps(anchor))
+    (tmp_path / "anchor.json").write_text(json.dumps(ANCHOR))
     engine = "fast:compile=0"
     bench_decode.main([*TINY_RUN, "--engines", engine, "--recompute-batches", "1,3",
                        "--anchor", str(tmp_path / "anchor.json"), "--out", str(tmp_path / "bench.json")])
     summary = json.loads((tmp_path / "bench.json").read_text())
-    assert summary["anchor"] == anchor
+    assert summary["anchor"] == ANCHOR
     for name, row in summary["engines"][engine]["runs"][0].items():
         tpot = row["tpot_ms"]["median"]
         assert summary["ratios"][f"{engine}_{name}_over_floor"] == pytest.approx(tpot / summary["floor_ms"])
@@ -70,7 +69,7 @@ def test_a_run_cut_short_keeps_its_ratios(tmp_path, monkeypatch):
 
     def deadline(args, engine, model, ids):
         if engine != "fast:compile=0":
-            raise KeyboardInterrupt   # what `timeout` leaves on disk is what was written before
+            raise KeyboardInterrupt   # killed here: the file holds what was written before
         return protocol(args, engine, model, ids)
 
     monkeypatch.setattr(bench_decode, "protocol", deadline)
