@@ -68,7 +68,8 @@ if triton is not None:
             n_ok = n < end
             tile = n_ok[:, None] & d_ok[None, :]
             kt = tl.load(k + kv_head * stride_kh + n[:, None] * stride_kn + d[None, :], mask=tile, other=0.0)
-            score = tl.sum(qv[None, :] * kt.to(WORK), 1) * scaling
+            # Cast back: inside a compiled graph Inductor passes the Python float `scaling` as fp64.
+            score = (tl.sum(qv[None, :] * kt.to(WORK), 1) * scaling).to(WORK)
             score += tl.load(mask + n, mask=n_ok, other=0.0).to(WORK)
             score = tl.where(n_ok, score, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(score, 0))
