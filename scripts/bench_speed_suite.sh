@@ -7,8 +7,9 @@
 #   STEPS="profile bench_4096 bench_gqa compile_cache" scripts/bench_speed_suite.sh ...   # a second call: these only
 #
 # ANCHOR_PY is the workplace's hf_anchor.py; it runs in every call (the ratios divide by its floor, so they
-# only compare numbers of one call). All steps need about 17 minutes, so two calls. cuda_tests needs pytest
-# and hypothesis importable (on a machine without them, carry their wheels).
+# only compare numbers of one call). All steps need about 17 minutes, so two calls. cuda_tests needs pytest,
+# hypothesis and submitit importable (tests/conftest.py imports the CLI; on a machine without them, carry
+# their wheels: the workplace's GPU image lacks submitit).
 # Writes OUT_DIR/{anchor,bench_decode,bench_4096,bench_gqa,bench_recompute,compile_cache,profile}.json and
 # OUT_DIR/log.txt. docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
