@@ -87,7 +87,7 @@ def test_fast_engine_with_flash_decode_matches_reference(model_name, case):
 # Ahead-of-time compile for sm_90, in a process without TRITON_INTERPRET (under it, kernels are not
 # compiled). Argument types follow `attend`: fp16/bf16/fp32 tensors with fp32 work, float64 with float64;
 # `scaling` as Triton types a Python float (fp32) and as Inductor passes it inside a compiled graph (fp64:
-# an H200 run refused the partials kernel so until its scores were cast back to the work dtype).
+# so typed, the partials kernel failed to compile on an H200 until its scores were cast to the work dtype).
 COMPILE_FOR_HOPPER = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
