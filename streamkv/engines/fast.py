@@ -16,8 +16,9 @@ Positions. Attention scores depend on position differences only.
   n_sink + j − start, a distance of t − j, the distance of their original indices. So every query and
   every key is rotated once, at its ORIGINAL index, when it is computed, and never again.
 - Sinks: sink i sits at slot i, a distance of P(t) − i = t − (i + o(t)) with o(t) = t − P(t) = start −
-  n_sink. So before every step the S sink keys are rotated to i + o(t) from a raw (unrotated) copy, all
-  layers in one batched op. In `absolute` mode o = 0 and the sinks never move.
+  n_sink. So at every decode step each layer rotates its S sink keys to i + o(t) from a raw (unrotated)
+  copy, with angles looked up once per step; a schedule that never evicts keeps no sink slots (S = 0) and
+  skips this. In `absolute` mode o = 0 and the sinks never move.
 - Angles at original indices reach the stream length (~20k), where HF's fp32 angles are off by up to
   ~1e-3 rad; so this engine builds its own cos/sin tables in float64 and casts them once. HF's own rotary
   runs at position 0 (cos = 1, sin = 0: an exact identity) and our attention function applies ours.
