@@ -86,7 +86,7 @@ def test_the_profiled_step_is_the_engines_step(monkeypatch):
     """profile_decode's stream, prefilled and stepped, scores each token as fast.evaluate does (float64)."""
     monkeypatch.setattr(fast, "_capture", lambda step: SimpleNamespace(replay=step))
     monkeypatch.setattr(profile_decode.compile_cache, "compiled", lambda step: step)   # the engine's own step
-    model, ids, cap, sink, steps = cached_model("gpt_neox", float64_rotary=True), cached_stream(96), 32, 2, 20
+    model, ids, cap, sink, steps = cached_model("gpt_neox", float64_numerics=True), cached_stream(96), 32, 2, 20
     with torch.inference_mode(), swapped_attention(model, fast.ATTN_IMPLEMENTATION, "fast"):
         try:
             graph, stream = profile_decode.captured_step(model, ids, cap, sink, "sdpa")

@@ -18,11 +18,11 @@ from bounds import BROKEN, EXACT
 from streamkv import compat, positions
 from streamkv.engines import reference
 from streamkv.policies import PolicySpec, build_schedule
-from tiny_models import MODELS, dense_nll, token_stream, visible_mask, with_float64_rotary
+from tiny_models import MODELS, dense_nll, token_stream, visible_mask, with_float64_numerics
 
 
 def float64_model(name: str):
-    return with_float64_rotary(MODELS[name]())
+    return with_float64_numerics(MODELS[name]())
 
 
 def keys_at(model, ids: torch.Tensor, first_position: int) -> list[torch.Tensor]:

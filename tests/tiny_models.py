@@ -74,9 +74,27 @@ class Float64Rotary(torch.nn.Module):
         return angle.cos().to(x.dtype), angle.sin().to(x.dtype)
 
 
-def with_float64_rotary(model):
-    """The model (built here, not a user's) with its rotary embedding computed in float64."""
+class Float64RMSNorm(torch.nn.Module):
+    """An RMSNorm computed in its input's dtype. HF's LlamaRMSNorm rounds a float64 input through fp32, so
+    the same model on a GPU and on a CPU differs by fp32 rounding (rsqrt and the mean are not the same
+    instructions on both): the flash-decode test on an H100 missed the CPU reference by 8e-6, gpt_neox
+    (LayerNorm, in float64) by ~1e-14."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def with_float64_numerics(model):
+    """The model (built here, not a user's) with its rotary embedding and RMSNorms computed in float64."""
     model.base_model.rotary_emb = Float64Rotary(model.base_model.rotary_emb.inv_freq)
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RMSNorm"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Float64RMSNorm(module))
     return model
 
 
@@ -86,10 +104,10 @@ def token_stream(n_tokens: int, *, seed: int = 1, vocab: int = VOCAB) -> torch.T
 
 
 @functools.cache
-def cached_model(name: str, float64_rotary: bool = False):
+def cached_model(name: str, float64_numerics: bool = False):
     """One shared instance per tiny model: building them dominates the engine tests' time otherwise."""
     model = MODELS[name]()
-    return with_float64_rotary(model) if float64_rotary else model
+    return with_float64_numerics(model) if float64_numerics else model
 
 
 cached_stream = functools.cache(token_stream)
