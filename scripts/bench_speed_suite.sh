@@ -4,14 +4,16 @@
 # line, never cut mid-JSON):
 #
 #   scripts/bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]      # default 560 s: a device call's 600 s less slack
-#   STEPS="profile bench_4096 bench_gqa compile_cache" scripts/bench_speed_suite.sh ...   # a second call: these only
+#   STEPS="recompute bench_4096 bench_gqa compile_cache" scripts/bench_speed_suite.sh ...   # a second call: these only
+#   STEPS="bench_2048 gemv_no_lt recompute_compile" scripts/bench_speed_suite.sh ...       # the probes, beside their anchor
 #
 # ANCHOR_PY is the workplace's hf_anchor.py; it runs in every call (the ratios divide by its floor, so they
-# only compare numbers of one call). All steps need about 17 minutes, so two calls. cuda_tests needs pytest,
-# hypothesis and submitit importable (tests/conftest.py imports the CLI; on a machine without them, carry
-# their wheels: the workplace's GPU image lacks submitit).
-# Writes OUT_DIR/{anchor,bench_decode,bench_4096,bench_gqa,bench_recompute,compile_cache,profile}.json and
-# OUT_DIR/log.txt. docs/bench/README.md ("Speed to the limit") says what each file shows.
+# only compare numbers of one call). The issue's steps need about 13 minutes, so two calls; the probes a
+# third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
+# a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
+# Writes OUT_DIR/{anchor,bench_decode,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_flash,
+# bench_no_lt,probe_recompute_compile}.json and OUT_DIR/log.txt. docs/bench/README.md ("Speed to the
+# limit") says what each file shows.
 set -uo pipefail
 anchor_py=${1:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
 out=${2:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
@@ -33,8 +35,8 @@ step() {   # step NAME SECONDS COMMAND...: SECONDS is what the step needs; skipp
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
 step anchor 70 python3 "$anchor_py" --out "$out/anchor.json"
-# The goal: fast with each decode attention, strict and lazy R=64 at cap 2048, against the anchor's floor.
-step bench_2048 270 python3 scripts/bench_decode.py --engines fast:decode_attention=flash,fast \
+# The goal: fast (SDPA) strict and lazy R=64 at cap 2048, against the anchor's floor.
+step bench_2048 150 python3 scripts/bench_decode.py --engines fast \
     --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_decode.json"
 # The batched baseline beside the anchor's recompute_ms.
 step recompute 60 python3 scripts/bench_decode.py --engines '' --recompute-batches 1,16,32 --steps 64 \
@@ -51,3 +53,13 @@ step bench_gqa 140 python3 scripts/bench_decode.py --engines fast \
     --config scripts/configs/llama-3.2-3b-shape.json --stability-runs 1 --repeats 3 \
     --anchor "$out/anchor.json" --out "$out/bench_gqa.json"
 step compile_cache 150 python3 scripts/bench_compile_cache.py --processes 2 --out "$out/compile_cache.json"
+# Probes of what the profile points at (docs/bench/README.md, issue 17), each beside bench_2048 of the same
+# call: the triton split-KV attention (slower than SDPA on an H100, untimed on an H200); addmm without
+# cuBLASLt, whose nvjet kernels run the step's GEMVs at 1.26x their floor on an H100 (aten then calls
+# cuBLAS's plain GEMM, which may pick its GEMV kernels); the recompute forward compiled.
+step flash 150 python3 scripts/bench_decode.py --engines fast:decode_attention=flash --stability-runs 1 \
+    --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_flash.json"
+step gemv_no_lt 150 env DISABLE_ADDMM_CUDA_LT=1 python3 scripts/bench_decode.py --engines fast \
+    --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_no_lt.json"
+step recompute_compile 200 python3 scripts/probe_recompute_compile.py --batch 32 --repeats 3 \
+    --out "$out/probe_recompute_compile.json"

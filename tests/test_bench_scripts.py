@@ -2,7 +2,9 @@
 
 bench_decode.py's ratios only mean something if its floor is the anchor's floor and each ratio divides
 numbers of one call; profile_decode.py's kernels only describe the engine if the step it captures is the
-engine's step. Both scripts run here on the demo-size model (the CUDA graph stubbed by a plain call).
+engine's step; probe_recompute_compile.py's compiled forward only says what compiling would buy if it
+computes what the eager one does. They run here on the demo-size model (the CUDA graph stubbed by a plain
+call).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from tiny_models import cached_model, cached_stream
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_decode  # noqa: E402
+import probe_recompute_compile  # noqa: E402
 import profile_decode  # noqa: E402
 
 H100_ANCHOR = json.loads((ROOT / "docs/bench/h100_hf_anchor_issue17.json").read_text())
@@ -100,3 +103,13 @@ def test_the_profiled_step_is_the_engines_step(monkeypatch):
     assert int(stream.t) == stream.prefill_len + steps
     assert max_diff(stream.nll[fed], want.nll[fed]) <= EXACT
     assert stream.nll[fed].abs().min() > 0      # every one of those tokens was scored
+
+
+def test_the_compiled_recompute_forward_gives_the_eager_logits():
+    """probe_recompute_compile times torch.compile of the recompute engine's forward: what it compiles must
+    compute the eager logits (float32 on CPU: fusions round differently, nothing more)."""
+    args = probe_recompute_compile.parse_args(["--tiny", "--cap", "16", "--batch", "3", "--repeats", "2"])
+    record = probe_recompute_compile.probe(args)
+    assert record["max_abs_logit_diff"] < 1e-4
+    assert all(len(row["runs"]) == 2 and row["median"] > 0 for row in record["ms_per_window"].values())
+
