@@ -5,14 +5,14 @@
 #
 #   scripts/bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]      # default 560 s: a device call's 600 s less slack
 #   STEPS="recompute bench_4096 bench_gqa compile_cache" scripts/bench_speed_suite.sh ...   # a second call: these only
-#   STEPS="bench_2048 gemv_no_lt recompute_compile" scripts/bench_speed_suite.sh ...       # the probes, beside their anchor
+#   STEPS="bench_2048 gemv_no_lt gemv_cdt recompute_compile" scripts/bench_speed_suite.sh ...   # the probes
 #
 # ANCHOR_PY is the workplace's hf_anchor.py; it runs in every call (the ratios divide by its floor, so they
 # only compare numbers of one call). The issue's steps need about 13 minutes, so two calls; the probes a
 # third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
 # Writes OUT_DIR/{anchor,bench_decode,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_flash,
-# bench_no_lt,probe_recompute_compile}.json and OUT_DIR/log.txt. docs/bench/README.md ("Speed to the
+# bench_no_lt,bench_cdt,probe_recompute_compile}.json and OUT_DIR/log.txt. docs/bench/README.md ("Speed to the
 # limit") says what each file shows.
 set -uo pipefail
 anchor_py=${1:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
@@ -56,10 +56,14 @@ step compile_cache 150 python3 scripts/bench_compile_cache.py --processes 2 --ou
 # Probes of what the profile points at (docs/bench/README.md, issue 17), each beside bench_2048 of the same
 # call: the triton split-KV attention (slower than SDPA on an H100, untimed on an H200); addmm without
 # cuBLASLt, whose nvjet kernels run the step's GEMVs at 1.26x their floor on an H100 (aten then calls
-# cuBLAS's plain GEMM, which may pick its GEMV kernels); the recompute forward compiled.
+# cuBLAS's plain GEMM, which may pick its GEMV kernels); Inductor's coordinate-descent tuning (with it,
+# Inductor decomposes a one-row mm into a tuned multiply-and-sum: gpt-fast's route to its GEMVs); the
+# recompute forward compiled.
 step flash 150 python3 scripts/bench_decode.py --engines fast:decode_attention=flash --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_flash.json"
 step gemv_no_lt 150 env DISABLE_ADDMM_CUDA_LT=1 python3 scripts/bench_decode.py --engines fast \
     --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_no_lt.json"
+step gemv_cdt 200 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 python3 scripts/bench_decode.py --engines fast \
+    --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_cdt.json"
 step recompute_compile 200 python3 scripts/probe_recompute_compile.py --batch 32 --repeats 3 \
     --out "$out/probe_recompute_compile.json"
