@@ -23,6 +23,10 @@ one variant per batch size (windows per forward), run in turn under the same pro
 `cap` tokens, TPOT = decode time / windows. Reported beside each: peak memory, the per-token NLL against the
 first batch size's (fp16 GEMMs of other shapes may round differently: a noise figure) and, with --anchor,
 the anchor's recompute_ms over ours.
+
+--inductor KEY=VALUE,...: Inductor settings for the whole process (probes of what the profile points at,
+scripts/bench_speed_suite.sh), applied before anything compiles and recorded with the other arguments.
+A compiled step's cache key includes them, so a probe never reuses the default's compiled code.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 
 import transformers  # noqa: E402
+from torch._inductor import config as inductor_config  # noqa: E402
 
 from bench_engines import build_model, guarded  # noqa: E402  (same folder: one model builder)
 from streamkv import engines, timing  # noqa: E402
@@ -64,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", type=Path, help="a config.json of another architecture (random weights), e.g. "
                    "scripts/configs/llama-3.2-3b-shape.json; default Pythia-2.8B")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded)")
+    p.add_argument("--inductor", default="", help="comma-separated torch._inductor.config settings for this "
+                   "process, e.g. coordinate_descent_tuning=1,keep_addmm_fused_for_half_dtypes=0 (probes)")
     p.add_argument("--anchor", type=Path, help="hf_anchor.py's JSON from the same call")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -72,8 +79,25 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     args.engines = [e for e in args.engines.split(",") if e]
     args.recompute_batches = [int(b) for b in args.recompute_batches.split(",") if b]
+    try:
+        args.inductor = inductor_settings(args.inductor)
+    except ValueError as exc:
+        p.error(str(exc))
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     return args
+
+
+def inductor_settings(text: str) -> dict:
+    """'key=value,...' as Inductor config values: each key must exist, each value is an integer (a 0/1
+    switch for a boolean setting)."""
+    settings = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if not hasattr(inductor_config, key) or not value.lstrip("-").isdigit():
+            raise ValueError(f"--inductor {item!r}: want an existing torch._inductor.config key = an integer")
+        current = getattr(inductor_config, key)
+        settings[key] = bool(int(value)) if isinstance(current, bool) else int(value)
+    return settings
 
 
 def variants(args) -> dict[str, PolicySpec]:
@@ -160,6 +184,8 @@ def ratios(summary: dict, anchor: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    for key, value in args.inductor.items():   # before anything compiles
+        setattr(inductor_config, key, value)
     summary = {"device": torch.cuda.get_device_name() if args.device == "cuda" else
                f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
                "torch": torch.__version__, "transformers": transformers.__version__,

@@ -113,3 +113,11 @@ def test_the_compiled_recompute_forward_gives_the_eager_logits():
     assert record["max_abs_logit_diff"] < 1e-4
     assert all(len(row["runs"]) == 2 and row["median"] > 0 for row in record["ms_per_window"].values())
 
+
+def test_inductor_settings_are_typed_and_unknown_keys_refused():
+    args = bench_decode.parse_args(["--tiny", "--inductor", "coordinate_descent_tuning=1,max_autotune=0"])
+    assert args.inductor == {"coordinate_descent_tuning": True, "max_autotune": False}
+    for wrong in ("coordinate_descent_tunning=1", "coordinate_descent_tuning=yes"):
+        with pytest.raises(SystemExit):
+            bench_decode.parse_args(["--tiny", "--inductor", wrong])
+
