@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every measurement issue 17 asks for, on one GPU, in one call, in priority order (the profile first of a
-# second call's steps), each step under the call's deadline (a step that would not fit is skipped with a
-# line, never cut mid-JSON):
+# Every measurement issue 17 asks for, on one GPU, in priority order, then the probes of what its profile
+# points at; each step under the call's deadline (a step that would not fit is skipped with a line, never
+# cut mid-JSON):
 #
 #   scripts/bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]      # default 560 s: a device call's 600 s less slack
 #   STEPS="recompute bench_4096 bench_gqa compile_cache" scripts/bench_speed_suite.sh ...   # a second call: these only
