@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -68,9 +70,14 @@ def probe(args) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # compile_s is a cold compile only with empty caches: Inductor's and Triton's defaults (/tmp, ~/.triton)
+    # would serve a rerun on the same machine from what the last run left there.
+    cache = tempfile.TemporaryDirectory(prefix="probe-compile-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ["TRITON_CACHE_DIR"] = cache.name
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     record = {"device": device, "torch": torch.__version__, "threads": args.threads,
-              "args": {k: str(v) for k, v in vars(args).items()}, **probe(args)}
+              "args": {k: str(v) for k, v in vars(args).items()}, **probe(args), "compile_caches": "fresh, empty"}
+    cache.cleanup()
     text = json.dumps(record, indent=1)
     print(text)
     if args.out:
