@@ -25,7 +25,6 @@ if flash_decode.triton is None or not (torch.cuda.is_available() or os.environ.g
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 with Triton installed: `make test-flash-decode`",
                 allow_module_level=True)
 
-from attention_inputs import SHAPES, inputs  # noqa: E402
 from bounds import BROKEN, EXACT  # noqa: E402
 from test_engines import CASES, max_diff  # noqa: E402
 from test_fast import model, run_fast, run_reference  # noqa: E402
@@ -33,10 +32,28 @@ from test_fast import model, run_fast, run_reference  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
+def inputs(heads, kv_heads, slots, dim, hidden, seed=0):
+    """float64 query [1, H, 1, D], K/V [1, Hkv, C, D] and an additive mask hiding the slots in `hidden`."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, n, dim, generator=g, dtype=torch.float64)
+               for h, n in ((heads, 1), (kv_heads, slots), (kv_heads, slots)))
+    mask = torch.zeros(1, slots, dtype=torch.float64)
+    mask[:, hidden] = float("-inf")
+    return [x.to(DEVICE) for x in (q, k, v, mask)]
+
+
+# (heads, kv heads, slots, head dim, hidden slots): chunk counts that are not powers of two (padding
+# chunks), a last tile cut short, grouped heads, whole chunks that see nothing, one slot seen.
+SHAPES = {"pythia-like": (8, 8, 300, 80, slice(100, 200)),
+          "gqa": (8, 2, 200, 16, slice(0, 150)),
+          "one-chunk": (4, 4, 40, 128, slice(10, 20)),
+          "one-slot-seen": (2, 2, 257, 32, slice(1, None))}
+
+
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_kernel_is_sdpa_in_float64(shape):
     heads, kv_heads, slots, dim, hidden = SHAPES[shape]
-    q, k, v, mask = inputs(heads, kv_heads, slots, dim, hidden, device=DEVICE)
+    q, k, v, mask = inputs(heads, kv_heads, slots, dim, hidden)
     assert flash_decode.n_splits(heads, slots) >= (2 if slots > flash_decode.BLOCK_N else 1)
     got = flash_decode.attend(q, k, v, mask, 0.3)
     assert got.shape == q.shape and got.dtype == torch.float64
@@ -46,7 +63,7 @@ def test_kernel_is_sdpa_in_float64(shape):
 def test_kernel_reads_the_mask():
     """Hiding one more slot moves the output: the comparison above would see a kernel that ignored the mask."""
     heads, kv_heads, slots, dim, _ = SHAPES["pythia-like"]
-    q, k, v, mask = inputs(heads, kv_heads, slots, dim, slice(100, 200), device=DEVICE)
+    q, k, v, mask = inputs(heads, kv_heads, slots, dim, slice(100, 200))
     k[..., 250, :] = 4 * q[0, 0, 0]   # a slot the query attends to strongly
     masked = mask.clone()
     masked[:, 250] = float("-inf")

@@ -40,7 +40,7 @@ from .. import compat, compile_cache
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from ..policies.schedule import Schedule
 from ..spec import REROTATIONS
-from . import flash_decode, inductor_attention
+from . import flash_decode
 from .attention import swapped_attention
 from .base import EngineResult
 from .contiguous import StreamPlan, Unsupported, stream_plan
@@ -89,15 +89,13 @@ def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat(((r * cos + rotated_half * sin).to(x.dtype), x[..., rd:]), dim=-1)
 
 
-# How a decode step attends (the prefill always uses SDPA). `flash` and `inductor` are issue-17 candidates: SDPA
-# on an H100 ran 1.54x the bandwidth floor end to end, and Inductor's version of a split over the slots (two
-# reductions) was slower still (1.65x; docs/bench/README.md); flash measured slower than SDPA on an H100
-# (1.67x); `inductor` is untimed. Each is timed by `scripts/bench_decode.py --engines fast,fast:decode_attention=NAME`
-# and becomes the default on CUDA if faster.
+# How a decode step attends (the prefill always uses SDPA). `flash` is the issue-17 candidate: SDPA on an H100
+# ran 1.54x the bandwidth floor end to end, and Inductor's version of a split over the slots (two reductions)
+# was slower still (1.65x; docs/bench/README.md); `flash` is timed by
+# `scripts/bench_decode.py --engines fast,fast:decode_attention=flash` and becomes the default on CUDA if faster.
 DECODE_ATTENTION = {"sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_attention(
                         q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]),
-                    "flash": flash_decode.attend,
-                    "inductor": inductor_attention.attend}
+                    "flash": flash_decode.attend}
 
 
 class _Ring:
@@ -271,8 +269,8 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     forward (layer norms, both rotaries, residual adds); without graph (CPU) the compiled step is called
     from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py).
     decode_attention: how a decode step attends, `sdpa` (torch's fused kernels, which the prefill always
-    uses), `flash` (engines/flash_decode.py, CUDA) or `inductor` (engines/inductor_attention.py). graph,
-    compile and decode_attention are benchmark diagnostics: the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the
+    uses) or `flash` (engines/flash_decode.py, CUDA). graph, compile and decode_attention are benchmark
+    diagnostics: the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the
     mean decode step; compilation, warm-up and capture run before the timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
     device = next(model.parameters()).device
