@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "scripts/configs/llama-3.2-3b-shape.json; default Pythia-2.8B")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (recorded)")
     p.add_argument("--inductor", default="", help="comma-separated torch._inductor.config settings for this "
-                   "process, e.g. coordinate_descent_tuning=1,keep_addmm_fused_for_half_dtypes=0 (probes)")
+                   "process, e.g. coordinate_descent_tuning=1,max_autotune=0 (probes)")
     p.add_argument("--anchor", type=Path, help="hf_anchor.py's JSON from the same call")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)

@@ -56,14 +56,15 @@ step compile_cache 150 python3 scripts/bench_compile_cache.py --processes 2 --ou
 # Probes of what the profile points at (docs/bench/README.md, issue 17), each beside bench_2048 of the same
 # call: the triton split-KV attention (slower than SDPA on an H100, untimed on an H200); Inductor's
 # coordinate-descent tuning (with it, Inductor decomposes a one-row mm into a tuned multiply-and-sum:
-# gpt-fast's route to its GEMVs; Pythia's linears have biases, and an fp16 addmm stays whole unless
-# keep_addmm_fused_for_half_dtypes is off); addmm without cuBLASLt, whose nvjet kernels run the step's GEMVs
+# gpt-fast's route to its GEMVs; Pythia's linears have biases, and torch 2.13 keeps an fp16 addmm whole
+# unless keep_addmm_fused_for_half_dtypes is off, a key the device machines' torch 2.11 does not have, so the
+# probe sets only the first); addmm without cuBLASLt, whose nvjet kernels run the step's GEMVs
 # at 1.26x their floor on an H100 (aten then calls cuBLAS's plain GEMM, which may pick its GEMV kernels);
 # the recompute forward compiled. The GEMV probe most likely to pay runs first.
 step flash 150 python3 scripts/bench_decode.py --engines fast:decode_attention=flash --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_flash.json"
 step gemv_cdt 200 python3 scripts/bench_decode.py --engines fast --stability-runs 1 --repeats 3 \
-    --inductor coordinate_descent_tuning=1,keep_addmm_fused_for_half_dtypes=0 \
+    --inductor coordinate_descent_tuning=1 \
     --anchor "$out/anchor.json" --out "$out/bench_cdt.json"
 step gemv_no_lt 150 env DISABLE_ADDMM_CUDA_LT=1 python3 scripts/bench_decode.py --engines fast \
     --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_no_lt.json"
