@@ -1,5 +1,6 @@
 """Named profiles as data: `demo` (embedded tiny model, CPU, minutes), `paper` (Pythia-2.8B, CUDA) and
-`paper-random` (the paper's points on CUDA with random weights and short synthetic streams: timing only).
+`paper-random` (the paper's points on CUDA with random weights and short synthetic streams: timing only) and
+`paper-random-full` (the same on synthetic streams of the paper's lengths: what `make paper` costs on a GPU).
 
 A profile fixes the model, device, KV budget, datasets, the main knobs, the sweep grids, the baseline's
 recorded S/W and the ablation ladder; `resolve(settings)` applies the seed guide's knobs on top.
@@ -213,9 +214,20 @@ PAPER_RANDOM = dataclasses.replace(
     short=Dataset("synthetic-short", "Synthetic (short)", "", 0, source="seeded random token ids"),
 )
 SYNTHETIC_DECODE = {"synthetic-long": 256, "synthetic-short": 128}   # decoded tokens after the prefill
-SYNTHETIC_SEED = {"synthetic-long": 1, "synthetic-short": 2}
+# The same at the paper's stream lengths (PG19's 20 000 evaluated tokens, WikiText's 4096): what `make paper`
+# costs on a GPU with the real weights, measurable where they cannot be downloaded. About 26 minutes on one
+# GPU (README), so on the device tool it runs over several calls: scripts/bench_paper_e2e.py --deadline, --resume.
+PAPER_RANDOM_FULL = dataclasses.replace(
+    PAPER_RANDOM, name="paper-random-full",
+    long=Dataset("synthetic-pg19-length", "Synthetic (PG19's length)", "", PAPER.long.max_tokens,
+                 source="seeded random token ids"),
+    short=Dataset("synthetic-wikitext-length", "Synthetic (WikiText's length)", "", PAPER.short.max_tokens,
+                  source="seeded random token ids"),
+)
+SYNTHETIC_SEED = {"synthetic-long": 1, "synthetic-short": 2, "synthetic-pg19-length": 3,
+                  "synthetic-wikitext-length": 4}
 
-PROFILES = {p.name: p for p in (DEMO, PAPER, PAPER_RANDOM)}
+PROFILES = {p.name: p for p in (DEMO, PAPER, PAPER_RANDOM, PAPER_RANDOM_FULL)}
 
 
 def resolve(settings: Settings) -> Profile:
@@ -238,11 +250,13 @@ def resolve(settings: Settings) -> Profile:
     if p is DEMO:
         # The committed checkpoint, pinned by the sha256 recorded when it was trained.
         changes["model"] = assets.demo_model_spec(p.dtype)
-    elif p is PAPER_RANDOM:
+    elif p.random_weights:
         model = _paper_model(settings, p, changes)
         vocab = assets.vocab_size(model)
+        # paper-random's streams follow the cap; paper-random-full's have the paper's lengths.
         changes.update({which: dataclasses.replace(
-            d, path=assets.synthetic_path(SYNTHETIC_SEED[d.name], vocab), max_tokens=cap + SYNTHETIC_DECODE[d.name])
+            d, path=assets.synthetic_path(SYNTHETIC_SEED[d.name], vocab),
+            max_tokens=cap + SYNTHETIC_DECODE[d.name] if d.name in SYNTHETIC_DECODE else d.max_tokens)
             for which, d in (("long", p.long), ("short", p.short))})
     else:
         # The guide's model and sample knobs name the paper's assets; the demo's ship with the repository

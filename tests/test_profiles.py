@@ -115,6 +115,17 @@ def test_paper_random_is_the_paper_plan_on_random_weights_and_short_synthetic_st
     assert profiles.resolve(Settings(profile="paper-random", cap_total=1024)).long.max_tokens == 1024 + 256
 
 
+def test_paper_random_full_is_paper_random_at_the_paper_stream_lengths():
+    real, short, full = paper(), *(profiles.resolve(Settings(profile=p)) for p in ("paper-random", "paper-random-full"))
+    assert dataclasses.replace(full, name=short.name, long=short.long, short=short.short) == short
+    assert [d.max_tokens for d in full.datasets] == [d.max_tokens for d in real.datasets] == [20000, 4096]
+    vocab = assets.vocab_size(real.model)
+    assert [d.path for d in full.datasets] == [f"synthetic:3:{vocab}", f"synthetic:4:{vocab}"]
+    # Its own stream names (so its slots), apart from the short run's and the real data's, in one results/.
+    assert len({d.name for p in (real, short, full) for d in p.datasets}) == 6
+    assert profiles.resolve(Settings(profile="paper-random-full", cap_total=1024)).long.max_tokens == 20000
+
+
 def test_a_random_weights_profile_needs_a_config_it_can_read_without_a_download(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "CONFIG_DIR", tmp_path)   # no bundled config, no local checkpoint, no cache
     monkeypatch.setattr(assets, "_cached_snapshot", lambda spec: None)
