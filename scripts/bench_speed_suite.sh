@@ -12,7 +12,7 @@
 # third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
 # Writes OUT_DIR/{anchor,bench_decode,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_flash,
-# bench_no_lt,bench_cdt,probe_recompute_compile}.json and OUT_DIR/log.txt. docs/bench/README.md ("Speed to the
+# bench_no_lt,bench_cdt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt. docs/bench/README.md ("Speed to the
 # limit") says what each file shows.
 set -uo pipefail
 anchor_py=${1:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
@@ -68,5 +68,7 @@ step gemv_cdt 200 python3 scripts/bench_decode.py --engines fast --stability-run
     --anchor "$out/anchor.json" --out "$out/bench_cdt.json"
 step gemv_no_lt 150 env DISABLE_ADDMM_CUDA_LT=1 python3 scripts/bench_decode.py --engines fast \
     --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_no_lt.json"
+# Per linear shape, cuBLAS against Inductor's GEMV and a Triton GEMV of our own, each against its byte floor.
+step gemv_kernels 150 python3 scripts/probe_gemv.py --out "$out/probe_gemv.json"
 step recompute_compile 200 python3 scripts/probe_recompute_compile.py --batch 32 --repeats 3 \
     --out "$out/probe_recompute_compile.json"

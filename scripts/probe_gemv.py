@@ -1,0 +1,154 @@
+"""Can a GEMV of our own beat cuBLAS on the decode step's one-row linears? Each of Pythia-2.8B's linear shapes
+timed three ways against its byte floor, before any kernel goes into the engine.
+
+    python3 scripts/probe_gemv.py --out probe_gemv.json      # GPU: the four linear shapes, fp16
+    TRITON_INTERPRET=1 python3 scripts/probe_gemv.py --check  # CPU: the Triton kernel against float64
+
+Why: the profile of the captured step (docs/bench/h100_profile_step_sdpa.json) puts the linears at 1.26x
+their byte floor (cuBLASLt's nvjet kernels; 457 µs a step over it), and the engine's probes found that
+neither cuBLAS without Lt nor Inductor's coordinate-descent GEMVs is faster end to end. This times, per
+shape [out, in] with a bias: `cublas` (F.linear, as the engine runs it), `inductor` (F.linear under
+torch.compile with coordinate-descent tuning: Inductor's generated multiply-and-sum) and `triton` (the
+kernel below, best of a small grid of tile sizes and warps). Each is 32 layers' distinct weights in a row
+(as in the step: together they exceed the L2 cache), captured in one CUDA graph, replayed; reported per
+call: µs, the floor (weight, bias, input and output bytes over the copy bandwidth measured in the same
+process) and the ratio, and the largest difference from cuBLAS's output (fp16 noise).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from profile_decode import copy_bandwidth  # noqa: E402  (same folder: the anchor's copy measurement)
+
+SHAPES = {"qkv": (7680, 2560), "dense": (2560, 2560), "fc1": (10240, 2560), "fc2": (2560, 10240)}   # [out, in]
+LAYERS = 32
+GRID = {"block_n": (4, 8, 16), "block_k": (256, 512), "num_warps": (4, 8)}
+
+
+@triton.jit
+def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          WORK: tl.constexpr):
+    """y[BLOCK_N rows of this program] = w[rows] · x + b[rows]: each row a dot product over n_in, products
+    accumulated in WORK (fp32; float64 for float64 tensors) across the tile's columns, summed at the end."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=WORK)
+    for start in range(0, n_in, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + cols, mask=cols < n_in, other=0.0).to(WORK)
+        w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :],
+                    mask=(rows[:, None] < n_out) & (cols[None, :] < n_in), other=0.0).to(WORK)
+        acc += w * x[None, :]
+    y = tl.sum(acc, axis=1) + tl.load(b_ptr + rows, mask=rows < n_out, other=0.0).to(WORK)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < n_out)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, block_n: int, block_k: int, num_warps: int):
+    """F.linear(x, w, b) for x [in] (one row), w [out, in] row-major, b [out]."""
+    n_out, n_in = w.shape
+    y = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    work = tl.float64 if x.dtype == torch.float64 else tl.float32
+    _gemv[(triton.cdiv(n_out, block_n),)](x, w, b, y, n_out, n_in, w.stride(0), BLOCK_N=block_n,
+                                          BLOCK_K=block_k, WORK=work, num_warps=num_warps)
+    return y
+
+
+def check(device: str) -> dict:
+    """The kernel on every grid point against a float64 product, at shapes whose edges are ragged (rows and
+    columns past the last whole tile); raises if it misses by more than float64 rounding."""
+    worst = 0.0
+    g = torch.Generator().manual_seed(0)
+    for n_out, n_in in ((37, 300), (64, 129)):
+        x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((n_in,), (n_out, n_in), (n_out,)))
+        exact = w @ x + b
+        for block_n, block_k, num_warps in itertools.product(*GRID.values()):
+            got = gemv(x.to(device), w.to(device), b.to(device), block_n, block_k, num_warps).cpu()
+            worst = max(worst, (got - exact).abs().max().item())
+    if worst > 1e-9:
+        raise SystemExit(f"the Triton GEMV misses the float64 product by {worst:.2e}")
+    return {"max_abs_diff_float64": worst}
+
+
+def graph_us(call, calls: int, replays: int = 20) -> float:
+    """µs per call of `call` (which makes `calls` calls) captured in a CUDA graph, median of `replays` replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()                              # compilation, autotuning, allocator settle outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def probe_shape(n_out: int, n_in: int, bandwidth: float) -> dict:
+    options = dict(device="cuda", dtype=torch.float16)
+    x = torch.randn(n_in, **options)
+    w = [torch.randn(n_out, n_in, **options) / n_in ** 0.5 for _ in range(LAYERS)]
+    b = [torch.randn(n_out, **options) for _ in range(LAYERS)]
+    floor_us = 2 * (n_out * n_in + 2 * n_out + n_in) / bandwidth * 1e6
+
+    def us(linear) -> float:   # outputs come from the graph's pool, as in the captured decode step
+        return graph_us(lambda: [linear(x, w[layer], b[layer]) for layer in range(LAYERS)], LAYERS)
+
+    compiled = torch.compile(lambda x, w, b: F.linear(x[None], w, b)[0], dynamic=False,
+                             options={"coordinate_descent_tuning": True})
+    row = {"floor_us": floor_us}
+    for name, linear in {"cublas": lambda x, w, b: F.linear(x[None], w, b)[0], "inductor": compiled}.items():
+        row[name] = {"us": us(linear)}
+    reference = F.linear(x[None], w[0], b[0])[0].float()
+    for block_n, block_k, num_warps in itertools.product(*GRID.values()):
+        tile = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps}
+        took = us(lambda x, w, b: gemv(x, w, b, **tile))
+        if "triton" not in row or took < row["triton"]["us"]:
+            diff = (gemv(x, w[0], b[0], **tile).float() - reference).abs().max().item()
+            row["triton"] = {"us": took, **tile, "max_abs_diff_vs_cublas": diff}
+    for name in ("cublas", "inductor", "triton"):
+        row[name]["over_floor"] = row[name]["us"] / floor_us
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only check the kernel against float64 (CPU under "
+                   "TRITON_INTERPRET=1, or a GPU)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.check:
+        record = check("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("probe_gemv.py times GPU kernels; on a CPU run --check under TRITON_INTERPRET=1")
+        bandwidth = copy_bandwidth("cuda")
+        record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "copy_TBps": bandwidth / 1e12, "layers": LAYERS, "check": check("cuda"),
+                  "shapes": {name: probe_shape(*shape, bandwidth) for name, shape in SHAPES.items()}}
+    text = json.dumps(record, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
