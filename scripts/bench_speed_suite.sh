@@ -6,14 +6,15 @@
 #   scripts/bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]      # default 560 s: a device call's 600 s less slack
 #   STEPS="recompute bench_4096 bench_gqa compile_cache" scripts/bench_speed_suite.sh ...   # a second call: these only
 #   STEPS="bench_2048 gemv_no_lt gemv_cdt recompute_compile" scripts/bench_speed_suite.sh ...   # the probes
+#   STEPS="bench_gemv profile_gemv cuda_tests" scripts/bench_speed_suite.sh ...   # the Triton GEMV in the step
 #
 # ANCHOR_PY is the workplace's hf_anchor.py; it runs in every call (the ratios divide by its floor, so they
 # only compare numbers of one call). The issue's steps need about 13 minutes, so two calls; the probes a
 # third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
-# Writes OUT_DIR/{anchor,bench_decode,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_flash,
-# bench_no_lt,bench_cdt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt. docs/bench/README.md ("Speed to the
-# limit") says what each file shows.
+# Writes OUT_DIR/{anchor,bench_decode,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_gemv,
+# profile_gemv,bench_flash,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
+# docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
 anchor_py=${1:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
 out=${2:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
@@ -41,8 +42,9 @@ step bench_2048 150 python3 scripts/bench_decode.py --engines fast \
 # The batched baseline beside the anchor's recompute_ms.
 step recompute 60 python3 scripts/bench_decode.py --engines '' --recompute-batches 1,16,32 --steps 64 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_recompute.json"
-step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_fast.py \
-    tests/test_recompute.py tests/test_compile.py tests/test_score_policies.py -k "cuda or flash_decode"
+step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_gemv.py \
+    tests/test_fast.py tests/test_recompute.py tests/test_compile.py tests/test_score_policies.py \
+    -k "cuda or flash_decode or gemv"
 # Where the step's time goes, per kernel kind against its byte floor (the first thing a second call runs).
 # SDPA, the CUDA default: flash measured slower on an H100 (docs/bench/README.md); the profile times both alone.
 step profile 80 python3 scripts/profile_decode.py --out "$out/profile.json"
@@ -61,6 +63,11 @@ step compile_cache 150 python3 scripts/bench_compile_cache.py --processes 2 --ou
 # probe sets only the first); addmm without cuBLASLt, whose nvjet kernels run the step's GEMVs
 # at 1.26x their floor on an H100 (aten then calls cuBLAS's plain GEMM, which may pick its GEMV kernels);
 # the recompute forward compiled. The GEMV probe most likely to pay runs first.
+# The Triton GEMV (engines/gemv.py) in the whole step: probe_gemv.py found it faster than cuBLAS on every
+# Pythia-2.8B shape of an H100 (about 250 µs a step); then the step's profile with it.
+step bench_gemv 150 python3 scripts/bench_decode.py --engines fast,fast:linear=triton --stability-runs 1 \
+    --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_gemv.json"
+step profile_gemv 80 python3 scripts/profile_decode.py --linear triton --out "$out/profile_gemv.json"
 step flash 150 python3 scripts/bench_decode.py --engines fast:decode_attention=flash --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_flash.json"
 step gemv_cdt 200 python3 scripts/bench_decode.py --engines fast --stability-runs 1 --repeats 3 \

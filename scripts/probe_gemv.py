@@ -1,5 +1,5 @@
 """Can a GEMV of our own beat cuBLAS on the decode step's one-row linears? Each of Pythia-2.8B's linear shapes
-timed three ways against its byte floor, before any kernel goes into the engine.
+timed three ways against its byte floor.
 
     python3 scripts/probe_gemv.py --out probe_gemv.json      # GPU: the four linear shapes, fp16
     TRITON_INTERPRET=1 python3 scripts/probe_gemv.py --check  # CPU: the Triton kernel against float64
@@ -7,12 +7,14 @@ timed three ways against its byte floor, before any kernel goes into the engine.
 Why: the profile of the captured step (docs/bench/h100_profile_step_sdpa.json) puts the linears at 1.26x
 their byte floor (cuBLASLt's nvjet kernels; 457 µs a step over it), and the engine's probes found that
 neither cuBLAS without Lt nor Inductor's coordinate-descent GEMVs is faster end to end. This times, per
-shape [out, in] with a bias: `cublas` (F.linear, as the engine runs it), `inductor` (F.linear under
-torch.compile with coordinate-descent tuning: Inductor's generated multiply-and-sum) and `triton` (the
-kernel below, best of a small grid of tile sizes and warps). Each is 32 layers' distinct weights in a row
-(as in the step: together they exceed the L2 cache), captured in one CUDA graph, replayed; reported per
-call: µs, the floor (weight, bias, input and output bytes over the copy bandwidth measured in the same
-process) and the ratio, and the largest difference from cuBLAS's output (fp16 noise).
+shape [out, in] with a bias: `cublas` (F.linear, as the engine runs it by default), `triton`
+(streamkv/engines/gemv.py at every point of GRID, the best reported; its TILES are this probe's best) and
+`inductor` (F.linear under torch.compile with coordinate-descent tuning: Inductor's generated
+multiply-and-sum). Each is 32 layers' distinct weights in a row (as in the step: together they exceed the L2
+cache), captured in one CUDA graph, replayed; reported per call: µs, the floor (weight, bias, input and
+output bytes over the copy bandwidth measured in the same process) and the ratio, and the largest
+difference from cuBLAS's output (fp16 noise). Before timing, the kernel is checked against float64 on the GPU
+at every grid point.
 """
 from __future__ import annotations
 
@@ -30,39 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from profile_decode import copy_bandwidth  # noqa: E402  (same folder: the anchor's copy measurement)
+from streamkv.engines import gemv  # noqa: E402
 
 SHAPES = {"qkv": (7680, 2560), "dense": (2560, 2560), "fc1": (10240, 2560), "fc2": (2560, 10240)}   # [out, in]
 LAYERS = 32
-GRID = {"block_n": (4, 8, 16), "block_k": (256, 512), "num_warps": (4, 8)}
-
-
-@triton.jit
-def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          WORK: tl.constexpr):
-    """y[BLOCK_N rows of this program] = w[rows] · x + b[rows]: each row a dot product over n_in, products
-    accumulated in WORK (fp32; float64 for float64 tensors) across the tile's columns, summed at the end."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=WORK)
-    for start in range(0, n_in, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + cols, mask=cols < n_in, other=0.0).to(WORK)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :],
-                    mask=(rows[:, None] < n_out) & (cols[None, :] < n_in), other=0.0).to(WORK)
-        acc += w * x[None, :]
-    y = tl.sum(acc, axis=1) + tl.load(b_ptr + rows, mask=rows < n_out, other=0.0).to(WORK)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < n_out)
-
-
-def gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, block_n: int, block_k: int, num_warps: int):
-    """F.linear(x, w, b) for x [in] (one row), w [out, in] row-major, b [out]."""
-    n_out, n_in = w.shape
-    y = torch.empty(n_out, dtype=x.dtype, device=x.device)
-    work = tl.float64 if x.dtype == torch.float64 else tl.float32
-    _gemv[(triton.cdiv(n_out, block_n),)](x, w, b, y, n_out, n_in, w.stride(0), BLOCK_N=block_n,
-                                          BLOCK_K=block_k, WORK=work, num_warps=num_warps)
-    return y
+GRID = {"block_n": (1, 2, 4, 8), "block_k": (256, 512, 1024), "num_warps": (2, 4, 8)}
 
 
 def check(device: str) -> dict:
@@ -74,7 +49,8 @@ def check(device: str) -> dict:
         x, w, b = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((n_in,), (n_out, n_in), (n_out,)))
         exact = w @ x + b
         for block_n, block_k, num_warps in itertools.product(*GRID.values()):
-            got = gemv(x.to(device), w.to(device), b.to(device), block_n, block_k, num_warps).cpu()
+            shape = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps}
+            got = gemv.linear(x.to(device), w.to(device), b.to(device), shape).cpu()
             worst = max(worst, (got - exact).abs().max().item())
     if worst > 1e-9:
         raise SystemExit(f"the Triton GEMV misses the float64 product by {worst:.2e}")
@@ -115,11 +91,11 @@ def probe_shape(n_out: int, n_in: int, bandwidth: float) -> dict:
     row = {"floor_us": floor_us, "cublas": {"us": us(lambda x, w, b: F.linear(x[None], w, b)[0])}}
     reference = F.linear(x[None], w[0], b[0])[0].float()
     for block_n, block_k, num_warps in itertools.product(*GRID.values()):
-        tile = {"block_n": block_n, "block_k": block_k, "num_warps": num_warps}
-        took = us(lambda x, w, b: gemv(x, w, b, **tile))
+        shape = {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps}
+        took = us(lambda x, w, b: gemv.linear(x, w, b, shape))
         if "triton" not in row or took < row["triton"]["us"]:
-            diff = (gemv(x, w[0], b[0], **tile).float() - reference).abs().max().item()
-            row["triton"] = {"us": took, **tile, "max_abs_diff_vs_cublas": diff}
+            diff = (gemv.linear(x, w[0], b[0], shape).float() - reference).abs().max().item()
+            row["triton"] = {"us": took, **shape, "max_abs_diff_vs_cublas": diff}
     # Last: its compile and tuning take the longest.
     row["inductor"] = {"us": us(torch.compile(lambda x, w, b: F.linear(x[None], w, b)[0], dynamic=False,
                                               options={"coordinate_descent_tuning": True}))}

@@ -86,14 +86,14 @@ def attention_alone(cfg, cap: int, bandwidth: float, replays: int = 50) -> dict:
     return out
 
 
-def captured_step(model, ids: torch.Tensor, cap: int, sink: int, decode_attention: str):
+def captured_step(model, ids: torch.Tensor, cap: int, sink: int, decode_attention: str, linear: str = "torch"):
     """The engine's CUDA graph and stream (its `nll` fills as it replays) for strict Start+Recent, prefilled
     and ready to replay."""
     schedule = build_schedule(PolicySpec(n_sink=sink, window=cap - sink, compress_every=1), ids.numel())
     plan = fast.check_supported(schedule, "cache", "exact")
     ring = fast._Ring(model, ids, plan, "cache", decode_attention)
     nll = torch.zeros(ids.numel() - 1, device=next(model.parameters()).device)
-    stream = fast._Stream(model, ring, schedule.prefill_len, nll, torch.float32)
+    stream = fast._Stream(model, ring, schedule.prefill_len, nll, torch.float32, linear)
     fast._Active.ring = ring
     stream.prefill()
     graph = fast._capture(compile_cache.compiled(stream.step))
@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--profiled", type=int, default=50, help="replays under torch.profiler")
     p.add_argument("--top", type=int, default=25, help="kernels listed one by one")
     p.add_argument("--decode-attention", default="sdpa", choices=tuple(fast.DECODE_ATTENTION))
+    p.add_argument("--linear", default="torch", choices=tuple(fast.LINEARS), help="the step's one-row linears "
+                   "(fast.LINEARS; the `triton` GEMV's kernel is named _gemv and counts as matmul)")
     p.add_argument("--stream", type=int, default=2561, help="stream length (tokens): by default bench_decode.py's "
                    "(cap + steps + 1), so both compile the step for the same buffer shapes")
     p.add_argument("--out", type=Path)
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     ids = torch.randint(0, model.config.vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(0))
     with swapped_attention(model, fast.ATTN_IMPLEMENTATION, "fast"):
         try:
-            graph, _ = captured_step(model, ids, args.cap, args.sink, args.decode_attention)
+            graph, _ = captured_step(model, ids, args.cap, args.sink, args.decode_attention, args.linear)
             step_us = timed_replays(graph, args.steps)
             kernels = kernel_table(graph, args.profiled)
         finally:

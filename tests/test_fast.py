@@ -70,6 +70,14 @@ def test_flash_decode_attention_on_cpu_is_refused_up_front(monkeypatch):
         run_fast("gpt_neox", "strict", "cache", decode_attention="flash")
 
 
+def test_unknown_linear_and_the_triton_gemv_on_cpu_are_refused_up_front(monkeypatch):
+    with pytest.raises(ValueError, match="unknown linear 'cutlass'"):
+        run_fast("gpt_neox", "strict", "cache", linear="cutlass")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="linear='triton'.*'torch'"):
+        run_fast("gpt_neox", "strict", "cache", linear="triton")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_sink_offset_off_by_one_fails(monkeypatch, mode):
     """Sinks turned one position too far: the very mutation the module doc's derivation rules out."""
@@ -151,6 +159,21 @@ def test_cuda_graph_matches_reference(model_name, case, compile, attention):
     try:
         m.to("cuda")
         got = run_fast(model_name, case, "cache", graph=True, compile=compile, decode_attention=attention)
+    finally:
+        m.to("cpu")
+    assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
+
+
+@cuda
+@pytest.mark.parametrize("case", ["strict", "lazy_drop"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_cuda_graph_with_the_triton_gemv_matches_reference(model_name, case):
+    """The compiled, captured step with its one-row linears on engines/gemv.py (entered through a
+    TorchFunctionMode inside the compiled step), float64 model, against the CPU reference."""
+    m = model(model_name)
+    try:
+        m.to("cuda")
+        got = run_fast(model_name, case, "cache", graph=True, compile=True, linear="triton")
     finally:
         m.to("cpu")
     assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT

@@ -29,6 +29,7 @@ Refused up front (Unsupported): refresh tokens (not one contiguous run) and the 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -40,10 +41,11 @@ from .. import compat, compile_cache
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from ..policies.schedule import Schedule
 from ..spec import REROTATIONS
-from . import flash_decode
+from . import flash_decode, gemv
 from .attention import swapped_attention
 from .base import EngineResult
 from .contiguous import StreamPlan, Unsupported, stream_plan
+from .triton_support import check_runs_on
 
 ATTN_IMPLEMENTATION = "streamkv_fast"
 CAPACITY_MULTIPLE = 128        # buffer slots are rounded up to this (ring_layout)
@@ -96,6 +98,12 @@ def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 DECODE_ATTENTION = {"sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_attention(
                         q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]),
                     "flash": flash_decode.attend}
+
+
+# How a decode step's linears run: `torch` (F.linear: cuBLAS on CUDA) or `triton` (engines/gemv.py, CUDA), the
+# issue-17 candidate that scripts/probe_gemv.py found faster on every Pythia-2.8B shape; timed end to end by
+# `scripts/bench_decode.py --engines fast,fast:linear=triton` and made the default on CUDA if faster.
+LINEARS = {"torch": contextlib.nullcontext, "triton": gemv.OneRowLinears}
 
 
 class _Ring:
@@ -200,8 +208,8 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
 class _Stream:
     """Prefill and the one-token step of one evaluation; the step is what a CUDA graph captures."""
 
-    def __init__(self, model, ring: _Ring, prefill_len: int, nll: torch.Tensor, loss_dtype):
-        self.model, self.ring, self.prefill_len = model, ring, prefill_len
+    def __init__(self, model, ring: _Ring, prefill_len: int, nll: torch.Tensor, loss_dtype, linear: str = "torch"):
+        self.model, self.ring, self.prefill_len, self.linears = model, ring, prefill_len, LINEARS[linear]
         self.nll, self.loss_dtype = nll, loss_dtype
         device = ring.ids.device
         self.t = torch.tensor([prefill_len], device=device)    # the next token to feed
@@ -230,7 +238,8 @@ class _Stream:
 
     def step(self) -> None:
         """Feed token t, score it, t += 1: device work only, so CUDA can capture it."""
-        self._forward(self.t, prefill=False)
+        with self.linears():
+            self._forward(self.t, prefill=False)
         self.t += 1
 
 
@@ -261,7 +270,8 @@ def check_supported(schedule: Schedule, position_mode: str, rerotation: str) -> 
 @torch.inference_mode()
 def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32", progress: bool = False,
-             graph: bool | None = None, compile: bool | None = None, decode_attention: str = "sdpa") -> EngineResult:
+             graph: bool | None = None, compile: bool | None = None, decode_attention: str = "sdpa",
+             linear: str = "torch") -> EngineResult:
     """Per-token NLL and timings of `schedule` on `ids` [T], equal to the reference engine's (module doc).
 
     graph: capture the step as a CUDA graph (default: on CUDA). compile: torch.compile the step before
@@ -269,7 +279,8 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     forward (layer norms, both rotaries, residual adds); without graph (CPU) the compiled step is called
     from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py).
     decode_attention: how a decode step attends, `sdpa` (torch's fused kernels, which the prefill always
-    uses) or `flash` (engines/flash_decode.py, CUDA). graph, compile and decode_attention are benchmark
+    uses) or `flash` (engines/flash_decode.py, CUDA). linear: how a decode step's one-row linears run, `torch`
+    (F.linear) or `triton` (engines/gemv.py, CUDA). graph, compile, decode_attention and linear are benchmark
     diagnostics: the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the
     mean decode step; compilation, warm-up and capture run before the timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
@@ -283,11 +294,15 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     n_decode = n_fed - n_prefill
     if decode_attention not in DECODE_ATTENTION:
         raise ValueError(f"unknown decode_attention {decode_attention!r}; choose one of {tuple(DECODE_ATTENTION)}")
+    if linear not in LINEARS:
+        raise ValueError(f"unknown linear {linear!r}; choose one of {tuple(LINEARS)}")
     if decode_attention == "flash":
-        flash_decode.check_runs_on(device)
+        check_runs_on(device, "decode_attention='flash'", "'sdpa'")
+    if linear == "triton":
+        check_runs_on(device, "linear='triton'", "'torch'")
     ring = _Ring(model, ids, plan, position_mode, decode_attention)
     nll = torch.zeros(n_fed, dtype=as_dtype(loss_dtype), device=device)
-    stream = _Stream(model, ring, n_prefill, nll, as_dtype(loss_dtype))
+    stream = _Stream(model, ring, n_prefill, nll, as_dtype(loss_dtype), linear)
     _Active.ring = ring
     try:
         with swapped_attention(model, ATTN_IMPLEMENTATION, "fast"):

@@ -18,28 +18,12 @@ interpreter (TRITON_INTERPRET=1), which is how tests/test_flash_decode.py checks
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:   # CPU-only torch wheels ship no Triton: check_runs_on then says so
-    triton = None
+from .triton_support import triton
 
 BLOCK_N = 64          # slots per tile
 TARGET_PROGRAMS = 512  # programs per call (~4 per SM on an H100): enough to keep every SM reading
-
-
-def check_runs_on(device: torch.device) -> None:
-    """Refuse up front, in one line, what `attend` could not run: no Triton, or CPU tensors outside Triton's
-    interpreter."""
-    if triton is None:
-        raise RuntimeError("decode_attention='flash' needs Triton (torch's CUDA wheels bring it); use 'sdpa'")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"decode_attention='flash' runs on CUDA (on {device.type} only under TRITON_INTERPRET=1, "
-                           "for tests); use 'sdpa'")
 
 
 def n_splits(heads: int, slots: int) -> int:
@@ -48,6 +32,8 @@ def n_splits(heads: int, slots: int) -> int:
 
 
 if triton is not None:
+    import triton.language as tl
+
     @triton.jit
     def _flash_decode_partials(q, k, v, mask, m_out, l_out, acc_out, scaling, slots, chunk, dim, group,
                                stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
