@@ -46,6 +46,16 @@ def run_fast(model_name: str, case: str, mode: str, **kwargs):
                          loss_dtype="float64", **kwargs)
 
 
+def run_fast_on(device: str, model_name: str, case: str, **kwargs):
+    """run_fast in cache mode with the (cached, shared) model on `device`, moved back to the CPU after."""
+    m = model(model_name)
+    try:
+        m.to(device)
+        return run_fast(model_name, case, "cache", **kwargs)
+    finally:
+        m.to("cpu")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CONTIGUOUS)
 @pytest.mark.parametrize("model_name", sorted(MODELS))
@@ -155,12 +165,7 @@ def test_rotary_tables_are_float64_angles():
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_cuda_graph_matches_reference(model_name, case, compile, attention):
     """The captured step on the GPU, float64 model, against the CPU reference, with each decode attention."""
-    m = model(model_name)
-    try:
-        m.to("cuda")
-        got = run_fast(model_name, case, "cache", graph=True, compile=compile, decode_attention=attention)
-    finally:
-        m.to("cpu")
+    got = run_fast_on("cuda", model_name, case, graph=True, compile=compile, decode_attention=attention)
     assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
 
 
@@ -170,12 +175,7 @@ def test_cuda_graph_matches_reference(model_name, case, compile, attention):
 def test_cuda_graph_with_the_triton_gemv_matches_reference(model_name, case):
     """The compiled, captured step with its one-row linears on engines/gemv.py (entered through a
     TorchFunctionMode inside the compiled step), float64 model, against the CPU reference."""
-    m = model(model_name)
-    try:
-        m.to("cuda")
-        got = run_fast(model_name, case, "cache", graph=True, compile=True, linear="triton")
-    finally:
-        m.to("cpu")
+    got = run_fast_on("cuda", model_name, case, graph=True, compile=True, linear="triton")
     assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
 
 

@@ -27,7 +27,7 @@ if flash_decode.triton is None or not (torch.cuda.is_available() or os.environ.g
 
 from bounds import BROKEN, EXACT  # noqa: E402
 from test_engines import CASES, max_diff  # noqa: E402
-from test_fast import model, run_fast, run_reference  # noqa: E402
+from test_fast import run_fast_on, run_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -75,12 +75,7 @@ def test_kernel_reads_the_mask():
 def test_fast_engine_with_flash_decode_matches_reference(model_name, case):
     """The whole engine, eager, with this attention in every decode step: equal to the float64 reference."""
     assert case in CASES
-    m = model(model_name)
-    try:
-        m.to(DEVICE)
-        got = run_fast(model_name, case, "cache", graph=False, compile=False, decode_attention="flash")
-    finally:
-        m.to("cpu")
+    got = run_fast_on(DEVICE, model_name, case, graph=False, compile=False, decode_attention="flash")
     assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
 
 

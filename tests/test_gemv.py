@@ -23,7 +23,7 @@ if gemv.triton is None or not (torch.cuda.is_available() or os.environ.get("TRIT
 
 from bounds import EXACT  # noqa: E402
 from test_engines import max_diff  # noqa: E402
-from test_fast import model, run_fast, run_reference  # noqa: E402
+from test_fast import run_fast_on, run_reference  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -72,12 +72,7 @@ def test_fast_engine_with_the_gemv_matches_reference(model_name, case, monkeypat
     none): equal to the float64 reference. Tiles as wide as the tiny models' matrices: the interpreter runs
     a launch's programs one by one, and every tile size is checked above."""
     monkeypatch.setattr(gemv, "DEFAULT_TILE", (64, 64, 4))
-    m = model(model_name)
-    try:
-        m.to(DEVICE)
-        got = run_fast(model_name, case, "cache", graph=False, compile=False, linear="triton")
-    finally:
-        m.to("cpu")
+    got = run_fast_on(DEVICE, model_name, case, graph=False, compile=False, linear="triton")
     assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
 
 
