@@ -77,21 +77,19 @@ def test_fast_engine_with_the_gemv_matches_reference(model_name, case, monkeypat
 
 
 # Ahead-of-time compile for sm_90, in a process without TRITON_INTERPRET (under it, kernels are not compiled):
-# fp16 tensors with fp32 work, float64 with float64; with and without a bias; every tile the engine or the
-# probe launches.
+# fp16 tensors (fp32 work) and float64 ones (float64 work); with and without a bias; every tile the engine or
+# the probe launches.
 COMPILE_FOR_HOPPER = textwrap.dedent("""
     import itertools, sys
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from streamkv.engines import gemv
     sys.path.insert(0, sys.argv[1])
     import probe_gemv
     tiles = set(gemv.TILES.values()) | {gemv.DEFAULT_TILE} | set(itertools.product(*probe_gemv.GRID.values()))
-    for (block_n, block_k, num_warps), (io, work), bias in itertools.product(
-            sorted(tiles), (("fp16", tl.float32), ("fp64", tl.float64)), (True, False)):
-        constexprs = {"BLOCK_N": block_n, "BLOCK_K": block_k, "WORK": work, "HAS_BIAS": bias}
+    for (block_n, block_k, num_warps), io, bias in itertools.product(sorted(tiles), ("fp16", "fp64"), (True, False)):
+        constexprs = {"BLOCK_N": block_n, "BLOCK_K": block_k, "HAS_BIAS": bias}
         signature = {name: "constexpr" if name in constexprs else
                      ("*" + io if name.endswith("_ptr") else "i32") for name in gemv._gemv.arg_names}
         compiled = triton.compile(ASTSource(fn=gemv._gemv, signature=signature, constexprs=constexprs),

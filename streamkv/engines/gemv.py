@@ -11,7 +11,7 @@ around each decode step's forward, sends every F.linear whose input holds one ro
 other call (the prefill's) to F.linear unchanged.
 
 Kernel: program p computes rows [p·BLOCK_N, (p+1)·BLOCK_N) of y = W·x + b, W [out, in] row-major (nn.Linear's
-layout, so each row streams contiguously): products accumulate in WORK (fp32; float64 for float64 tensors)
+layout, so each row streams contiguously): products accumulate in fp32 (float64 for float64 tensors)
 across a BLOCK_N × BLOCK_K tile, summed once at the end; no split over `in`, so no second pass and the same
 bits on every run. Small BLOCK_N keeps every SM busy on the narrow matrices (2560 rows: 1280 programs).
 Tiles per shape: TILES, the probe's best on an H100. On CPU it runs only under Triton's interpreter
@@ -30,18 +30,21 @@ if triton is not None:
 
     @triton.jit
     def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, WORK: tl.constexpr):
+              BLOCK_K: tl.constexpr):
+        # The work dtype follows the output's, so callers (torch.compile among them, which traces this as a
+        # user kernel) pass only ints and bools.
+        work = tl.float64 if y_ptr.dtype.element_ty == tl.float64 else tl.float32
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=WORK)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=work)
         for start in range(0, n_in, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + cols, mask=cols < n_in, other=0.0).to(WORK)
+            x = tl.load(x_ptr + cols, mask=cols < n_in, other=0.0).to(work)
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :],
-                        mask=(rows[:, None] < n_out) & (cols[None, :] < n_in), other=0.0).to(WORK)
+                        mask=(rows[:, None] < n_out) & (cols[None, :] < n_in), other=0.0).to(work)
             acc += w * x[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < n_out, other=0.0).to(WORK)
+            y += tl.load(b_ptr + rows, mask=rows < n_out, other=0.0).to(work)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < n_out)
 
 
@@ -62,11 +65,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias) for x [..., in] holding one row; `shape` overrides tile() (the probe's grid)."""
     n_out, n_in = weight.shape
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
-    work = tl.float64 if x.dtype == torch.float64 else tl.float32
     shape = shape or tile(n_out, n_in)
     _gemv[(triton.cdiv(n_out, shape["BLOCK_N"]),)](
         x.reshape(n_in), weight, weight if bias is None else bias, y, n_out, n_in, weight.stride(0),
-        HAS_BIAS=bias is not None, WORK=work, **shape)
+        HAS_BIAS=bias is not None, **shape)
     return y
 
 
