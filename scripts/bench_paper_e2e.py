@@ -92,7 +92,7 @@ def resumed(report: dict, previous: dict) -> dict:
         raise SystemExit(f"--resume: the earlier run was at commit {before}, this checkout is at {now}")
     report["stages"] = [s for s in previous["stages"] if s["rc"] == 0]
     report["attempts_carried"] = {s["stage"]: s["attempts"] for s in previous["stages"] if s["rc"] is None}
-    report["runs"] = previous["runs"] + report["runs"]
+    report["runs"] = previous.get("runs", []) + report["runs"]
     return report
 
 
