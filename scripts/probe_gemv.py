@@ -1,5 +1,5 @@
 """Can a GEMV of our own beat cuBLAS on the decode step's one-row linears? Each of Pythia-2.8B's linear shapes
-timed three ways against its byte floor.
+(the LM head's too) timed three ways against its byte floor.
 
     python3 scripts/probe_gemv.py --out probe_gemv.json      # GPU: the four linear shapes, fp16
     TRITON_INTERPRET=1 python3 scripts/probe_gemv.py --check  # CPU: the Triton kernel against float64
@@ -35,7 +35,10 @@ import triton  # noqa: E402
 from profile_decode import copy_bandwidth  # noqa: E402  (same folder: the anchor's copy measurement)
 from streamkv.engines import gemv  # noqa: E402
 
-SHAPES = {"qkv": (7680, 2560), "dense": (2560, 2560), "fc1": (10240, 2560), "fc2": (2560, 10240)}   # [out, in]
+# [out, in]: each layer's four linears, and the LM head (one call a step; 32 copies here like the rest, so
+# its µs per call compare), which linear="triton" also takes, with DEFAULT_TILE.
+SHAPES = {"qkv": (7680, 2560), "dense": (2560, 2560), "fc1": (10240, 2560), "fc2": (2560, 10240),
+          "lm_head": (50304, 2560)}
 LAYERS = 32
 GRID = {"block_n": (1, 2, 4, 8), "block_k": (256, 512, 1024), "num_warps": (2, 4, 8)}
 
