@@ -6,7 +6,7 @@
 #   scripts/bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]      # default 560 s: a device call's 600 s less slack
 #   STEPS="recompute bench_4096 bench_gqa compile_cache" scripts/bench_speed_suite.sh ...   # a second call: these only
 #   STEPS="bench_2048 gemv_no_lt gemv_cdt recompute_compile" scripts/bench_speed_suite.sh ...   # the probes
-#   STEPS="bench_gemv profile_gemv cuda_tests" scripts/bench_speed_suite.sh ...   # the Triton GEMV in the step
+#   STEPS="cuda_tests bench_gemv profile_gemv gemv_kernels" scripts/bench_speed_suite.sh ...   # the Triton GEMV
 #
 # ANCHOR_PY is the workplace's hf_anchor.py; it runs in every call (the ratios divide by its floor, so they
 # only compare numbers of one call). The steps need about 13 minutes, so two calls; the probes a
