@@ -81,9 +81,9 @@ def run_stage(command: list[str], log: Path, seconds: float | None) -> tuple[int
     return (None if stopped.is_set() else proc.returncode), time.perf_counter() - began
 
 
-def resumed(report: dict, previous: dict) -> dict:
-    """`report` continuing `previous` (the e2e.json of an earlier, interrupted run): its finished stages and
-    the interrupted stage's attempts carried over. Refuses a run of other settings or code."""
+def resumed(report: dict, previous: dict) -> dict[str, list[float]]:
+    """Make `report` continue `previous` (the e2e.json of an earlier, interrupted run): its finished stages
+    and runs carried over; returns the interrupted stage's attempts so far. Refuses other settings or code."""
     for key in ("profile", "mit_bench_gen_tokens"):
         if previous.get(key) != report[key]:
             raise SystemExit(f"--resume: the earlier run had {key}={previous.get(key)!r}, this one {report[key]!r}")
@@ -91,16 +91,11 @@ def resumed(report: dict, previous: dict) -> dict:
     if before != now:
         raise SystemExit(f"--resume: the earlier run was at commit {before}, this checkout is at {now}")
     report["stages"] = [s for s in previous["stages"] if s["rc"] == 0]
-    report["attempts_carried"] = {s["stage"]: s["attempts"] for s in previous["stages"] if s["rc"] is None}
     report["runs"] = previous.get("runs", []) + report["runs"]
-    return report
+    return {s["stage"]: s["attempts"] for s in previous["stages"] if s["rc"] is None}
 
 
-def record_stage(report: dict, name: str, cli: list[str], rc: int | None, wall: float) -> None:
-    carried = report.setdefault("attempts_carried", {})
-    attempts = carried.pop(name, []) + [wall]
-    if not carried:
-        del report["attempts_carried"]
+def record_stage(report: dict, name: str, cli: list[str], rc: int | None, attempts: list[float]) -> None:
     report["stages"].append({"stage": name, "command": "streamkv " + " ".join(cli), "rc": rc,
                              "attempts": attempts, "wall_s": sum(attempts)})
     report["total_wall_s"] = sum(s["wall_s"] for s in report["stages"])
@@ -130,8 +125,7 @@ def main(argv=None) -> None:
     settings = load()
     report = {"profile": settings.profile, "mit_bench_gen_tokens": settings.mit_bench_gen_tokens,
               "fingerprint": fingerprint.collect(), "stages": [], "runs": [{"began_utc": time.time()}]}
-    if args.resume:
-        report = resumed(report, json.loads((args.out / "e2e.json").read_text()))
+    carried = resumed(report, json.loads((args.out / "e2e.json").read_text())) if args.resume else {}
     began = time.perf_counter()
     done = {s["stage"] for s in report["stages"]}
     for name in stages(settings):
@@ -143,7 +137,7 @@ def main(argv=None) -> None:
             sys.exit(f"deadline ({args.deadline:.0f} s) reached before stage {name}; "
                      f"continue with --resume --out {args.out}")
         rc, wall = run_stage([sys.executable, "-m", "streamkv", *cli], args.out / f"{name}.log", left)
-        record_stage(report, name, cli, rc, wall)
+        record_stage(report, name, cli, rc, carried.pop(name, []) + [wall])
         report["runs"][-1]["wall_s"] = time.perf_counter() - began
         report["points"] = points(Path(settings.results_dir))
         (args.out / "e2e.json").write_text(json.dumps(report, indent=2) + "\n")

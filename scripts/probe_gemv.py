@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 
 import triton  # noqa: E402
-from profile_decode import copy_bandwidth  # noqa: E402  (same folder: the anchor's copy measurement)
-from streamkv.engines import gemv  # noqa: E402
+from profile_decode import copy_bandwidth, timed_replays  # noqa: E402  (same folder: the profile's timers)
+from streamkv.engines import fast, gemv  # noqa: E402
 
 # [out, in]: each layer's four linears, and the LM head (one call a step; 32 copies here like the rest, so
 # its µs per call compare), which linear="triton" also takes, with DEFAULT_TILE.
@@ -61,24 +61,9 @@ def check(device: str) -> dict:
 
 
 def graph_us(call, calls: int, replays: int = 20) -> float:
-    """µs per call of `call` (which makes `calls` calls) captured in a CUDA graph, median of `replays` replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()                              # compilation, autotuning, allocator settle outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+    """µs per call of `call` (which makes `calls` calls), captured in a CUDA graph as the fast engine captures
+    its step (warm-up on a side stream first: compilation, tuning, allocator), averaged over `replays`."""
+    return timed_replays(fast._capture(call), replays) / calls
 
 
 def probe_shape(n_out: int, n_in: int, bandwidth: float) -> dict:
