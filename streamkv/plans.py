@@ -29,6 +29,11 @@ from .runspec import RunSpec
 from .spec import MeasureSpec
 
 BASELINE_DISPLAY = "Baseline (sliding-window recompute)"
+# The perplexity engine of a point the profile's cannot realise: it realises every streaming point, in one
+# forward per prune period. Decoding it instead, all of PG19 token by token at about 20 ms a token and then
+# timing the whole stream four times over, would cost each such point over an hour of a GPU. Such a point
+# is timed like any other, on the profile's timing prefix (by the decode engine: the fast one refuses it).
+FALLBACK = "periods"
 
 
 def warmup_runs(ctx: Context) -> int:
@@ -39,13 +44,13 @@ def warmup_runs(ctx: Context) -> int:
 
 def with_engines(ctx: Context, draft: RunSpec, engine: str | None = None) -> RunSpec:
     """`draft` with its perplexity engine (`engine`, else the profile's where it can realise the point, else
-    decode, which realises every streaming point) and its timing protocol (streamkv/timing.py): the fastest
-    exact engine that can time it, which is the run itself when that is its perplexity engine."""
+    FALLBACK) and its timing protocol (streamkv/timing.py): the fastest exact engine that can time it, which
+    is the run itself when that is its perplexity engine."""
     if draft.mode == "baseline":
         engine = "recompute"
     elif engine is None:
         preferred = ctx.profile.perplexity_engine
-        engine = preferred if engines.get(preferred).supports(draft) is None else "decode"
+        engine = preferred if engines.get(preferred).supports(draft) is None else FALLBACK
     timing = engines.timing_engine(draft)   # what can time a point depends on the point, not its engine
     own = timing == engine
     return dataclasses.replace(draft, engine=engine, measure=MeasureSpec(

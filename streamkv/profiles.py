@@ -85,8 +85,8 @@ class Profile:
     sweep_delta: tuple[int, ...]
     baseline_sink: int              # the recompute baseline only needs its cap S + W; S/W are recorded
     baseline_window: int            # as the seed did (4 + 2044 = 2048)
-    # Preferred perplexity engine; a stage falls back to "decode" where it is unavailable or cannot realise
-    # the point, and records the engine it used in the spec.
+    # Preferred perplexity engine; a stage falls back to plans.FALLBACK where it cannot realise the point,
+    # and records the engine it used in the spec.
     perplexity_engine: str
     # Decode steps timed when perplexity comes from another engine (MeasureSpec.timing_tokens).
     timing_tokens: int

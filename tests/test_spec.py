@@ -211,7 +211,7 @@ def test_a_score_policy_is_hashed_and_recorded_by_name(monkeypatch):
 def test_engines_that_read_a_schedule_as_a_table_refuse_score_policies(engine):
     h2o = policies.H2O(n_sink=2, window=3, heavy=3, compress_every=2)
     with pytest.raises(SpecError, match=f"the {engine} engine realises schedule policies, not the score-based "
-                                        "h2o: use an engine that hands it the attention \\(reference, decode\\)"):
+                                        "h2o: use an engine that hands it the attention \\(reference, decode, periods\\)"):
         RunSpec(**dict(STREAMING, policy=h2o), engine=engine, measure=MeasureSpec(timing_engine="decode"))
     if engines.get(engine).self_timed:
         with pytest.raises(SpecError, match="not the score-based h2o"):

@@ -74,8 +74,9 @@ def test_perplexity_and_timing_engines_are_recorded(fakes):
     engine = {p.slot.rsplit("/", 1)[1]: (p.spec.engine, p.spec.measure.timing_engine, p.spec.measure.timing_tokens)
               for p in points}
     assert engine["lazy"] == engine["lazy_absolute"] == ("parallel", "fast", 8)
-    # Only decoding has the fp16 drift: decode computes and times it itself.
-    assert engine["lazy_composed_fp16"] == ("decode", "", 0)
+    # Only decoding has the fp16 drift: its perplexity comes a forward per prune period, its timing from
+    # decoding the same prefix as every other point's; so do the score policies'.
+    assert engine["lazy_composed_fp16"] == engine["h2o"] == engine["tova"] == ("periods", "decode", 8)
 
 
 def test_cuda_profiles_always_warm_up(fakes):

@@ -80,6 +80,7 @@ SCORED = frozenset({"schedule", "score"})
 REGISTRY: dict[str, Engine] = {e.name: e for e in (
     Engine("reference", self_timed=False, policy_kinds=SCORED),        # float64 yardstick, slow
     Engine("decode", self_timed=True, composed_fp16=True, policy_kinds=SCORED),   # HF forward + DynamicCache
+    Engine("periods", self_timed=False, composed_fp16=True, policy_kinds=SCORED),   # decode, a forward per prune
     Engine("parallel", self_timed=False, contiguous_only=True),   # chunked masked evaluation
     Engine("fast", self_timed=True, contiguous_only=True),  # ring buffer, captured step
     Baseline("recompute", self_timed=True, entry="evaluate_recompute"),
