@@ -103,7 +103,8 @@ test-flash-decode: $(TRITON_SITE)/.installed ## The Triton kernels (decode atten
 # (tests/bounds.py), not from one CPU's kernels: this runs the tests that check them a second time on ATen's
 # portable kernels, whatever instruction set the machine has.
 NUMERICS_TESTS := tests/test_metrics.py tests/test_engines.py tests/test_reference.py tests/test_parallel.py \
-	tests/test_fast.py tests/test_runner.py tests/test_demo_model.py tests/test_score_policies.py tests/test_add_a_policy.py
+	tests/test_fast.py tests/test_runner.py tests/test_demo_model.py tests/test_score_policies.py tests/test_add_a_policy.py \
+	tests/test_periods.py
 test-default-kernels: $(installed) ## The numerics tests again with ATEN_CPU_CAPABILITY=default
 	ATEN_CPU_CAPABILITY=default $(VENV)/bin/python -m pytest $(PYTEST_ARGS) $(NUMERICS_TESTS)
 
@@ -116,7 +117,7 @@ $(VENV_TF4)/.installed: requirements-tf4.lock pyproject.toml
 
 test-tf4: $(VENV_TF4)/.installed ## Engine and model tests on the paper's transformers line (4.57.3)
 	$(VENV_TF4)/bin/python -m pytest $(PYTEST_ARGS) tests/test_engines.py tests/test_reference.py \
-		tests/test_parallel.py tests/test_fast.py tests/test_recompute.py tests/test_score_policies.py \
+		tests/test_parallel.py tests/test_fast.py tests/test_recompute.py tests/test_score_policies.py tests/test_periods.py \
 		tests/test_metrics.py tests/test_assets.py tests/test_demo_model.py
 
 lint: $(installed) ## hadolint on the Dockerfile (zero findings)
