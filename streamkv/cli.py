@@ -204,7 +204,7 @@ def fingerprint_command() -> None:
 @click.option("--cap-total", type=int, default=None, help="C  [env CAP_TOTAL, default: the profile's]")
 @click.option("--position-mode", default="cache", show_default=True, help="cache | absolute")
 @click.option("--rerotation", default="exact", show_default=True, help="exact | composed_fp16")
-@click.option("--engine", default=None, help="decode | reference | parallel | fast  [default: as the stages choose]")
+@click.option("--engine", default=None, help="decode | reference | parallel | fast | periods  [default: as the stages choose]")
 @click.option("--dtype", default=None, help="float16 | bfloat16 | float32 | float64  [default: the profile's]")
 @click.option("--max-eval-tokens", type=click.IntRange(min=2), default=None,
               help="At least 2  [default: the dataset's evaluation length]")

@@ -18,8 +18,8 @@ def identities() -> dict[str, str]:
 
 
 def test_an_edit_to_positions_makes_exactly_the_engines_that_use_it_stale(monkeypatch):
-    """decode and parallel turn keys with positions.rotate; reference has its own rotation, fast its own
-    tables, the baseline no rotation at all."""
+    """decode (and periods, which runs it) and parallel turn keys with positions.rotate; reference has its
+    own rotation, fast its own tables, the baseline no rotation at all."""
     before = identities()
     baseline = RunSpec(**COMMON, mode="baseline", policy=PolicySpec(n_sink=4, window=4), engine="recompute")
     timed_by_fast = RunSpec(**COMMON, mode="streaming", policy=PolicySpec(n_sink=2, window=6, compress_every=2),
@@ -30,7 +30,7 @@ def test_an_edit_to_positions_makes_exactly_the_engines_that_use_it_stale(monkey
                 lambda source: source.replace("freqs = delta.to(dtype)[:, None] * inv[None, :]",
                                               "freqs = (delta.to(dtype) + 1)[:, None] * inv[None, :]"))
     after = identities()
-    assert {name for name in before if before[name] != after[name]} == {"decode", "parallel"}
+    assert {name for name in before if before[name] != after[name]} == {"decode", "parallel", "periods"}
     assert [s.config_hash() == h for s, h in zip((baseline, timed_by_fast, decoded), hashes)] == [True, True, False]
 
 
