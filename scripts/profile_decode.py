@@ -92,7 +92,7 @@ def captured_step(model, ids: torch.Tensor, cap: int, sink: int, decode_attentio
     schedule = build_schedule(PolicySpec(n_sink=sink, window=cap - sink, compress_every=1), ids.numel())
     plan = fast.check_supported(schedule, "cache", "exact")
     ring = fast._Ring(model, ids, plan, "cache", decode_attention)
-    nll = torch.zeros(ids.numel() - 1, device=next(model.parameters()).device)
+    nll = torch.zeros(ring.rows, device=next(model.parameters()).device)
     stream = fast._Stream(model, ring, schedule.prefill_len, nll, torch.float32, linear)
     fast._Active.ring = ring
     stream.prefill()

@@ -61,8 +61,30 @@ def test_evaluations_of_one_shape_compile_once(counter):
     assert (again.nll - evaluate(40, compile=False).nll).abs().max().item() <= EXACT
 
 
-def test_shapes_past_dynamos_own_limit_still_compile(counter):
+def test_streams_of_one_table_length_share_a_compiled_step(counter, monkeypatch):
+    """Per-token tables are padded to a multiple of STREAM_MULTIPLE (fast.table_length), so lengths up to
+    the next multiple compile nothing more, and the numbers are those of the eager step."""
+    monkeypatch.setattr(fast, "STREAM_MULTIPLE", 48)
+    evaluate(40)
+    compiled = counter.frame_count
+    for n_tokens in (41, 44, 48):
+        result = evaluate(n_tokens)
+        assert result.nll.shape == (n_tokens - 1,)
+        assert (result.nll - evaluate(n_tokens, compile=False).nll).abs().max().item() <= EXACT
+    assert counter.frame_count == compiled
+    evaluate(49)   # the next multiple: another shape
+    assert counter.frame_count > compiled
+
+
+def test_paper_streams_share_a_table_length():
+    """What the padding is for: PG19's timing prefix (C + 2048 + 1), WikiText's stream (4096) and the bench's
+    prefix (C + 512 + 1) at C = 2048."""
+    assert len({fast.table_length(n) for n in (2048 + 2048 + 1, 4096, 2048 + 512 + 1)}) == 1
+
+
+def test_shapes_past_dynamos_own_limit_still_compile(counter, monkeypatch):
     """Dynamo's recompile_limit (8 by default; 1 here) would run the third shape's step eagerly, silently."""
+    monkeypatch.setattr(fast, "STREAM_MULTIPLE", 1)   # every stream length its own shape
     counts = []
     with torch._dynamo.config.patch(recompile_limit=1):
         for n_tokens in (40, 41, 42):
@@ -73,6 +95,7 @@ def test_shapes_past_dynamos_own_limit_still_compile(counter):
 
 def test_shapes_past_our_limit_fail_loudly(counter, monkeypatch):
     monkeypatch.setattr(compile_cache, "MAX_SHAPES", 2)
+    monkeypatch.setattr(fast, "STREAM_MULTIPLE", 1)
     evaluate(40)
     evaluate(41)
     with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):

@@ -49,6 +49,7 @@ from .triton_support import check_runs_on
 
 ATTN_IMPLEMENTATION = "streamkv_fast"
 CAPACITY_MULTIPLE = 128        # buffer slots are rounded up to this (ring_layout)
+STREAM_MULTIPLE = 8192         # per-token tables are padded to a multiple of this (table_length)
 GRAPH_WARMUP_STEPS = 3          # eager steps on a side stream before capture (CUDA's graph recipe)
 PROGRESS_EVERY = 256            # replays between progress-bar updates
 
@@ -63,6 +64,20 @@ def ring_layout(plan: StreamPlan, multiple: int | None = None) -> tuple[int, int
     t = torch.arange(plan.start.numel())
     capacity = sinks + max(int((t + 1 - plan.start.clamp(min=sinks)).max()), 1)
     return sinks, -(-capacity // multiple) * multiple - sinks
+
+
+def table_length(n_tokens: int) -> int:
+    """Rows of the per-token device tables (ids, schedule counters, angles, NLL) for a stream of n_tokens:
+    rounded up to STREAM_MULTIPLE. The compiled step reads these tables whole, so their length is part of its
+    shape: unpadded, PG19's timing prefix (C + 2048 + 1 tokens), WikiText's whole stream (4096) and the
+    bench's prefix (C + 512 + 1) each compiled a step of their own (about 40 s apiece on an H100, in the
+    paper profile's main stage alone). Rows past the stream are never read: step t reads rows t and t + 1,
+    and the last token fed is T − 2."""
+    return -(-n_tokens // STREAM_MULTIPLE) * STREAM_MULTIPLE
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat((x, x.new_zeros(rows - x.shape[0], *x.shape[1:])))
 
 
 def slot_of(tokens: torch.Tensor, sinks: int, ring: int) -> torch.Tensor:
@@ -131,12 +146,13 @@ class _Ring:
         self.gqa = kv_heads != heads
         self.decode_attention = DECODE_ATTENTION[decode_attention]
         work = torch.float64 if dtype == torch.float64 else torch.float32
-        self.cos_table, self.sin_table = rotary_tables(rotary, ids.numel(), work, device)
+        self.rows = table_length(ids.numel())
+        self.cos_table, self.sin_table = rotary_tables(rotary, self.rows, work, device)
         # Per-token counters of the schedule, on the device: the step reads them at index t.
-        self.ids = ids.to(device)
-        self.start, self.n_sink = plan.start.to(device), plan.n_sink.to(device)
-        self.sink_shift = sink_offset(plan, position_mode).to(device)
-        self.slot = slot_of(torch.arange(plan.start.numel()), self.sinks, self.ring).to(device)
+        self.ids = _padded(ids, self.rows).to(device)
+        self.start, self.n_sink = _padded(plan.start, self.rows).to(device), _padded(plan.n_sink, self.rows).to(device)
+        self.sink_shift = _padded(sink_offset(plan, position_mode), self.rows).to(device)
+        self.slot = slot_of(torch.arange(self.rows), self.sinks, self.ring).to(device)
         self.slot_index = torch.arange(capacity, device=device)
         self.sink_index = torch.arange(self.sinks, device=device)
         self.slot_token = torch.full((capacity,), -1, dtype=torch.long, device=device)
@@ -301,7 +317,7 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     if linear == "triton":
         check_runs_on(device, "linear='triton'", "'torch'")
     ring = _Ring(model, ids, plan, position_mode, decode_attention)
-    nll = torch.zeros(n_fed, dtype=as_dtype(loss_dtype), device=device)
+    nll = torch.zeros(ring.rows, dtype=as_dtype(loss_dtype), device=device)   # rows past n_fed stay unread
     stream = _Stream(model, ring, n_prefill, nll, as_dtype(loss_dtype), linear)
     _Active.ring = ring
     try:
@@ -331,6 +347,6 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
             ms = timer.stop()
     finally:
         _Active.ring = None
-    return EngineResult(nll=nll.cpu(), cache_len_after_step=schedule.cache_len_after_step,
+    return EngineResult(nll=nll[:n_fed].cpu(), cache_len_after_step=schedule.cache_len_after_step,
                         ttft_ms=ms["prefill"], tpot_ms=ms["decode"] / n_decode if n_decode else None,
                         wall_s=time.perf_counter() - began, peak_memory_mb=timer.peak_mb, engine="fast")
