@@ -28,7 +28,8 @@ def _with_probabilities(module, query, key, value, attention_mask, scaling, drop
     """AttentionInterface entry: query [B, H, Q, D], key/value [B, Hkv, K, D]; returns ([B, Q, H, D],
     probabilities [B, H, Q, K]). Query head h reads key/value head h // (H / Hkv), as HF's repeat_kv."""
     groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if groups > 1:   # a copy of the whole cache per layer otherwise, at every decoded token
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:   # a transformers line that builds one anyway: the same causal mask
         logits = logits + attention_mask

@@ -14,8 +14,10 @@ import torch
 
 def aggregate(attentions) -> torch.Tensor:
     """[q, L] float64: per query and cached slot, the attention probability averaged over layers and heads.
-    `attentions`: one [1, heads, q, L] tensor per layer, as transformers returns them."""
-    return torch.stack([a[0].to(torch.float64).mean(0) for a in attentions]).mean(0)
+    `attentions`: one [1, heads, q, L] tensor per layer, as transformers returns them. One stack and one
+    mean, not one per layer: the decode engine calls this after every token, where each op is a kernel
+    launch (32 layers: 100 launches a token, most of a score policy's decode overhead)."""
+    return torch.stack(attentions)[:, 0].to(torch.float64).mean((0, 1))
 
 
 class Scores:
