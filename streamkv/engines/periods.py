@@ -7,7 +7,8 @@ forward with a causal mask (query i is key L − q + i, as HF's cache and engine
 align it), the period's tokens see exactly that, so one forward per period computes the same function as
 one per token; only the grouping of floating-point sums changes (float64: within 1e-12 of the reference,
 tests/test_periods.py). Lazy Pruning at R = 64 prunes once every 64 tokens, so PG19's 20k tokens take
-about 300 forwards where decoding takes 20 000 (about 6 minutes of HF forwards on an H100 each).
+about 300 forwards where decoding takes 20 000: 7 to 9 s against about 6 minutes on an H100 (stop 27,
+docs/bench/README.md).
 
 A score policy sees the same attention rows: a period's forward hands over its q queries at once, and a
 score may not depend on how queries are grouped into calls (policies/scored.py). Strict pruning (R = 1)
