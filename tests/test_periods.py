@@ -74,7 +74,7 @@ def test_one_forward_per_period(case, monkeypatch):
         return forward(model, input_ids, **kwargs)
     monkeypatch.setattr(compat, "forward", counted)
     schedule, _ = evaluate("gpt_neox", CASES[case])
-    ends_between_prunes = schedule.steps[-1].keep is None
+    ends_between_prunes = not schedule.steps[-1].prunes
     assert len(fed) == schedule.n_prunes + ends_between_prunes < len(schedule.steps)
     assert sum(fed) == N_TOKENS - 1
 
@@ -83,9 +83,9 @@ def test_one_forward_per_period(case, monkeypatch):
 def test_merging_across_a_prune_is_caught(policy, monkeypatch):
     """Guards the tests above: periods that ran over every other prune change the numbers."""
     schedule = build_schedule(policy, N_TOKENS)
-    pruning = [s.index for s in schedule.steps if periods._prunes(s)]
+    pruning = [s.index for s in schedule.steps if s.prunes]
     skipped = set(pruning[::2])
-    monkeypatch.setattr(periods, "_prunes", lambda step: step.index in set(pruning) - skipped)
+    monkeypatch.setattr(type(schedule.steps[0]), "prunes", property(lambda step: step.index in set(pruning) - skipped))
     honest = reference_scored("gpt_neox", "h2o", "cache") if isinstance(policy, H2O) \
         else run("reference", "gpt_neox", "lazy_r4", "cache")
     broken = periods.evaluate(cached_model("gpt_neox"), cached_stream(N_TOKENS), schedule, loss_dtype="float64")
@@ -108,7 +108,7 @@ def test_a_period_is_its_steps_merged(policy):
         assert getattr(period, before) == getattr(run_[0], before)
         assert period == dataclasses.replace(run_[-1], index=k, fed_start=run_[0].fed_start,
                                              **{before: getattr(run_[0], before)})
-        assert not any(periods._prunes(s) for s in run_[:-1])
+        assert not any(s.prunes for s in run_[:-1])
     assert next(steps, None) is None
 
 

@@ -32,15 +32,11 @@ def by_period(schedule):
     for step in schedule.steps:
         if first is None:
             first = step
-        if _prunes(step) or step is schedule.steps[-1]:
+        if step.prunes or step is schedule.steps[-1]:
             merged.append(dataclasses.replace(step, index=len(merged), fed_start=first.fed_start,
                                               **_cache_before(first)))
             first = None
     return dataclasses.replace(schedule, steps=tuple(merged))
-
-
-def _prunes(step) -> bool:
-    return getattr(step, "keep", None) is not None or getattr(step, "target", None) is not None
 
 
 def _cache_before(step) -> dict:

@@ -70,6 +70,10 @@ class Step:
     keep: tuple[int, ...] | None
     after: CacheView
 
+    @property
+    def prunes(self) -> bool:
+        return self.keep is not None
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -96,7 +100,7 @@ class Schedule:
 
     @property
     def n_prunes(self) -> int:
-        return sum(s.keep is not None for s in self.steps)
+        return sum(s.prunes for s in self.steps)
 
     @property
     def contiguous(self) -> bool:

@@ -97,6 +97,10 @@ class ScoredStep:
     target: int | None
 
     @property
+    def prunes(self) -> bool:
+        return self.target is not None
+
+    @property
     def length_after(self) -> int:
         return self.length_before + self.fed_end - self.fed_start if self.target is None else self.target
 
@@ -122,7 +126,7 @@ class ScoredSchedule:
 
     @property
     def n_prunes(self) -> int:
-        return sum(s.target is not None for s in self.steps)
+        return sum(s.prunes for s in self.steps)
 
     @property
     def max_visible(self) -> int:
