@@ -111,11 +111,12 @@ def timed_replays(graph, n: int) -> float:
     return start.elapsed_time(end) * 1e3 / n   # µs per step
 
 
-def kernel_table(graph, n: int) -> list[dict]:
+def kernel_table(run, n: int) -> list[dict]:
+    """The kernels of `n` calls of `run` (a graph's replay, a forward), per call, slowest first."""
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(n):
-            graph.replay()
+            run()
         torch.cuda.synchronize()
     rows = []
     for event in prof.key_averages():
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
         try:
             graph, _ = captured_step(model, ids, args.cap, args.sink, args.decode_attention, args.linear)
             step_us = timed_replays(graph, args.steps)
-            kernels = kernel_table(graph, args.profiled)
+            kernels = kernel_table(graph.replay, args.profiled)
         finally:
             fast._Active.ring = None
     bandwidth = copy_bandwidth("cuda")

@@ -3,7 +3,8 @@
 bench_decode.py's ratios only mean something if its floor is the anchor's floor and each ratio divides
 numbers of one call; profile_decode.py's kernels only describe the engine if the step it captures is the
 engine's step; probe_recompute_compile.py's compiled forward only says what compiling would buy if it
-computes what the eager one does. They run here on the demo-size model (the CUDA graph stubbed by a plain
+computes what the eager one does; profile_recompute.py's TFLOP/s are only rates if its FLOP counts are the
+forward's. They run here on the demo-size model (the CUDA graph stubbed by a plain
 call).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_decode  # noqa: E402
 import probe_recompute_compile  # noqa: E402
 import profile_decode  # noqa: E402
+import profile_recompute  # noqa: E402
 
 H100_ANCHOR = json.loads((ROOT / "docs/bench/h100_hf_anchor_issue17.json").read_text())
 
@@ -112,6 +114,21 @@ def test_the_compiled_recompute_forward_gives_the_eager_logits():
     record = probe_recompute_compile.probe(args)
     assert record["max_abs_logit_diff"] < 1e-4
     assert all(len(row["runs"]) == 2 and row["median"] > 0 for row in record["ms_per_window"].values())
+
+
+def test_the_recompute_profile_counts_the_forwards_flops():
+    """profile_recompute's FLOPs per window against torch's own FLOP counter over the engine's forward of B
+    windows, with attention written as matmuls (eager) so the counter sees it: the counter counts QKᵀ and PV
+    in full, the profile halves them for the causal mask."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from streamkv import compat
+    model = profile_recompute.build_model(argparse.Namespace(tiny=True, device="cpu", dtype="float32"))
+    model.config._attn_implementation = "eager"
+    batch, cap = 3, 16
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        compat.last_logits(model, torch.randint(model.config.vocab_size, (batch, cap)))
+    flops = profile_recompute.flops_per_window(model, cap)
+    assert counter.get_total_flops() == batch * (flops["matmul"] + 2 * flops["attention"])
 
 
 def test_inductor_settings_are_typed_and_unknown_keys_refused():
