@@ -130,3 +130,10 @@ def test_registry_declares_it_realises_what_decode_does():
     engine = engines.get("periods")
     assert engine.function is periods.evaluate and not engine.self_timed
     assert engine.composed_fp16 and engine.policy_kinds == engines.get("decode").policy_kinds
+
+
+def test_its_progress_bar_is_named_periods(capsys):
+    """A stage log shows which engine is running: periods' bar, not the decode loop's name."""
+    evaluate(sorted(MODELS)[0], CASES[sorted(CASES)[0]], progress=True)
+    err = capsys.readouterr().err
+    assert "periods:" in err and "decode:" not in err

@@ -133,8 +133,9 @@ def _shifter(position_mode: str, rerotation: str, model, slots: torch.Tensor):
 @torch.inference_mode()
 def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32",
-             progress: bool = False) -> EngineResult:
+             progress: bool = False, label: str = "decode") -> EngineResult:
     """Per-token NLL and timings of `schedule` on `ids` [T], decoding with the model's own forward.
+    `label` names the progress bar (engines/periods.py runs this loop under its own name).
     `schedule`: a policy's Schedule, or its ScoredSchedule (not imported here: a score policy's code counts
     in its own points' identity, never in this engine's, so adding or editing one leaves every schedule
     point current)."""
@@ -151,7 +152,7 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     length = 0
     timer = PhaseTimer(device)
     began = time.perf_counter()
-    bar = tqdm(total=n_tokens - 1, disable=not progress, desc="decode", unit="tok")
+    bar = tqdm(total=n_tokens - 1, disable=not progress, desc=label, unit="tok")
     scores = schedule.scores()   # None: every keep set is in the schedule
     with contextlib.nullcontext() if scores is None else swapped_attention(model, PROBABILITIES, "decode"):
         for step in schedule:

@@ -66,7 +66,7 @@ def evaluate(model, ids, schedule, *, position_mode: str = "cache", rerotation: 
     """Per-token NLL of `schedule` on `ids` [T] as decode.evaluate computes it, one forward per period."""
     periods = by_period(schedule)
     result = decode.evaluate(model, ids, periods, position_mode=position_mode, rerotation=rerotation,
-                             loss_dtype=loss_dtype, progress=progress)
+                             loss_dtype=loss_dtype, progress=progress, label="periods")
     return dataclasses.replace(result, engine="periods", ttft_ms=None, tpot_ms=None,
                                cache_len_after_step=per_step_lengths(schedule, periods,
                                                                      result.cache_len_after_step))
