@@ -22,7 +22,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
-from streamkv import compile_cache
+from streamkv import compile_cache, profiles
 from streamkv.engines import fast
 from streamkv.policies import PolicySpec, build_schedule
 from streamkv.runner import Runner
@@ -77,9 +77,10 @@ def test_streams_of_one_table_length_share_a_compiled_step(counter, monkeypatch)
 
 
 def test_paper_streams_share_a_table_length():
-    """What the padding is for: PG19's timing prefix (C + 2048 + 1), WikiText's stream (4096) and the bench's
-    prefix (C + 512 + 1) at C = 2048."""
-    assert len({fast.table_length(n) for n in (2048 + 2048 + 1, 4096, 2048 + 512 + 1)}) == 1
+    """What the padding is for: the paper profile's timing prefix (C + timing_tokens + 1, also the bench's
+    prefix), WikiText's stream (4096), and a timing prefix of 2048 tokens (C + 2048 + 1), at C = 2048."""
+    timing_prefix = profiles.PAPER.cap_total + profiles.PAPER.timing_tokens + 1
+    assert len({fast.table_length(n) for n in (timing_prefix, 4096, 2048 + 2048 + 1)}) == 1
 
 
 def test_shapes_past_dynamos_own_limit_still_compile(counter, monkeypatch):

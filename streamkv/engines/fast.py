@@ -69,9 +69,9 @@ def ring_layout(plan: StreamPlan, multiple: int | None = None) -> tuple[int, int
 def table_length(n_tokens: int) -> int:
     """Rows of the per-token device tables (ids, schedule counters, angles, NLL) for a stream of n_tokens:
     rounded up to STREAM_MULTIPLE. The compiled step reads these tables whole, so their length is part of its
-    shape: unpadded, PG19's timing prefix (C + 2048 + 1 tokens), WikiText's whole stream (4096) and the
-    bench's prefix (C + 512 + 1) each compiled a step of their own (about 40 s apiece on an H100, in the
-    paper profile's main stage alone). Rows past the stream are never read: step t reads rows t and t + 1,
+    shape: unpadded, the timing prefix (C + timing_tokens + 1: 2561 tokens in the paper profile, 4097 when it
+    timed 2048) and WikiText's whole stream (4096) each compiled a step of their own (about 40 s apiece on an
+    H100, in the paper profile's main stage alone). Rows past the stream are never read: step t reads rows t and t + 1,
     and the last token fed is T − 2."""
     return -(-n_tokens // STREAM_MULTIPLE) * STREAM_MULTIPLE
 
