@@ -186,8 +186,8 @@ PAPER = Profile(
     baseline_sink=4, baseline_window=2044,
     # TPOT is a mean over steps at a full cache (the prefill fills it), so it needs enough steps to hold
     # whole prune periods, not the whole stream: 512 is four periods of the largest R swept and the
-    # bench's default decode length (MIT_BENCH_GEN_TOKENS). At 2048
-    # the timing was most of a point's time (decode-timed ablations: 2-3 minutes each on an H100).
+    # bench's default decode length (MIT_BENCH_GEN_TOKENS). At 2048 the timing was most of a point's time
+    # (the decode-timed ablations: about 3 minutes each on an H100, stop 27).
     perplexity_engine="parallel", timing_tokens=512,
 )
 
