@@ -5,12 +5,12 @@ Runs what `make paper` runs, one stage command at a time as the make targets do 
 every point current and only write the tables. Each command is a fresh process, so each pays its own model
 load and torch.compile (the compile cache on disk is shared). On a GPU machine without the paper's assets:
     STREAMKV_PROFILE=paper-random MIT_BENCH_GEN_TOKENS=128 python3 scripts/bench_paper_e2e.py --out OUT
-(minutes), or at the paper's stream lengths, what the paper profile costs (about 32 minutes on one H100):
+(minutes), or at the paper's stream lengths, what the paper profile costs (about 23 minutes on one H100, projected):
     STREAMKV_PROFILE=paper-random-full python3 scripts/bench_paper_e2e.py --out OUT --deadline 540 [--resume]
 Writes OUT/<stage>.log and OUT/e2e.json (rewritten after every stage, so a killed run keeps what it timed);
 tables and the PDF are built afterwards, anywhere, from results/ (`make tex`, `make pdf`).
 
-Longer than one device call (the paper profile's ~32 minutes against a call's 10): `--deadline S` stops the
+Longer than one device call (the paper profile's ~23 minutes against a call's 10): `--deadline S` stops the
 stage still running S seconds after the start (its whole process group; finished points are already in
 results/, a killed worker's claim is released with its lock) and records it as interrupted with its time so
 far; `--resume` then reads OUT/e2e.json, skips the stages that finished, runs the interrupted one again (it
