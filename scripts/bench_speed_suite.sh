@@ -12,7 +12,7 @@
 # only compare numbers of one call). The steps need about 13 minutes, so two calls; the probes a
 # third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
-# Writes OUT_DIR/{anchor,bench_decode,profile_recompute,bench_steps2048,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_gemv,
+# Writes OUT_DIR/{anchor,bench_decode,profile_recompute,bench_steps2048,probe_attention,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_gemv,
 # profile_gemv,bench_flash,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
 # docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
@@ -75,13 +75,15 @@ step gemv_cdt 200 python3 scripts/bench_decode.py --engines fast --stability-run
     --anchor "$out/anchor.json" --out "$out/bench_cdt.json"
 step gemv_no_lt 150 env DISABLE_ADDMM_CUDA_LT=1 python3 scripts/bench_decode.py --engines fast \
     --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_no_lt.json"
-# Per linear shape, cuBLAS against Inductor's GEMV and a Triton GEMV of our own, each against its byte floor.
 # The paper profile times each point on 512 decoded tokens (profiles.PAPER.timing_tokens); TPOT at 2048,
 # beside bench_gemv's `fast` row (512 steps, same call), says whether the shorter run changes the figure.
 step timing_length 150 python3 scripts/bench_decode.py --engines fast --steps 2048 --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_steps2048.json"
 # Where the recompute baseline's forward spends its time, per kernel kind, against the card's GEMM rate.
 step profile_recompute 90 python3 scripts/profile_recompute.py --batch 16 --out "$out/profile_recompute.json"
+# Per decode shape, SDPA against flash_decode at every launch tile of probe_attention.py's grid.
+step attention_kernels 200 python3 scripts/probe_attention.py --out "$out/probe_attention.json"
+# Per linear shape, cuBLAS against Inductor's GEMV and a Triton GEMV of our own, each against its byte floor.
 step gemv_kernels 150 python3 scripts/probe_gemv.py --out "$out/probe_gemv.json"
 step recompute_compile 200 python3 scripts/probe_recompute_compile.py --batch 32 --repeats 3 \
     --out "$out/probe_recompute_compile.json"

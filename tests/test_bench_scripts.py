@@ -28,6 +28,7 @@ from tiny_models import cached_model, cached_stream
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_decode  # noqa: E402
+import probe_attention  # noqa: E402
 import probe_recompute_compile  # noqa: E402
 import profile_decode  # noqa: E402
 import profile_recompute  # noqa: E402
@@ -129,6 +130,13 @@ def test_the_recompute_profile_counts_the_forwards_flops():
         compat.last_logits(model, torch.randint(model.config.vocab_size, (batch, cap)))
     flops = profile_recompute.flops_per_window(model, cap)
     assert counter.get_total_flops() == batch * (flops["matmul"] + 2 * flops["attention"])
+
+
+def test_the_attention_probe_times_the_default_launch():
+    """probe_attention reports flash_decode's own launch beside the best: its grid must hold it."""
+    from streamkv.engines import flash_decode
+    assert flash_decode.TILE in probe_attention.tiles()
+    assert len(probe_attention.tiles()) == len({tuple(t.values()) for t in probe_attention.tiles()})
 
 
 def test_inductor_settings_are_typed_and_unknown_keys_refused():

@@ -54,9 +54,23 @@ SHAPES = {"pythia-like": (8, 8, 300, 80, slice(100, 200)),
 def test_kernel_is_sdpa_in_float64(shape):
     heads, kv_heads, slots, dim, hidden = SHAPES[shape]
     q, k, v, mask = inputs(heads, kv_heads, slots, dim, hidden)
-    assert flash_decode.n_splits(heads, slots) >= (2 if slots > flash_decode.BLOCK_N else 1)
+    assert flash_decode.n_splits(heads, slots) >= (2 if slots > flash_decode.TILE["BLOCK_N"] else 1)
     got = flash_decode.attend(q, k, v, mask, 0.3)
     assert got.shape == q.shape and got.dtype == torch.float64
+    assert max_diff(got, fast.DECODE_ATTENTION["sdpa"](q, k, v, mask, 0.3)) <= EXACT
+
+
+# Launches scripts/probe_attention.py times: tiles other than the default's, one to a few chunks per head.
+TILES = ({"BLOCK_N": 32, "programs": 8, "num_warps": 2, "num_stages": 2},
+         {"BLOCK_N": 128, "programs": 64, "num_warps": 8, "num_stages": 4},
+         {"BLOCK_N": 16, "programs": 1, "num_warps": 1, "num_stages": 1})
+
+
+@pytest.mark.parametrize("tile", TILES, ids=lambda t: "-".join(map(str, t.values())))
+def test_every_launch_tile_is_sdpa_in_float64(tile):
+    heads, kv_heads, slots, dim, hidden = SHAPES["pythia-like"]
+    q, k, v, mask = inputs(heads, kv_heads, slots, dim, hidden)
+    got = flash_decode.attend(q, k, v, mask, 0.3, tile)
     assert max_diff(got, fast.DECODE_ATTENTION["sdpa"](q, k, v, mask, 0.3)) <= EXACT
 
 
@@ -93,7 +107,7 @@ COMPILE_FOR_HOPPER = textwrap.dedent("""
     for io, work in (("fp16", "fp32"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
         types = {"q": io, "k": io, "v": io, "mask": io, "out": io, "m_out": work, "l_out": work, "acc_out": work,
                  "m_in": work, "l_in": work, "acc_in": work}
-        partials = {"BLOCK_N": fd.BLOCK_N, "BLOCK_D": 128}
+        partials = {"BLOCK_N": fd.TILE["BLOCK_N"], "BLOCK_D": 128}
         for kernel, constexprs, scaling in ((fd._flash_decode_partials, partials, "fp32"),
                                             (fd._flash_decode_partials, partials, "fp64"),
                                             (fd._flash_decode_combine, {"SPLITS": 16, "BLOCK_D": 128}, None)):

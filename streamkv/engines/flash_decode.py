@@ -22,13 +22,15 @@ import torch
 
 from .triton_support import triton
 
-BLOCK_N = 64          # slots per tile
-TARGET_PROGRAMS = 512  # programs per call (~4 per SM on an H100): enough to keep every SM reading
+# The launch: BLOCK_N slots per tile; about `programs` programs per call (512: ~4 per SM on an H100, enough
+# to keep every SM reading); Triton's warps and pipeline stages (its defaults). scripts/probe_attention.py
+# times other tiles; `attend` takes one.
+TILE = {"BLOCK_N": 64, "programs": 512, "num_warps": 4, "num_stages": 3}
 
 
-def n_splits(heads: int, slots: int) -> int:
-    """Chunks per head: about TARGET_PROGRAMS programs in all, at least one tile per chunk."""
-    return max(1, min(-(-TARGET_PROGRAMS // heads), -(-slots // BLOCK_N)))
+def n_splits(heads: int, slots: int, tile: dict = TILE) -> int:
+    """Chunks per head: about tile["programs"] programs in all, at least one tile per chunk."""
+    return max(1, min(-(-tile["programs"] // heads), -(-slots // tile["BLOCK_N"])))
 
 
 if triton is not None:
@@ -86,11 +88,11 @@ if triton is not None:
         tl.store(out + h * stride_oh + d, o.to(out.dtype.element_ty), mask=d < dim)
 
 
-def attend(query, k, v, mask, scaling):
+def attend(query, k, v, mask, scaling, tile: dict = TILE):
     """One decode step's attention (fast.DECODE_ATTENTION): query [1, H, 1, D], k/v [1, Hkv, C, D] with unit
-    stride over D, mask [1, C] additive; returns [1, H, 1, D] in v's dtype."""
+    stride over D, mask [1, C] additive; returns [1, H, 1, D] in v's dtype. `tile`: the launch (TILE)."""
     heads, kv_heads, slots, dim = query.shape[1], k.shape[1], k.shape[2], query.shape[-1]
-    splits = n_splits(heads, slots)
+    splits = n_splits(heads, slots, tile)
     # The combine kernel reduces over a power-of-two count of chunks: the padding chunks see no slot
     # (m = -inf, l = 0, acc = 0) and weigh nothing.
     padded = triton.next_power_of_2(splits)
@@ -104,6 +106,7 @@ def attend(query, k, v, mask, scaling):
     # chunk * padded >= slots: the programs past `splits` start beyond the last slot and write the zeros above.
     _flash_decode_partials[(heads, padded)](q, k, v, mask, m, l_sum, acc, scaling, slots, chunk, dim,
                                             heads // kv_heads, q.stride(0), k.stride(1), k.stride(2),
-                                            v.stride(1), v.stride(2), BLOCK_N=BLOCK_N, BLOCK_D=block_d)
+                                            v.stride(1), v.stride(2), BLOCK_N=tile["BLOCK_N"], BLOCK_D=block_d,
+                                            num_warps=tile["num_warps"], num_stages=tile["num_stages"])
     _flash_decode_combine[(heads,)](m, l_sum, acc, out, dim, out.stride(1), SPLITS=padded, BLOCK_D=block_d)
     return out
