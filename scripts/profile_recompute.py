@@ -51,6 +51,21 @@ def flops_per_window(model, cap: int) -> dict:
             "attention": 2 * cfg.num_hidden_layers * heads * cap ** 2 * dim}
 
 
+def sdpa_backends(forward, batch: int, repeats: int, device: str = "cuda") -> dict:
+    """ms per window of the same forward with SDPA held to each fused backend (the default lets torch pick):
+    the causal attention over head dim 80 is the one kernel family the engine could choose otherwise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    out = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                forward()   # its plans
+                out[backend.name] = timing.summary(timed(device, forward)[1] * 1e3 / batch for _ in range(repeats))
+        except RuntimeError as e:   # a backend that refuses the shape says so, in one line
+            out[backend.name] = {"refused": str(e).splitlines()[0]}
+    return out
+
+
 @torch.inference_mode()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -71,6 +86,7 @@ def main(argv=None) -> int:
     forward = lambda: compat.last_logits(model, windows)   # noqa: E731  (the engine's call, eager)
     forward()                                              # warm-up: cuBLAS / cuDNN plans
     ms = [timed("cuda", forward)[1] * 1e3 / args.batch for _ in range(args.repeats)]
+    backends = sdpa_backends(forward, args.batch, args.repeats)
     kernels = kernel_table(forward, args.profiled)
     peak = matmul_rate()
     flops = flops_per_window(model, args.cap)
@@ -90,6 +106,7 @@ def main(argv=None) -> int:
                "dense_fp16_peak_tflops": peak / 1e12, "tflop_per_window": total_flop / 1e12,
                "whole_forward_tflops": total_flop / (timing.summary(ms)["median"] * 1e-3) / 1e12,
                "ms_per_window_at_peak": total_flop / peak * 1e3, "by_kind": dict(by_kind),
+               "ms_per_window_by_sdpa_backend": backends,
                "top_kernels": kernels[:args.top]}
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1) + "\n")
@@ -97,6 +114,8 @@ def main(argv=None) -> int:
           f"({summary['whole_forward_tflops']:.0f} TFLOP/s), kernels {summary['kernel_ms_per_window']:.2f} ms; "
           f"dense fp16 GEMM {summary['dense_fp16_peak_tflops']:.0f} TFLOP/s, "
           f"so {summary['ms_per_window_at_peak']:.2f} ms a window at that rate")
+    for name, row in backends.items():
+        print(f"  SDPA held to {name}: " + (f"{row['median']:.2f} ms a window" if "median" in row else row["refused"]))
     for kind, row in by_kind.items():
         rate = f", {row['tflops']:.0f} TFLOP/s ({row['of_peak']:.0%} of the GEMM's)" if "tflops" in row else ""
         print(f"  {kind:20s} {row['us_per_window'] / 1e3:7.2f} ms  {row['kernels_per_forward']:7.1f} kernels{rate}")

@@ -132,6 +132,18 @@ def test_the_recompute_profile_counts_the_forwards_flops():
     assert counter.get_total_flops() == batch * (flops["matmul"] + 2 * flops["attention"])
 
 
+def test_a_backend_that_refuses_the_shape_is_recorded_not_raised():
+    """profile_recompute holds SDPA to each fused backend in turn; one the machine lacks (cuDNN's, on a CPU)
+    is a line in the record, and the others are still timed."""
+    from streamkv import compat
+    model = profile_recompute.build_model(argparse.Namespace(tiny=True, device="cpu", dtype="float32"))
+    windows = torch.randint(model.config.vocab_size, (2, 16))
+    with torch.inference_mode():
+        rows = profile_recompute.sdpa_backends(lambda: compat.last_logits(model, windows), 2, 1, "cpu")
+    assert "refused" in rows["CUDNN_ATTENTION"]
+    assert rows["FLASH_ATTENTION"]["median"] > 0
+
+
 def test_the_attention_probe_times_the_default_launch():
     """probe_attention reports flash_decode's own launch beside the best: its grid must hold it."""
     from streamkv.engines import flash_decode
