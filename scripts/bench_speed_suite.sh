@@ -12,7 +12,8 @@
 # only compare numbers of one call). The steps need about 13 minutes, so two calls; the probes a
 # third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
-# Writes OUT_DIR/{anchor,bench_decode,profile_recompute,bench_steps2048,probe_attention,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_gemv,
+# Writes OUT_DIR/{anchor,bench_decode,profile_recompute,bench_steps2048,probe_attention,bench_multi_kernel,
+# bench_cooperative,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_gemv,
 # profile_gemv,bench_flash,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
 # docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
@@ -75,6 +76,14 @@ step gemv_cdt 200 python3 scripts/bench_decode.py --engines fast --stability-run
     --anchor "$out/anchor.json" --out "$out/bench_cdt.json"
 step gemv_no_lt 150 env DISABLE_ADDMM_CUDA_LT=1 python3 scripts/bench_decode.py --engines fast \
     --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_no_lt.json"
+# The step's layer norms (the residual add and both of GPT-NeoX's norms over 2560 features, one row) run as
+# looped one-program reductions, 3.5 µs each, 30 a step (h100_profile_step_sdpa.json): Inductor makes a
+# reduction persistent only up to 1024 features, 16x that with multi_kernel (which benchmarks both), and
+# cooperative reductions split one row over several blocks.
+step norms_multi_kernel 150 python3 scripts/bench_decode.py --engines fast --stability-runs 1 --repeats 3 \
+    --inductor triton.multi_kernel=1 --anchor "$out/anchor.json" --out "$out/bench_multi_kernel.json"
+step norms_cooperative 150 python3 scripts/bench_decode.py --engines fast --stability-runs 1 --repeats 3 \
+    --inductor triton.cooperative_reductions=1 --anchor "$out/anchor.json" --out "$out/bench_cooperative.json"
 # The paper profile times each point on 512 decoded tokens (profiles.PAPER.timing_tokens); TPOT at 2048,
 # beside bench_gemv's `fast` row (512 steps, same call), says whether the shorter run changes the figure.
 step timing_length 150 python3 scripts/bench_decode.py --engines fast --steps 2048 --stability-runs 1 \
