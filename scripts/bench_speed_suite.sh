@@ -12,7 +12,7 @@
 # only compare numbers of one call). The steps need about 13 minutes, so two calls; the probes a
 # third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
-# Writes OUT_DIR/{anchor,bench_decode,profile_recompute,bench_steps2048,probe_attention,bench_multi_kernel,
+# Writes OUT_DIR/{anchor,bench_decode,profile_recompute,profile_recompute_compiled,bench_steps2048,probe_attention,bench_multi_kernel,
 # bench_cooperative,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_gemv,
 # profile_gemv,bench_flash,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
 # docs/bench/README.md ("Speed to the limit") says what each file shows.
@@ -90,6 +90,9 @@ step timing_length 150 python3 scripts/bench_decode.py --engines fast --steps 20
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_steps2048.json"
 # Where the recompute baseline's forward spends its time, per kernel kind, against the card's GEMM rate.
 step profile_recompute 90 python3 scripts/profile_recompute.py --batch 16 --out "$out/profile_recompute.json"
+# The same forward compiled (stop 26: slower than eager, 26.2 against 23.9 ms a window): which kernels lose.
+step profile_recompute_compiled 120 python3 scripts/profile_recompute.py --batch 16 --compiled \
+    --out "$out/profile_recompute_compiled.json"
 # Per decode shape, SDPA against flash_decode at every launch tile of probe_attention.py's grid.
 step attention_kernels 200 python3 scripts/probe_attention.py --out "$out/probe_attention.json"
 # Per linear shape, cuBLAS against Inductor's GEMV and a Triton GEMV of our own, each against its byte floor.

@@ -3,12 +3,13 @@
     python3 scripts/profile_recompute.py --batch 16 --out profile_recompute.json   # GPU: Pythia-2.8B shape, fp16
 
 The baseline's decode phase is one call per B windows, compat.last_logits (streamkv/engines/recompute.py);
-this profiles that call eager, as the engine runs it. Each kernel is put in one kind by its name
-(profile_decode.KINDS): matmul (the GEMMs), attention (SDPA's flash / cuDNN kernels), fused element-wise and
-copies / other. Per kind: microseconds per window, and for matmul and attention their FLOPs per window and
-the rate that makes, beside the dense fp16 matmul rate measured in the same process (an 8192³ GEMM) — the
-figure a recompute goal is a fraction of. Why a profile and not a guess: issue 17's goal (18 ms a token)
-needs about 670 TFLOP/s over the whole forward; this says which kind keeps it from that, and by how much.
+this profiles that call eager, as the engine runs it (--compiled: under torch.compile). Each kernel is put
+in one kind by its name (profile_decode.KINDS): matmul (the GEMMs), attention (SDPA's flash / cuDNN
+kernels), fused element-wise and copies / other (eager's element-wise kernels land here). Per kind:
+microseconds per window, and for matmul and attention their FLOPs per window and the rate that makes,
+beside the dense fp16 matmul rate measured in the same process (an 8192³ GEMM): the figure a recompute goal
+is a fraction of. Why a profile and not a guess: issue 17's goal (18 ms a token) needs the whole forward
+at about 610 TFLOP/s (11.0 TFLOP a window); this says which kind keeps it from that, and by how much.
 
 FLOPs per window of C tokens: matmul 2 · C · (every layer's linear weights) + 2 · d · vocab (the LM head runs
 on the last position only); attention 2 · layers · heads · C² · head_dim (QKᵀ and PV, each 2 · C² · dim,
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="forwards timed with CUDA events")
     p.add_argument("--profiled", type=int, default=2, help="forwards under torch.profiler")
     p.add_argument("--top", type=int, default=25, help="kernels listed one by one")
+    p.add_argument("--compiled", action="store_true", help="profile the forward under torch.compile instead "
+                   "(scripts/probe_recompute_compile.py found it slower; this says which kernels lose)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.cap < 1 or args.batch < 1 or args.repeats < 1 or args.profiled < 1:
@@ -84,7 +87,9 @@ def main(argv=None) -> int:
     windows = torch.randint(model.config.vocab_size, (args.batch, args.cap),
                             generator=torch.Generator().manual_seed(1)).to("cuda")
     forward = lambda: compat.last_logits(model, windows)   # noqa: E731  (the engine's call, eager)
-    forward()                                              # warm-up: cuBLAS / cuDNN plans
+    if args.compiled:
+        forward = torch.compile(forward, dynamic=False)
+    forward()                                              # warm-up: cuBLAS / cuDNN plans, or the compile
     ms = [timed("cuda", forward)[1] * 1e3 / args.batch for _ in range(args.repeats)]
     backends = sdpa_backends(forward, args.batch, args.repeats)
     kernels = kernel_table(forward, args.profiled)
