@@ -3,9 +3,12 @@
 Runs what `make paper` runs, one stage command at a time as the make targets do (`streamkv baseline`,
 `main`, `ablations`, `sweeps`, `mit-reference`, `bench`), then `streamkv paper --no-pdf`, which must find
 every point current and only write the tables. Each command is a fresh process, so each pays its own model
-load and torch.compile (the compile cache on disk is shared). On a GPU machine without the paper's assets:
+load and torch.compile (the compile cache on disk is shared); `make paper` itself (`streamkv paper`) plans
+every stage in one process and pays them once, so this errs long by a stage start each (README). On a GPU
+machine without the paper's assets:
     STREAMKV_PROFILE=paper-random MIT_BENCH_GEN_TOKENS=128 python3 scripts/bench_paper_e2e.py --out OUT
-(minutes), or at the paper's stream lengths, what the paper profile costs (about 23 minutes on one H100, projected):
+(minutes), or at the paper's stream lengths, what the paper profile costs (about 23 minutes stage by stage on
+one H100, projected):
     STREAMKV_PROFILE=paper-random-full python3 scripts/bench_paper_e2e.py --out OUT --deadline 540 [--resume]
 Writes OUT/<stage>.log and OUT/e2e.json (rewritten after every stage, so a killed run keeps what it timed);
 tables and the PDF are built afterwards, anywhere, from results/ (`make tex`, `make pdf`).

@@ -219,7 +219,7 @@ PAPER_RANDOM = dataclasses.replace(
 )
 SYNTHETIC_DECODE = {"synthetic-long": 256, "synthetic-short": 128}   # decoded tokens after the prefill
 # The same at the paper's stream lengths (PG19's 20 000 evaluated tokens, WikiText's 4096): what `make paper`
-# costs on a GPU with the real weights, measurable where they cannot be downloaded. About 23 minutes on one
+# costs on a GPU with the real weights, measurable where they cannot be downloaded. About 21 minutes on one
 # GPU (README), so on the device tool it runs over several calls: scripts/bench_paper_e2e.py --deadline, --resume.
 PAPER_RANDOM_FULL = dataclasses.replace(
     PAPER_RANDOM, name="paper-random-full",
