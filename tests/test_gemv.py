@@ -76,6 +76,38 @@ def test_fast_engine_with_the_gemv_matches_reference(model_name, case, monkeypat
     assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
 
 
+@pytest.mark.parametrize("model_name", ["gpt_neox", "llama"])
+def test_the_compiled_step_with_the_gemv_matches_reference(model_name, monkeypatch):
+    """The step as the engine compiles it (torch.compile; on a GPU also the CUDA graph), every decode step's
+    linears on this kernel: equal to the float64 reference."""
+    monkeypatch.setattr(gemv, "DEFAULT_TILE", (64, 64, 4))
+    got = run_fast_on(DEVICE, model_name, "strict", graph=DEVICE == "cuda", compile=True, linear="triton")
+    assert max_diff(got.nll, run_reference(model_name, "strict", "cache").nll) <= EXACT
+
+
+def test_compile_sees_one_opaque_operator_per_linear():
+    """torch.compile must not trace into the kernel's launch (slow on a GPU, an error under the interpreter):
+    each one-row linear reaches the graph as gemv.one_row_linear, and nothing of Triton does."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    w, b = torch.randn(8, 16, dtype=torch.float64, device=DEVICE), torch.randn(8, dtype=torch.float64, device=DEVICE)
+
+    def two_linears(x):
+        with gemv.OneRowLinears():
+            return F.linear(F.linear(x, w, b), w.T.contiguous(), None)
+
+    x = torch.randn(1, 16, dtype=torch.float64, device=DEVICE)
+    got = torch.compile(two_linears, backend=backend, fullgraph=True)(x)
+    assert max_diff(got, F.linear(F.linear(x, w, b), w.T.contiguous())) <= 1e-12
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert targets.count("streamkv.one_row_linear.default") == 2, targets
+    assert not [t for t in targets if "triton" in t.lower()], targets
+
+
 # Ahead-of-time compile for sm_90, in a process without TRITON_INTERPRET (under it, kernels are not compiled):
 # fp16 tensors (fp32 work) and float64 ones (float64 work); with and without a bias; every tile the engine or
 # the probe launches.

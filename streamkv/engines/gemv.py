@@ -7,8 +7,9 @@ docs/bench/h100_probe_gemv.json: Pythia-2.8B's four shapes, 32 layers' weights i
 `scripts/bench_decode.py --engines fast,fast:linear=triton`; until then it is an option, off by default.
 
 How the model reaches it without patching it: `OneRowLinears`, a TorchFunctionMode the fast engine enters
-around each decode step's forward, sends every F.linear whose input holds one row to `linear`, and every
-other call (the prefill's) to F.linear unchanged.
+around each decode step's forward, sends every F.linear whose input holds one row to `one_row_linear`
+(`linear` as one opaque operator, which torch.compile calls without tracing the launch), and every other
+call (the prefill's) to F.linear unchanged.
 
 Kernel: program p computes rows [p·BLOCK_N, (p+1)·BLOCK_N) of y = W·x + b, W [out, in] row-major (nn.Linear's
 layout, so each row streams contiguously): products accumulate in fp32 (float64 for float64 tensors)
@@ -31,8 +32,7 @@ if triton is not None:
     @triton.jit
     def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):
-        # The work dtype follows the output's, so callers (torch.compile among them, which traces this as a
-        # user kernel) pass only ints and bools.
+        # The work dtype follows the output's, so callers pass only ints and bools.
         work = tl.float64 if y_ptr.dtype.element_ty == tl.float64 else tl.float32
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=work)
@@ -72,6 +72,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+@torch.library.custom_op("streamkv::one_row_linear", mutates_args=())
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`linear` as one opaque operator: torch.compile calls it as it is, where a Triton launch in the step
+    would be traced and analysed at each of the step's 129 linears (stop 28: the step with the kernel
+    launched directly did not finish compiling and running in 145 s, the default's in about 100). Under
+    Triton's interpreter (CPU), tracing the launch fails outright; the operator compiles there too."""
+    return linear(x, weight, bias)
+
+
+@one_row_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """What `linear` takes: a single input row, a row-major weight with unit stride over `in`."""
     return x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(1) == 1
@@ -86,5 +100,5 @@ class OneRowLinears(TorchFunctionMode):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if one_row(x, weight):
-                return linear(x, weight, bias)
+                return one_row_linear(x, weight, bias)
         return func(*args, **kwargs)
