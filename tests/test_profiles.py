@@ -148,8 +148,6 @@ def test_demo_profile_resolves_to_the_committed_checkpoint():
     assert p.long.path == "data/demo/streams/demo-long.json" and p.baseline_policy().window == 124
 
 
-
-
 @pytest.mark.parametrize("name", sorted(profiles.PROFILES))
 def test_timed_decodes_hold_whole_prune_periods_of_every_r(name):
     """A point timed on the timing prefix decodes whole periods of its R, so a TPOT has the share of prune
