@@ -71,8 +71,8 @@ def table_length(n_tokens: int) -> int:
     rounded up to STREAM_MULTIPLE. The compiled step reads these tables whole, so their length is part of its
     shape: unpadded, the timing prefix (C + timing_tokens + 1: 2561 tokens in the paper profile, 4097 when it
     timed 2048) and WikiText's whole stream (4096) each compiled a step of their own (about 40 s apiece on an
-    H100, in the paper profile's main stage alone). Rows past the stream are never read: step t reads rows t and t + 1,
-    and the last token fed is T − 2."""
+    H100, in the paper profile's main stage alone). Rows past the stream are never read: step t reads rows t
+    and t + 1, and the last token fed is T − 2."""
     return -(-n_tokens // STREAM_MULTIPLE) * STREAM_MULTIPLE
 
 
