@@ -64,12 +64,11 @@ step compile_cache 150 python3 scripts/bench_compile_cache.py --processes 2 --ou
 # probe sets only the first); addmm without cuBLASLt, whose nvjet kernels run the step's GEMVs
 # at 1.26x their floor on an H100 (aten then calls cuBLAS's plain GEMM, which may pick its GEMV kernels);
 # the recompute forward compiled. The GEMV probe most likely to pay runs first.
-# The Triton GEMV (engines/gemv.py) in the whole step: probe_gemv.py found it faster than cuBLAS on every
-# Pythia-2.8B shape of an H100 (about 250 µs a step); then the step's profile with it. Its step compiles
-# for longer than the default's: stop 28 cut it at 219 s with the default's half done, and at 145 s alone.
-step bench_gemv 330 python3 scripts/bench_decode.py --engines fast,fast:linear=triton --stability-runs 1 \
+# The Triton GEMV (engines/gemv.py), the CUDA default since stop 29 (241 µs a step off cuBLAS's on an H100),
+# beside cuBLAS in the same process; then the step's profile with cuBLAS.
+step bench_gemv 250 python3 scripts/bench_decode.py --engines fast,fast:linear=torch --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_gemv.json"
-step profile_gemv 80 python3 scripts/profile_decode.py --linear triton --out "$out/profile_gemv.json"
+step profile_gemv 80 python3 scripts/profile_decode.py --linear torch --out "$out/profile_gemv.json"
 step flash 150 python3 scripts/bench_decode.py --engines fast:decode_attention=flash --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_flash.json"
 step gemv_cdt 200 python3 scripts/bench_decode.py --engines fast --stability-runs 1 --repeats 3 \

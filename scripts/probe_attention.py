@@ -6,9 +6,9 @@ decode shape timed with SDPA and with flash_decode at every launch tile of GRID,
 
 Why: the step's profile (docs/bench/h100_profile_step_sdpa.json) puts the decode attention at 2.18x its
 K/V floor (cuDNN's kernel and a reduction: 15 µs a layer against 6.9), the second largest gap after the
-GEMVs; flash_decode at its one tile (64 slots, 512 programs) ran 20.6 µs alone. Its programs each walk two
-tiles, so latency, not bandwidth, may bound them: the grid varies the slots per tile, the programs per call,
-the warps and the pipeline stages. Per shape (heads, KV heads, slots, head dim): every layer's own K/V
+GEMVs; flash_decode at its first tile (64 slots, 512 programs, 4 warps) ran 20.6 µs alone, at 128 slots
+and 2 warps 13.3 µs (flash_decode.TILE now). With so few slots a program, latency, not bandwidth, may bound
+it: the grid varies the slots per tile, the programs per call, the warps and the pipeline stages. Per shape (heads, KV heads, slots, head dim): every layer's own K/V
 (together they exceed the L2 cache, as in the step) attended in a row, captured in one CUDA graph,
 replayed; reported per layer: µs, the floor (K and V read once at the copy bandwidth measured in the same
 process) and the ratio; the best tile per shape first; and each kernel's largest miss against float64 SDPA
@@ -37,7 +37,9 @@ LAYERS = 32
 # fp16 outputs of attention over random unit-variance values are below ~4 in magnitude, where an fp16 ulp is
 # 2e-3; a tile that loses a chunk or a tile of slots misses by ~1e-1.
 FP16_MISS = 1e-2
-GRID = {"BLOCK_N": (32, 64, 128), "programs": (256, 512, 1024), "num_warps": (2, 4, 8), "num_stages": (2, 3)}
+# Stop 29's grid (32-128 slots, 2-8 warps) found the most slots and the fewest warps best on every shape
+# (h100_probe_attention.json); this one moves one step further along both.
+GRID = {"BLOCK_N": (64, 128, 256), "programs": (256, 512, 1024), "num_warps": (1, 2, 4), "num_stages": (2, 3)}
 
 
 def tiles() -> list[dict]:

@@ -86,7 +86,7 @@ def attention_alone(cfg, cap: int, bandwidth: float, replays: int = 50) -> dict:
     return out
 
 
-def captured_step(model, ids: torch.Tensor, cap: int, sink: int, decode_attention: str, linear: str = "torch"):
+def captured_step(model, ids: torch.Tensor, cap: int, sink: int, decode_attention: str, linear: str):
     """The engine's CUDA graph and stream (its `nll` fills as it replays) for strict Start+Recent, prefilled
     and ready to replay."""
     schedule = build_schedule(PolicySpec(n_sink=sink, window=cap - sink, compress_every=1), ids.numel())
@@ -146,8 +146,9 @@ def main(argv=None) -> int:
     p.add_argument("--profiled", type=int, default=50, help="replays under torch.profiler")
     p.add_argument("--top", type=int, default=25, help="kernels listed one by one")
     p.add_argument("--decode-attention", default="sdpa", choices=tuple(fast.DECODE_ATTENTION))
-    p.add_argument("--linear", default="torch", choices=tuple(fast.LINEARS), help="the step's one-row linears "
-                   "(fast.LINEARS; the `triton` GEMV's kernel is named _gemv and counts as matmul)")
+    p.add_argument("--linear", default=fast.default_linear(torch.device("cuda")), choices=tuple(fast.LINEARS),
+                   help="the step's one-row linears (fast.LINEARS; default: the engine's on CUDA; the `triton` "
+                   "GEMV's kernel is named _gemv and counts as matmul)")
     p.add_argument("--stream", type=int, default=2561, help="stream length (tokens): by default bench_decode.py's "
                    "(cap + steps + 1), so both compile the step for the same buffer shapes")
     p.add_argument("--out", type=Path)

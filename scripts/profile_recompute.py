@@ -3,7 +3,8 @@
     python3 scripts/profile_recompute.py --batch 16 --out profile_recompute.json   # GPU: Pythia-2.8B shape, fp16
 
 The baseline's decode phase is one call per B windows, compat.last_logits (streamkv/engines/recompute.py);
-this profiles that call eager, as the engine runs it (--compiled: under torch.compile). Each kernel is put
+this profiles that call eager, as the engine runs it (--compiled: under torch.compile, with HF's SDPA
+attention handed no mask, as eager: engines/attention.py, UNMASKED_SDPA). Each kernel is put
 in one kind by its name (profile_decode.KINDS): matmul (the GEMMs), attention (SDPA's flash / cuDNN
 kernels), fused element-wise and copies / other (eager's element-wise kernels land here). Per kind:
 microseconds per window, and for matmul and attention their FLOPs per window and the rate that makes,
@@ -18,6 +19,7 @@ halved by the causal mask).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import defaultdict
@@ -31,6 +33,7 @@ sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 from bench_engines import build_model, timed  # noqa: E402  (same folder: one model builder)
 from profile_decode import kernel_table  # noqa: E402  (same folder: one kernel classifier)
 from streamkv import compat, timing  # noqa: E402
+from streamkv.engines.attention import UNMASKED_SDPA, swapped_attention  # noqa: E402
 
 
 def matmul_rate(n: int = 8192, repeats: int = 20) -> float:
@@ -87,13 +90,16 @@ def main(argv=None) -> int:
     windows = torch.randint(model.config.vocab_size, (args.batch, args.cap),
                             generator=torch.Generator().manual_seed(1)).to("cuda")
     forward = lambda: compat.last_logits(model, windows)   # noqa: E731  (the engine's call, eager)
-    if args.compiled:
-        forward = torch.compile(forward, dynamic=False)
-    forward()                                              # warm-up: cuBLAS / cuDNN plans, or the compile
-    ms = timing.summary(timed("cuda", forward)[1] * 1e3 / args.batch for _ in range(args.repeats))
-    # Held backends describe the eager call the engine makes; compiled, each would be a recompile.
-    backends = {} if args.compiled else sdpa_backends(forward, args.batch, args.repeats)
-    kernels = kernel_table(forward, args.profiled)
+    with contextlib.ExitStack() as compiling:
+        if args.compiled:
+            # Without a mask, as eager runs (attention.UNMASKED_SDPA): HF's "sdpa" passes one when traced.
+            compiling.enter_context(swapped_attention(model, UNMASKED_SDPA, "recompute"))
+            forward = torch.compile(forward, dynamic=False)
+        forward()                                              # warm-up: cuBLAS / cuDNN plans, or the compile
+        ms = timing.summary(timed("cuda", forward)[1] * 1e3 / args.batch for _ in range(args.repeats))
+        # Held backends describe the eager call the engine makes; compiled, each would be a recompile.
+        backends = {} if args.compiled else sdpa_backends(forward, args.batch, args.repeats)
+        kernels = kernel_table(forward, args.profiled)
     peak = matmul_rate()
     flops = flops_per_window(model, args.cap)
     by_kind = defaultdict(lambda: {"us_per_window": 0.0, "kernels_per_forward": 0.0})

@@ -95,7 +95,7 @@ def test_the_profiled_step_is_the_engines_step(monkeypatch):
     model, ids, cap, sink, steps = cached_model("gpt_neox", float64_numerics=True), cached_stream(96), 32, 2, 20
     with torch.inference_mode(), swapped_attention(model, fast.ATTN_IMPLEMENTATION, "fast"):
         try:
-            graph, stream = profile_decode.captured_step(model, ids, cap, sink, "sdpa")
+            graph, stream = profile_decode.captured_step(model, ids, cap, sink, "sdpa", "torch")
             for _ in range(steps):
                 graph.replay()
         finally:

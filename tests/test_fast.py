@@ -80,6 +80,12 @@ def test_flash_decode_attention_on_cpu_is_refused_up_front(monkeypatch):
         run_fast("gpt_neox", "strict", "cache", decode_attention="flash")
 
 
+def test_the_triton_gemv_is_the_default_on_cuda_only():
+    """On CUDA the step's linears run engines/gemv.py; on CPU F.linear (Triton needs its interpreter there)."""
+    assert fast.default_linear(torch.device("cuda")) == "triton"
+    assert fast.default_linear(torch.device("cpu")) == "torch"
+
+
 def test_unknown_linear_and_the_triton_gemv_on_cpu_are_refused_up_front(monkeypatch):
     with pytest.raises(ValueError, match="unknown linear 'cutlass'"):
         run_fast("gpt_neox", "strict", "cache", linear="cutlass")
@@ -170,12 +176,14 @@ def test_cuda_graph_matches_reference(model_name, case, compile, attention):
 
 
 @cuda
+@pytest.mark.parametrize("linear", sorted(fast.LINEARS))
 @pytest.mark.parametrize("case", ["strict", "lazy_drop"])
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-def test_cuda_graph_with_the_triton_gemv_matches_reference(model_name, case):
-    """The compiled, captured step with its one-row linears on engines/gemv.py (entered through a
-    TorchFunctionMode inside the compiled step), float64 model, against the CPU reference."""
-    got = run_fast_on("cuda", model_name, case, graph=True, compile=True, linear="triton")
+def test_cuda_graph_with_each_linear_matches_reference(model_name, case, linear):
+    """The compiled, captured step with its one-row linears on each of fast.LINEARS (the Triton GEMV, the
+    CUDA default, entered through a TorchFunctionMode inside the compiled step; cuBLAS through F.linear),
+    float64 model, against the CPU reference."""
+    got = run_fast_on("cuda", model_name, case, graph=True, compile=True, linear=linear)
     assert max_diff(got.nll, run_reference(model_name, case, "cache").nll) <= EXACT
 
 

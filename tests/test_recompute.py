@@ -12,9 +12,10 @@ import functools
 
 import pytest
 import torch
-import transformers
 
 from streamkv import compat, shards
+from streamkv.engines.attention import UNMASKED_SDPA, swapped_attention
+from streamkv.engines.contiguous import Unsupported
 from streamkv.engines.recompute import evaluate_recompute
 from streamkv.metrics import nll_from_logits
 from streamkv.policies import PolicySpec
@@ -103,11 +104,8 @@ def test_a_head_on_the_wrong_position_is_caught(monkeypatch):
     assert max_diff(broken.nll, run("llama", 5).nll) > BROKEN
 
 
-def test_windows_take_sdpas_causal_path_without_a_mask(monkeypatch):
-    """No padding, so no mask: transformers 5.x hands SDPA is_causal=True, which the flash / cuDNN kernels
-    serve on CUDA (an explicit mask would force the slower kernels). transformers 4.57 builds an explicit
-    causal mask for these forwards instead (same numbers, slower kernels on CUDA): asserted as such, so the
-    day it skips the mask this test says so."""
+def recorded_sdpa_calls(monkeypatch) -> list:
+    """(batch, queries, no mask, is_causal) of every SDPA call from now on, eager or traced by torch.compile."""
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
 
     def recording(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
@@ -115,14 +113,59 @@ def test_windows_take_sdpas_causal_path_without_a_mask(monkeypatch):
         return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
-    model = cached_model("gpt_neox")
+    return calls
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_windows_take_sdpas_causal_path_without_a_mask(monkeypatch, model_name):
+    """No padding, so no mask: SDPA gets is_causal=True, which the flash / cuDNN kernels serve on CUDA (an
+    explicit mask forces slower kernels), on transformers 5.x and 4.57 alike: 4.57's own "sdpa" builds an
+    explicit causal mask for these forwards, which attention.UNMASKED_SDPA avoids."""
+    calls = recorded_sdpa_calls(monkeypatch)
+    model = cached_model(model_name)
     evaluate_recompute(model, stream(), CAP, loss_dtype="float64", batch=7)
     layers = model.config.num_hidden_layers
     # The prefill, then 27 windows in batches of 7, 7, 7, 6: every call causal, none with a mask.
     assert [c[:2] for c in calls[::layers]] == [(1, CAP), (7, CAP), (7, CAP), (7, CAP), (6, CAP)]
-    causal_without_mask = int(transformers.__version__.split(".")[0]) >= 5
     assert len(calls) == 5 * layers
-    assert all((no_mask and causal) == causal_without_mask for _, _, no_mask, causal in calls)
+    assert all(no_mask and causal for _, _, no_mask, causal in calls)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", UNMASKED_SDPA])
+def test_a_compiled_window_forward_gets_no_mask_only_under_unmasked_sdpa(monkeypatch, implementation):
+    """Traced by torch.compile, HF's own "sdpa" builds the causal mask and passes it (on an H100, cuDNN's
+    masked kernel took 3.3x its causal one: docs/bench/h100_profile_recompute_compiled.json); the same HF
+    function under UNMASKED_SDPA gets none and runs causal, with the eager logits."""
+    model = cached_model("gpt_neox")
+    windows = stream()[:3 * CAP].reshape(3, CAP)
+    calls = recorded_sdpa_calls(monkeypatch)
+    torch._dynamo.reset()
+    with torch.inference_mode(), swapped_attention(model, implementation, "recompute"):
+        eager = compat.last_logits(model, windows)
+        calls.clear()
+        compiled = torch.compile(lambda: compat.last_logits(model, windows), backend="eager", dynamic=False)()
+    assert len(calls) == model.config.num_hidden_layers
+    assert all(no_mask and causal for _, _, no_mask, causal in calls) == (implementation == UNMASKED_SDPA)
+    assert torch.equal(compiled, eager)
+
+
+def test_unmasked_sdpa_is_hfs_sdpa_bit_for_bit():
+    """Eager, on both tiny models: the recompute forwards under UNMASKED_SDPA equal HF's "sdpa" exactly."""
+    for model_name in sorted(MODELS):
+        model = cached_model(model_name)
+        windows = stream()[:3 * CAP].reshape(3, CAP)
+        with torch.inference_mode():
+            plain = compat.last_logits(model, windows)
+            with swapped_attention(model, UNMASKED_SDPA, "recompute"):
+                unmasked = compat.last_logits(model, windows)
+        assert torch.equal(unmasked, plain)
+
+
+def test_a_model_that_cannot_switch_attention_is_refused(monkeypatch):
+    model = cached_model("gpt_neox")
+    monkeypatch.setattr(model, "set_attn_implementation", lambda implementation: None)
+    with pytest.raises(Unsupported, match="recompute engine needs.*AttentionInterface"):
+        evaluate_recompute(model, stream(), CAP, loss_dtype="float64")
 
 
 BASELINE = RunSpec(model=ModelSpec("m", "0" * 40), data=DataSpec("d", "d.json", "f" * 64, 100), mode="baseline",

@@ -115,10 +115,16 @@ DECODE_ATTENTION = {"sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_
                     "flash": flash_decode.attend}
 
 
-# How a decode step's linears run: `torch` (F.linear: cuBLAS on CUDA) or `triton` (engines/gemv.py, CUDA), the
-# issue-17 candidate that scripts/probe_gemv.py found faster on every Pythia-2.8B shape; timed end to end by
-# `scripts/bench_decode.py --engines fast,fast:linear=triton` and made the default on CUDA if faster.
+# How a decode step's linears run: `torch` (F.linear: cuBLAS on CUDA) or `triton` (engines/gemv.py, CUDA).
+# `triton` is the CUDA default (`default_linear`): in the whole captured step on an H100 it took 241 µs off
+# cuBLAS's (strict 3.153 -> 2.912 ms, 1.537x -> 1.419x the anchor's floor, eviction overhead 1.007;
+# docs/bench/h100_bench_gemv_stop29.json, `scripts/bench_decode.py --engines fast,fast:linear=triton`).
 LINEARS = {"torch": contextlib.nullcontext, "triton": gemv.OneRowLinears}
+
+
+def default_linear(device: torch.device) -> str:
+    """The Triton GEMV on CUDA; F.linear elsewhere (on CPU Triton runs only under its interpreter, for tests)."""
+    return "triton" if device.type == "cuda" else "torch"
 
 
 class _Ring:
@@ -224,7 +230,7 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
 class _Stream:
     """Prefill and the one-token step of one evaluation; the step is what a CUDA graph captures."""
 
-    def __init__(self, model, ring: _Ring, prefill_len: int, nll: torch.Tensor, loss_dtype, linear: str = "torch"):
+    def __init__(self, model, ring: _Ring, prefill_len: int, nll: torch.Tensor, loss_dtype, linear: str):
         self.model, self.ring, self.prefill_len, self.linears = model, ring, prefill_len, LINEARS[linear]
         self.nll, self.loss_dtype = nll, loss_dtype
         device = ring.ids.device
@@ -287,7 +293,7 @@ def check_supported(schedule: Schedule, position_mode: str, rerotation: str) -> 
 def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str = "cache",
              rerotation: str = "exact", loss_dtype: torch.dtype | str = "float32", progress: bool = False,
              graph: bool | None = None, compile: bool | None = None, decode_attention: str = "sdpa",
-             linear: str = "torch") -> EngineResult:
+             linear: str | None = None) -> EngineResult:
     """Per-token NLL and timings of `schedule` on `ids` [T], equal to the reference engine's (module doc).
 
     graph: capture the step as a CUDA graph (default: on CUDA). compile: torch.compile the step before
@@ -296,13 +302,15 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py).
     decode_attention: how a decode step attends, `sdpa` (torch's fused kernels, which the prefill always
     uses) or `flash` (engines/flash_decode.py, CUDA). linear: how a decode step's one-row linears run, `torch`
-    (F.linear) or `triton` (engines/gemv.py, CUDA). graph, compile, decode_attention and linear are benchmark
-    diagnostics: the same function, other kernels (fp16 rounding). TTFT is the prefill forward; TPOT the
-    mean decode step; compilation, warm-up and capture run before the timed prefill."""
+    (F.linear) or `triton` (engines/gemv.py; None: `default_linear`, the GEMV on CUDA). graph, compile,
+    decode_attention and linear are benchmark diagnostics: the same function, other kernels (fp16 rounding).
+    TTFT is the prefill forward; TPOT the mean decode step; compilation, warm-up and capture run before the
+    timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
     device = next(model.parameters()).device
     graph = device.type == "cuda" if graph is None else graph
     compile = graph if compile is None else compile
+    linear = default_linear(device) if linear is None else linear
     began = time.perf_counter()
     n_fed = schedule.n_tokens - 1
     # The schedule's prefill may include the stream's last token, which predicts nothing: not fed here.

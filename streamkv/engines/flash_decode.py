@@ -23,9 +23,10 @@ import torch
 from .triton_support import triton
 
 # The launch: BLOCK_N slots per tile; about `programs` programs per call (512: ~4 per SM on an H100, enough
-# to keep every SM reading); Triton's warps and pipeline stages (its defaults). scripts/probe_attention.py
-# times other tiles; `attend` takes one.
-TILE = {"BLOCK_N": 64, "programs": 512, "num_warps": 4, "num_stages": 3}
+# to keep every SM reading); Triton's warps and pipeline stages. scripts/probe_attention.py's best on an H100
+# for Pythia-2.8B at cap 2048 and 4096 (docs/bench/h100_probe_attention.json: 13.3 µs a layer at cap 2048,
+# where this kernel took 20.2 at 64 slots and 4 warps and SDPA 14.7); `attend` takes any other tile.
+TILE = {"BLOCK_N": 128, "programs": 512, "num_warps": 2, "num_stages": 3}
 
 
 def n_splits(heads: int, slots: int, tile: dict = TILE) -> int:

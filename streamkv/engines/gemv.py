@@ -3,8 +3,8 @@
 Why: a decode step multiplies one row by every weight matrix, and cuBLAS's kernels for that shape ran at
 1.21-1.95x their byte floor on an H100, where this kernel ran at 1.14-1.56x (scripts/probe_gemv.py,
 docs/bench/h100_probe_gemv.json: Pythia-2.8B's four shapes, 32 layers' weights in one CUDA graph; about
-250 µs a step less over the model's 128 linears). Whether the whole step gains that is measured by
-`scripts/bench_decode.py --engines fast,fast:linear=triton`; until then it is an option, off by default.
+250 µs a step less over the model's 128 linears). The whole captured step gained 241 µs on an H100
+(docs/bench/h100_bench_gemv_stop29.json), so it is the fast engine's default on CUDA (fast.default_linear).
 
 How the model reaches it without patching it: `OneRowLinears`, a TorchFunctionMode the fast engine enters
 around each decode step's forward, sends every F.linear whose input holds one row to `one_row_linear`

@@ -7,8 +7,10 @@ logit. So every token is predicted from (up to) C tokens of true context and the
 is T−1, the same as streaming. The same pass gives the perplexity and the TPOT (decode time / windows).
 
 Batching. `batch` = B windows go through one forward, as a [B, C] batch: every window has C tokens, so
-there is no padding, no mask is passed, and transformers' SDPA attention runs with is_causal=True, the
-path of the flash / cuDNN kernels on CUDA. The LM head runs on each window's last position only
+there is no padding and no mask is needed. Every forward runs HF's SDPA attention under
+engines/attention.py's UNMASKED_SDPA, which transformers hands no mask, so SDPA runs with is_causal=True,
+the path of the flash / cuDNN kernels on CUDA, on every transformers line and under torch.compile (HF's
+own "sdpa" builds an explicit causal mask for these forwards on 4.57 and whenever it is traced). The LM head runs on each window's last position only
 (compat.last_logits): the other C − 1 positions predict nothing. B = 1 is one window per forward, what a
 recompute-per-token generator pays (as the seed measured). B changes the forwards' shapes, so on a GPU
 the fp16 GEMMs may round differently: RunSpec.recompute_batch is part of the config hash (streamkv/runspec.py).
@@ -36,6 +38,7 @@ from tqdm import tqdm
 
 from .. import compat
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
+from .attention import UNMASKED_SDPA, swapped_attention
 from .base import EngineResult
 
 
@@ -79,15 +82,16 @@ def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.
     began = time.perf_counter()
     bar = tqdm(total=stop - start, disable=not progress, desc="recompute", unit="tok")
     prefill = start == 0
-    if prefill:
-        timer.phase("prefill")
-        logits, _ = compat.forward(model, ids[None, :window])
-        nll[:prefill_end] = nll_from_logits(logits[0, :prefill_end], ids[1:prefill_end + 1], loss_dtype)
-        bar.update(prefill_end)
-        del logits
-    if rows:
-        timer.phase("decode")
-        _score_windows(model, windows, targets, rows, batch, nll[max(window, start) - start:], bar)
+    with swapped_attention(model, UNMASKED_SDPA, "recompute"):
+        if prefill:
+            timer.phase("prefill")
+            logits, _ = compat.forward(model, ids[None, :window])
+            nll[:prefill_end] = nll_from_logits(logits[0, :prefill_end], ids[1:prefill_end + 1], loss_dtype)
+            bar.update(prefill_end)
+            del logits
+        if rows:
+            timer.phase("decode")
+            _score_windows(model, windows, targets, rows, batch, nll[max(window, start) - start:], bar)
     bar.close()
     ms = timer.stop()
     return EngineResult(nll=nll.cpu(), cache_len_after_step=[], ttft_ms=ms["prefill"] if prefill else None,
