@@ -22,7 +22,8 @@ per-token NLL against decode's on the same prefix (fp16: rounding differs, so th
 one variant per batch size (windows per forward), run in turn under the same protocol: --steps windows of
 `cap` tokens, TPOT = decode time / windows. Reported beside each: peak memory, the per-token NLL against the
 first batch size's (fp16 GEMMs of other shapes may round differently: a noise figure) and, with --anchor,
-the anchor's recompute_ms over ours.
+the anchor's recompute_ms over ours. --recompute-compile adds each batch size with its forwards compiled
+(`batch{B}_compiled`; the compile runs before the timed decode, in the warm-up's first run).
 
 --inductor KEY=VALUE,...: Inductor settings for the whole process (probes of what the profile points at,
 scripts/bench_speed_suite.sh), applied before anything compiles and recorded with the other arguments.
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stability-runs", type=int, default=2, help="protocol runs of the first engine")
     p.add_argument("--engines", help="comma-separated; the first is the one checked for stability ('' for none)")
     p.add_argument("--recompute-batches", default="", help="comma-separated recompute batch sizes ('' skips it)")
+    p.add_argument("--recompute-compile", action="store_true", help="each recompute batch size also compiled "
+                   "(variants batch{B}_compiled)")
     p.add_argument("--dtype")
     p.add_argument("--config", type=Path, help="a config.json of another architecture (random weights), e.g. "
                    "scripts/configs/llama-3.2-3b-shape.json; default Pythia-2.8B")
@@ -137,7 +140,9 @@ def protocol(args, engine: str, model, ids) -> tuple[dict, dict]:
 def recompute_protocol(args, model, ids) -> dict:
     """The recompute baseline at each batch size of --recompute-batches, interleaved (module doc)."""
     evaluate = engines.get("recompute").function
-    jobs = {f"batch{b}": (lambda b=b: evaluate(model, ids, args.cap, batch=b)) for b in args.recompute_batches}
+    modes = {"": False, "_compiled": True} if args.recompute_compile else {"": False}
+    jobs = {f"batch{b}{suffix}": (lambda b=b, c=c: evaluate(model, ids, args.cap, batch=b, compile=c))
+            for b in args.recompute_batches for suffix, c in modes.items()}
     runs = timing.interleaved(jobs, warmup=args.warmup, repeats=args.repeats,
                               progress=lambda label, k: print(f"[recompute] round {k + 1} {label}", file=sys.stderr,
                                                               flush=True))

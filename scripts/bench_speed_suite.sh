@@ -13,7 +13,7 @@
 # third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
 # Writes OUT_DIR/{anchor,bench_decode,profile_recompute,profile_recompute_compiled,bench_steps2048,probe_attention,bench_multi_kernel,
-# bench_cooperative,bench_4096,bench_gqa,bench_recompute,compile_cache,profile,bench_gemv,
+# bench_cooperative,bench_4096,bench_gqa,bench_recompute,bench_recompute_compiled,compile_cache,profile,bench_gemv,
 # profile_gemv,bench_flash,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
 # docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
@@ -43,6 +43,10 @@ step bench_2048 150 python3 scripts/bench_decode.py --engines fast \
 # The batched baseline beside the anchor's recompute_ms.
 step recompute 60 python3 scripts/bench_decode.py --engines '' --recompute-batches 1,16,32 --steps 64 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_recompute.json"
+# The engine's compiled forward (one compile, the last batch padded) beside eager at the paper's batch size:
+# the compiled profile (stop 29) had its attention masked; it runs without a mask now (UNMASKED_SDPA).
+step recompute_compiled 150 python3 scripts/bench_decode.py --engines '' --recompute-batches 16 \
+    --recompute-compile --steps 64 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_recompute_compiled.json"
 step cuda_tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_gemv.py \
     tests/test_fast.py tests/test_recompute.py tests/test_compile.py tests/test_score_policies.py \
     -k "cuda or flash_decode or gemv"

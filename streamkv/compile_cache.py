@@ -67,11 +67,11 @@ def record() -> dict:
 
 
 def compiled(step):
-    """`step` (a function of no arguments) compiled for fixed shapes, under the recompile limit above."""
+    """`step` compiled for fixed shapes, under the recompile limit above."""
     step = torch.compile(step, dynamic=False)
 
-    def call():
+    def call(*args):
         # The limit is read when a call misses every compiled entry, so it must hold around the calls.
         with torch._dynamo.config.patch(recompile_limit=MAX_SHAPES, fail_on_recompile_limit_hit=True):
-            return step()
+            return step(*args)
     return call

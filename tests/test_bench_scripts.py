@@ -10,6 +10,7 @@ call).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -65,6 +66,17 @@ def test_ratios_divide_numbers_of_one_call(tmp_path):
         assert summary["ratios"][f"hf_recompute_ms_over_recompute_{name}"] == pytest.approx(40.0 / tpot)
     # Batches of one and three windows score the same tokens alike (float32 on CPU: rounding only).
     assert summary["recompute"]["batch3"]["agreement_with_first"]["max_abs_nll_diff"] < 1e-4
+
+
+def test_the_compiled_recompute_is_timed_beside_eager(tmp_path, monkeypatch):
+    """--recompute-compile adds each batch size compiled (traced by dynamo, run eagerly here: the
+    question is which rows the bench times and that they score the tokens alike)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    bench_decode.main([*TINY_RUN, "--engines", "", "--recompute-batches", "1,3", "--recompute-compile",
+                       "--out", str(tmp_path / "bench.json")])
+    recompute = json.loads((tmp_path / "bench.json").read_text())["recompute"]
+    assert list(recompute) == ["batch1", "batch1_compiled", "batch3", "batch3_compiled"]
+    assert all(row["agreement_with_first"]["max_abs_nll_diff"] < 1e-4 for row in recompute.values())
 
 
 def test_a_run_cut_short_keeps_its_ratios(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Compilation paid once (streamkv/compile_cache.py): within a process an evaluation with the shapes of an
 earlier one compiles nothing, new shapes past dynamo's own recompile limit still compile (and past ours,
-fail loudly instead of running eagerly); across processes Inductor's cache under the results directory
+fail loudly instead of running eagerly), and the recompute baseline's compiled forward sees one window
+shape; across processes Inductor's cache under the results directory
 serves the second process; the results store never mistakes that cache for results.
 
 The in-process tests count dynamo's compilations with a counting backend (torch._dynamo.testing.
@@ -24,6 +25,7 @@ from torch._dynamo.testing import CompileCounter
 
 from streamkv import compile_cache, profiles
 from streamkv.engines import fast
+from streamkv.engines.recompute import evaluate_recompute
 from streamkv.policies import PolicySpec, build_schedule
 from streamkv.runner import Runner
 from streamkv.store import Store
@@ -59,6 +61,19 @@ def test_evaluations_of_one_shape_compile_once(counter):
     assert counter.frame_count == compiled
     assert torch.equal(again.nll, first.nll)
     assert (again.nll - evaluate(40, compile=False).nll).abs().max().item() <= EXACT
+
+
+def test_the_compiled_recompute_baseline_compiles_one_window_shape(counter):
+    """27 windows in batches of 5: the last batch, 2 windows, is padded to 5, so the compiled forward sees
+    one shape, and a second evaluation compiles nothing; the NLL is the eager one."""
+    model, ids = cached_model("gpt_neox"), cached_stream(40)
+    eager = evaluate_recompute(model, ids, 12, loss_dtype="float64", batch=5)
+    first = evaluate_recompute(model, ids, 12, loss_dtype="float64", batch=5, compile=True)
+    assert counter.frame_count == 1
+    again = evaluate_recompute(model, ids, 12, loss_dtype="float64", batch=5, compile=True)
+    assert counter.frame_count == 1
+    assert torch.equal(again.nll, first.nll)
+    assert (first.nll - eager.nll).abs().max() <= EXACT
 
 
 def test_streams_of_one_table_length_share_a_compiled_step(counter, monkeypatch):

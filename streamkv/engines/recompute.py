@@ -22,6 +22,13 @@ size, d_ff the MLP width (4·d for Pythia, so 11·d). Pythia-2.8B (d = 2560), C 
 window, 1.8 GB at B = 16; Pythia-6.9B at C = 4096: 0.37 GB per window. Flash attention adds nothing
 quadratic; SDPA's math fallback would add B · heads · C² · bytes per layer (268 MB per Pythia-2.8B window).
 
+`compile` runs the batched forwards through torch.compile (streamkv/compile_cache.py): Inductor fuses the
+element-wise work eager leaves in separate kernels (6.6 of a window's 23.6 ms on an H100, stop 28). The
+last batch of a stream is padded with copies of its last window to B rows, so a compiled run sees one
+window shape (a second would be a second compile); the copies' logits are dropped. Off by default until a
+card times it against eager (scripts/probe_recompute_compile.py, docs/bench/README.md): the same
+function, other kernels (fp16 rounding).
+
 `part` = (start, stop) scores only predicted tokens start..stop−1 (streamkv/shards.py splits a stream so).
 Batches are aligned to the whole run's windows (batch k holds windows kB .. kB+B−1 of the stream), so a
 part computes each of its windows in the very forward the whole run computes it in (same inputs, same
@@ -31,23 +38,35 @@ prefill; any other starts at or after it.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 from tqdm import tqdm
 
-from .. import compat
+from .. import compat, compile_cache
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from .attention import UNMASKED_SDPA, swapped_attention
 from .base import EngineResult
 
 
-def _score_windows(model, windows: torch.Tensor, targets: torch.Tensor, rows: range, batch: int,
-                   out: torch.Tensor, bar: tqdm) -> None:
+def _batch_at(windows: torch.Tensor, begin: int, batch: int, padded: bool) -> torch.Tensor:
+    """The windows of the batch that starts at `begin`; `padded`: always `batch` rows, the last repeated, and
+    contiguous (the windows are overlapping views of the stream, a padded batch a copy: both the same
+    strides, or the compiled forward's guards would see two layouts)."""
+    chunk = windows[begin:begin + batch]
+    if not padded:
+        return chunk
+    return torch.cat((chunk, chunk[-1:].expand(batch - len(chunk), -1)))
+
+
+def _score_windows(forward, windows: torch.Tensor, targets: torch.Tensor, rows: range, batch: int,
+                   out: torch.Tensor, bar: tqdm, *, padded: bool) -> None:
     """out[r − rows.start] = NLL of targets[r] after windows[r] ([n, C], every window of the stream) for r in
-    `rows`, through forwards of the globally aligned batches that hold them (module doc)."""
+    `rows`, through forward(batch of windows) -> last logits over the globally aligned batches that hold
+    them; `padded`: every forward gets `batch` rows (module doc)."""
     for begin in range(rows.start - rows.start % batch, rows.stop, batch):
-        logits = compat.last_logits(model, windows[begin:begin + batch])
+        logits = forward(_batch_at(windows, begin, batch, padded))
         lo, hi = max(begin, rows.start), min(begin + batch, rows.stop)
         out[lo - rows.start:hi - rows.start] = nll_from_logits(logits[lo - begin:hi - begin], targets[lo:hi],
                                                                out.dtype)
@@ -57,9 +76,9 @@ def _score_windows(model, windows: torch.Tensor, targets: torch.Tensor, rows: ra
 @torch.inference_mode()
 def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.dtype | str = "float32",
                        progress: bool = False, part: tuple[int, int] | None = None,
-                       batch: int = 1) -> EngineResult:
+                       batch: int = 1, compile: bool = False) -> EngineResult:
     """Per-token NLL of ids [T] under sliding-window recomputation with window `cap`, `batch` windows per
-    forward (module doc)."""
+    forward, compiled or not (module doc)."""
     if cap < 1 or batch < 1:
         raise ValueError(f"need cap >= 1 and batch >= 1, got {cap}, {batch}")
     device = next(model.parameters()).device
@@ -78,11 +97,15 @@ def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.
     targets = ids[window + 1:]
     first_row = max(start, window) - window
     rows = range(first_row, max(stop - window, first_row))
-    timer = PhaseTimer(device)
     began = time.perf_counter()
-    bar = tqdm(total=stop - start, disable=not progress, desc="recompute", unit="tok")
     prefill = start == 0
     with swapped_attention(model, UNMASKED_SDPA, "recompute"):
+        forward = functools.partial(compat.last_logits, model)
+        if compile and rows:
+            forward = compile_cache.compiled(forward)
+            forward(_batch_at(windows, 0, batch, padded=True))   # compiles now, not inside the timed decode
+        timer = PhaseTimer(device)
+        bar = tqdm(total=stop - start, disable=not progress, desc="recompute", unit="tok")
         if prefill:
             timer.phase("prefill")
             logits, _ = compat.forward(model, ids[None, :window])
@@ -91,7 +114,8 @@ def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.
             del logits
         if rows:
             timer.phase("decode")
-            _score_windows(model, windows, targets, rows, batch, nll[max(window, start) - start:], bar)
+            _score_windows(forward, windows, targets, rows, batch, nll[max(window, start) - start:], bar,
+                           padded=compile)
     bar.close()
     ms = timer.stop()
     return EngineResult(nll=nll.cpu(), cache_len_after_step=[], ttft_ms=ms["prefill"] if prefill else None,
