@@ -90,8 +90,9 @@ def test_unknown_linear_and_the_triton_gemv_on_cpu_are_refused_up_front(monkeypa
     with pytest.raises(ValueError, match="unknown linear 'cutlass'"):
         run_fast("gpt_neox", "strict", "cache", linear="cutlass")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="linear='triton'.*'torch'"):
-        run_fast("gpt_neox", "strict", "cache", linear="triton")
+    for linear in ("triton", "triton_fused"):
+        with pytest.raises(RuntimeError, match=f"linear='{linear}'.*'torch'"):
+            run_fast("gpt_neox", "strict", "cache", linear=linear)
 
 
 @pytest.mark.parametrize("mode", MODES)

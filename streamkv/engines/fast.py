@@ -30,6 +30,7 @@ Refused up front (Unsupported): refresh tokens (not one contiguous run) and the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import torch
@@ -119,7 +120,10 @@ DECODE_ATTENTION = {"sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_
 # `triton` is the CUDA default (`default_linear`): in the whole captured step on an H100 it took 241 µs off
 # cuBLAS's (strict 3.153 -> 2.912 ms, 1.537x -> 1.419x the anchor's floor, eviction overhead 1.007;
 # docs/bench/h100_bench_gemv_stop29.json, `scripts/bench_decode.py --engines fast,fast:linear=triton`).
-LINEARS = {"torch": contextlib.nullcontext, "triton": gemv.OneRowLinears}
+# `triton_fused` also applies the MLP's activation inside the GEMV (gemv.py's module doc): CPU-tested, not
+# yet timed on a GPU.
+LINEARS = {"torch": contextlib.nullcontext, "triton": gemv.OneRowLinears,
+           "triton_fused": functools.partial(gemv.OneRowLinears, fuse_activations=True)}
 
 
 def default_linear(device: torch.device) -> str:
@@ -302,8 +306,9 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py).
     decode_attention: how a decode step attends, `sdpa` (torch's fused kernels, which the prefill always
     uses) or `flash` (engines/flash_decode.py, CUDA). linear: how a decode step's one-row linears run, `torch`
-    (F.linear) or `triton` (engines/gemv.py; None: `default_linear`, the GEMV on CUDA). graph, compile,
-    decode_attention and linear are benchmark diagnostics: the same function, other kernels (fp16 rounding).
+    (F.linear), `triton` (engines/gemv.py; None: `default_linear`, the GEMV on CUDA) or `triton_fused` (the
+    GEMV with the MLP's activation inside). graph, compile, decode_attention and linear are benchmark
+    diagnostics: the same function, other kernels (fp16 rounding).
     TTFT is the prefill forward; TPOT the mean decode step; compilation, warm-up and capture run before the
     timed prefill."""
     plan = check_supported(schedule, position_mode, rerotation)
@@ -322,8 +327,8 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
         raise ValueError(f"unknown linear {linear!r}; choose one of {tuple(LINEARS)}")
     if decode_attention == "flash":
         check_runs_on(device, "decode_attention='flash'", "'sdpa'")
-    if linear == "triton":
-        check_runs_on(device, "linear='triton'", "'torch'")
+    if linear != "torch":
+        check_runs_on(device, f"linear={linear!r}", "'torch'")
     ring = _Ring(model, ids, plan, position_mode, decode_attention)
     nll = torch.zeros(ring.rows, dtype=as_dtype(loss_dtype), device=device)   # rows past n_fed stay unread
     stream = _Stream(model, ring, n_prefill, nll, as_dtype(loss_dtype), linear)

@@ -11,6 +11,16 @@ around each decode step's forward, sends every F.linear whose input holds one ro
 (`linear` as one opaque operator, which torch.compile calls without tracing the launch), and every other
 call (the prefill's) to F.linear unchanged.
 
+Activations in the kernel. An MLP's first linear is followed at once by its activation (GPT-NeoX:
+gelu(dense_h_to_4h(x)); Llama: silu(gate_proj(x))), on the step's profile a kernel of its own a layer
+(GELU: 1.1 µs on an H100, docs/bench). With `fuse_activations` (the fast engine's
+`linear="triton_fused"`), when the call right after a one-row linear is F.gelu (exact, not tanh) or
+F.silu (not in place) on that linear's output, the mode returns one_row_linear with the activation
+applied to the accumulator: the same function, one rounding fewer. The plain product it returned first
+then has no use left, and Inductor drops it from the compiled step (eager, it is computed and unused).
+Any other call in between, an in-place one on that output included, cancels the fusion. Not yet timed on
+a GPU, so not the default.
+
 Kernel: program p computes rows [p·BLOCK_N, (p+1)·BLOCK_N) of y = W·x + b, W [out, in] row-major (nn.Linear's
 layout, so each row streams contiguously): products accumulate in fp32 (float64 for float64 tensors)
 across a BLOCK_N × BLOCK_K tile, summed once at the end; no split over `in`, so no second pass and the same
@@ -30,8 +40,8 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+    def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, n_out, n_in, stride_w, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # The work dtype follows the output's, so callers pass only ints and bools.
         work = tl.float64 if y_ptr.dtype.element_ty == tl.float64 else tl.float32
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -45,6 +55,10 @@ if triton is not None:
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < n_out, other=0.0).to(work)
+        if ACTIVATION == 1:   # GELU, exact: x · Φ(x) = x/2 · (1 + erf(x/√2))
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        elif ACTIVATION == 2:   # SiLU: x · σ(x)
+            y = y / (1.0 + tl.exp(-y))
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < n_out)
 
 
@@ -60,29 +74,35 @@ def tile(n_out: int, n_in: int) -> dict:
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps}
 
 
+# The activations the kernel applies (its ACTIVATION), by the function the model calls.
+NO_ACTIVATION = 0
+ACTIVATIONS = {F.gelu: 1, F.silu: 2}
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           shape: dict | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [..., in] holding one row; `shape` overrides tile() (the probe's grid)."""
+           shape: dict | None = None, activation: int = NO_ACTIVATION) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., in] holding one row, then the ACTIVATIONS entry `activation`;
+    `shape` overrides tile() (the probe's grid)."""
     n_out, n_in = weight.shape
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     shape = shape or tile(n_out, n_in)
     _gemv[(triton.cdiv(n_out, shape["BLOCK_N"]),)](
         x.reshape(n_in), weight, weight if bias is None else bias, y, n_out, n_in, weight.stride(0),
-        HAS_BIAS=bias is not None, **shape)
+        HAS_BIAS=bias is not None, ACTIVATION=activation, **shape)
     return y
 
 
 @torch.library.custom_op("streamkv::one_row_linear", mutates_args=())
-def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: int) -> torch.Tensor:
     """`linear` as one opaque operator: torch.compile calls it as it is, where a Triton launch in the step
     would be traced and analysed at each of the step's 129 linears (stop 28: the step with the kernel
     launched directly did not finish compiling and running in 145 s, the default's in about 100). Under
     Triton's interpreter (CPU), tracing the launch fails outright; the operator compiles there too."""
-    return linear(x, weight, bias)
+    return linear(x, weight, bias, activation=activation)
 
 
 @one_row_linear.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, activation):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -91,14 +111,38 @@ def one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(1) == 1
 
 
+def fusable(func, args, kwargs) -> int | None:
+    """The ACTIVATIONS entry of this call if the kernel can apply it to args[0] (exact GELU, SiLU not in
+    place), else None."""
+    activation = ACTIVATIONS.get(func)
+    options = dict(zip(("approximate",) if func is F.gelu else ("inplace",), args[1:]), **kwargs)
+    if activation is None or options.get("approximate", "none") != "none" or options.get("inplace", False):
+        return None
+    return activation
+
+
 class OneRowLinears(TorchFunctionMode):
-    """Inside it, F.linear on one row runs `linear`; everything else runs as it would."""
+    """Inside it, F.linear on one row runs `linear`, with `fuse_activations` fused with an activation called
+    on its output right after (module doc); everything else runs as it would."""
+
+    def __init__(self, fuse_activations: bool = False):
+        super().__init__()
+        self.fuse_activations = fuse_activations
+        self.pending = None   # (output, x, weight, bias) of a one-row linear, for the very next call only
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        pending, self.pending = self.pending, None
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if one_row(x, weight):
-                return one_row_linear(x, weight, bias)
+                y = one_row_linear(x, weight, bias, NO_ACTIVATION)
+                if self.fuse_activations:
+                    self.pending = (y, x, weight, bias)
+                return y
+        elif pending is not None and args and args[0] is pending[0]:
+            activation = fusable(func, args, kwargs)
+            if activation is not None:
+                return one_row_linear(*pending[1:], activation)
         return func(*args, **kwargs)
