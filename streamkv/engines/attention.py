@@ -56,15 +56,14 @@ AttentionInterface.register(PROBABILITIES, _with_probabilities)
 
 
 @contextlib.contextmanager
-def swapped_attention(model, implementation: str, engine: str):
+def swapped_attention(model, implementation: str, engine: str, instead: str = "use the decode engine"):
     previous = model.config._attn_implementation
     model.set_attn_implementation(implementation)
     try:
         if model.config._attn_implementation != implementation:
             # transformers only warns for models whose attention does not go through AttentionInterface.
             raise Unsupported(f"{type(model).__name__} cannot switch to a custom attention function, which "
-                              f"the {engine} engine needs: it runs models whose attention dispatches through "
-                              "transformers' AttentionInterface")
+                              f"the {engine} engine needs: {instead}")
         yield
     finally:
         model.set_attn_implementation(previous)

@@ -99,7 +99,8 @@ def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.
     rows = range(first_row, max(stop - window, first_row))
     began = time.perf_counter()
     prefill = start == 0
-    with swapped_attention(model, UNMASKED_SDPA, "recompute"):
+    with swapped_attention(model, UNMASKED_SDPA, "recompute", "it runs models whose attention dispatches "
+                           "through transformers' AttentionInterface"):
         forward = functools.partial(compat.last_logits, model)
         if compile and rows:
             forward = compile_cache.compiled(forward)
