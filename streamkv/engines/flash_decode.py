@@ -1,15 +1,22 @@
-"""Decode attention split over the key slots (flash-decoding), as two Triton kernels: the fast engine's
-attention for one query per head on CUDA.
+"""Decode attention split over the key slots (flash-decoding), as one Triton kernel: the fast engine's
+attention for one query per head on CUDA (`fast:decode_attention=flash`).
 
 Why: torch's fused SDPA kernels grid a one-query decode by (query block, head), so at batch 1 they may run
 one thread block per head, 32 blocks on a 132-SM H100, each streaming its head's whole K/V buffer (not yet
 profiled: docs/bench/README.md). Here every head's slots are cut into `splits` chunks and each
 (head, chunk) is one program, so hundreds of blocks read the buffer at once:
 
-1. `_flash_decode_partials`: program (h, s) walks its chunk in BLOCK_N-slot tiles with an online softmax:
-   the running maximum m, the running sum l of exp(score − m) and the running output
-   acc = Σ exp(score − m)·v; it writes (m, l, acc) of its chunk.
-2. `_flash_decode_combine`: program h rescales every chunk to the largest m and returns Σ acc / Σ l.
+1. Program (h, s) walks its chunk in BLOCK_N-slot tiles with an online softmax: the running maximum m,
+   the running sum l of exp(score − m) and the running output acc = Σ exp(score − m)·v; it writes
+   (m, l, acc) of its chunk.
+2. The last of a head's programs to finish rescales every chunk to the largest m and writes Σ acc / Σ l.
+
+One kernel, not two: at a decode step's size (6.9 µs of K/V a layer on an H100) a second launch for the
+combine was a visible share of the call (two kernels: 13.3 µs a layer at the best tile, SDPA 14.7;
+docs/bench/h100_probe_attention.json). Each program counts itself done on its head's counter (an atomic
+add, after a barrier so its whole program's stores come first); the one that counts last combines, reading
+the partials from L2 (`.cg`), and sets the counter back to zero, so the counters (`_counters`, one per head,
+allocated once per device) are zero between calls and a CUDA graph can replay the call.
 
 Scores are q·k · scaling + mask (additive, the ring's -inf for slots the query does not see), all in
 fp32 (float64 for float64 tensors): the same function as SDPA, other rounding. Grouped-query heads read
@@ -24,8 +31,8 @@ from .triton_support import triton
 
 # The launch: BLOCK_N slots per tile; about `programs` programs per call (512: ~4 per SM on an H100, enough
 # to keep every SM reading); Triton's warps and pipeline stages. scripts/probe_attention.py's best on an H100
-# for Pythia-2.8B at cap 2048 and 4096 (docs/bench/h100_probe_attention.json: 13.3 µs a layer at cap 2048,
-# where this kernel took 20.2 at 64 slots and 4 warps and SDPA 14.7); `attend` takes any other tile.
+# for Pythia-2.8B at cap 2048 and 4096 (docs/bench/h100_probe_attention.json, still as two kernels: 13.3 µs a
+# layer at cap 2048, where they took 20.2 at 64 slots and 4 warps and SDPA 14.7); `attend` takes any tile.
 TILE = {"BLOCK_N": 128, "programs": 512, "num_warps": 2, "num_stages": 3}
 
 
@@ -38,12 +45,11 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _flash_decode_partials(q, k, v, mask, m_out, l_out, acc_out, scaling, slots, chunk, dim, group,
-                               stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
-                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _flash_decode(q, k, v, mask, m_out, l_out, acc_out, counters, out, scaling, slots, chunk, dim, group,
+                      stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_oh,
+                      SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         WORK = m_out.dtype.element_ty   # fp32, or float64 for float64 tensors (attend allocates m_out so)
         h, s = tl.program_id(0), tl.program_id(1)
-        splits = tl.num_programs(1)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < dim
         qv = tl.load(q + h * stride_qh + d, mask=d_ok, other=0.0).to(WORK)
@@ -70,23 +76,21 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 0)
             acc = acc * alpha + tl.sum(p[:, None] * vt.to(WORK), 0)
             m_i = m_new
-        at = h * splits + s
+        at = h * SPLITS + s
         tl.store(m_out + at, m_i)
         tl.store(l_out + at, l_i)
         tl.store(acc_out + at * BLOCK_D + d, acc)
-
-    @triton.jit
-    def _flash_decode_combine(m_in, l_in, acc_in, out, dim, stride_oh, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
-        h = tl.program_id(0)
-        s = tl.arange(0, SPLITS)
-        d = tl.arange(0, BLOCK_D)
-        m = tl.load(m_in + h * SPLITS + s)
-        m_max = tl.max(m, 0)
-        weight = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))
-        total = tl.sum(weight * tl.load(l_in + h * SPLITS + s), 0)
-        acc = tl.load(acc_in + (h * SPLITS + s)[:, None] * BLOCK_D + d[None, :])
-        o = tl.sum(weight[:, None] * acc, 0) / total
-        tl.store(out + h * stride_oh + d, o.to(out.dtype.element_ty), mask=d < dim)
+        tl.debug_barrier()   # every warp's stores issued before the count (the atomic's release covers them)
+        if tl.atomic_add(counters + h, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            chunks = h * SPLITS + tl.arange(0, SPLITS)
+            m = tl.load(m_out + chunks, cache_modifier=".cg")
+            m_max = tl.max(m, 0)
+            weight = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+            total = tl.sum(weight * tl.load(l_out + chunks, cache_modifier=".cg"), 0)
+            parts = tl.load(acc_out + chunks[:, None] * BLOCK_D + d[None, :], cache_modifier=".cg")
+            o = tl.sum(weight[:, None] * parts, 0) / total
+            tl.store(out + h * stride_oh + d, o.to(out.dtype.element_ty), mask=d_ok)
+            tl.store(counters + h, 0)
 
 
 def attend(query, k, v, mask, scaling, tile: dict = TILE):
@@ -105,9 +109,21 @@ def attend(query, k, v, mask, scaling, tile: dict = TILE):
     out = torch.empty(1, heads, 1, dim, dtype=v.dtype, device=v.device)
     q = query.reshape(heads, dim)
     # chunk * padded >= slots: the programs past `splits` start beyond the last slot and write the zeros above.
-    _flash_decode_partials[(heads, padded)](q, k, v, mask, m, l_sum, acc, scaling, slots, chunk, dim,
-                                            heads // kv_heads, q.stride(0), k.stride(1), k.stride(2),
-                                            v.stride(1), v.stride(2), BLOCK_N=tile["BLOCK_N"], BLOCK_D=block_d,
-                                            num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-    _flash_decode_combine[(heads,)](m, l_sum, acc, out, dim, out.stride(1), SPLITS=padded, BLOCK_D=block_d)
+    _flash_decode[(heads, padded)](q, k, v, mask, m, l_sum, acc, _counters(v.device, heads), out, scaling, slots,
+                                   chunk, dim, heads // kv_heads, q.stride(0), k.stride(1), k.stride(2), v.stride(1),
+                                   v.stride(2), out.stride(1), SPLITS=padded, BLOCK_N=tile["BLOCK_N"],
+                                   BLOCK_D=block_d, num_warps=tile["num_warps"], num_stages=tile["num_stages"])
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, heads: int) -> torch.Tensor:
+    """A head's count of finished programs (module doc), zero between calls; allocated at a device's first
+    call or by the fast engine's ring before it compiles and captures its step (inside either, a new
+    tensor would be the graph's). Grown, never shrunk, for more heads."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < heads:
+        counters = _COUNTERS[device] = torch.zeros(heads, dtype=torch.int32, device=device)
+    return counters
