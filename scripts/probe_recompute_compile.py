@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 
 from bench_engines import build_model, timed  # noqa: E402  (same folder: one model builder)
 from streamkv import compat, timing  # noqa: E402
-from streamkv.engines.attention import UNMASKED_SDPA, swapped_attention  # noqa: E402
+from streamkv.engines.recompute import unmasked_attention  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,9 +56,9 @@ def probe(args) -> dict:
                             generator=torch.Generator().manual_seed(1)).to(args.device)
     calls = {"eager": lambda: compat.last_logits(model, windows),
              "compiled": torch.compile(lambda: compat.last_logits(model, windows), dynamic=False)}
-    # Both without a mask (attention.UNMASKED_SDPA): eager the same call as HF's "sdpa", compiled not the
+    # Both without a mask (recompute.unmasked_attention): eager the same call as HF's "sdpa", compiled not the
     # causal mask HF's "sdpa" builds when traced.
-    with swapped_attention(model, UNMASKED_SDPA, "recompute"):
+    with unmasked_attention(model):
         eager_logits, _ = timed(args.device, calls["eager"])             # warm-up: cuBLAS / cuDNN plans
         compiled_logits, compile_s = timed(args.device, calls["compiled"])   # the compile, then one forward
         per_window = {name: [] for name in calls}

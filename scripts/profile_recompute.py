@@ -4,7 +4,7 @@
 
 The baseline's decode phase is one call per B windows, compat.last_logits (streamkv/engines/recompute.py);
 this profiles that call eager, as the engine runs it (--compiled: under torch.compile, with HF's SDPA
-attention handed no mask, as eager: engines/attention.py, UNMASKED_SDPA). Each kernel is put
+attention handed no mask, as eager: engines/recompute.py, unmasked_attention). Each kernel is put
 in one kind by its name (profile_decode.KINDS): matmul (the GEMMs), attention (SDPA's flash / cuDNN
 kernels), fused element-wise and copies / other (eager's element-wise kernels land here). Per kind:
 microseconds per window, and for matmul and attention their FLOPs per window and the rate that makes,
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
 from bench_engines import build_model, timed  # noqa: E402  (same folder: one model builder)
 from profile_decode import kernel_table  # noqa: E402  (same folder: one kernel classifier)
 from streamkv import compat, timing  # noqa: E402
-from streamkv.engines.attention import UNMASKED_SDPA, swapped_attention  # noqa: E402
+from streamkv.engines.recompute import unmasked_attention  # noqa: E402
 
 
 def matmul_rate(n: int = 8192, repeats: int = 20) -> float:
@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     forward = lambda: compat.last_logits(model, windows)   # noqa: E731  (the engine's call, eager)
     with contextlib.ExitStack() as compiling:
         if args.compiled:
-            # Without a mask, as eager runs (attention.UNMASKED_SDPA): HF's "sdpa" passes one when traced.
-            compiling.enter_context(swapped_attention(model, UNMASKED_SDPA, "recompute"))
+            # Without a mask, as eager runs (recompute.unmasked_attention): HF's "sdpa" passes one when traced.
+            compiling.enter_context(unmasked_attention(model))
             forward = torch.compile(forward, dynamic=False)
         forward()                                              # warm-up: cuBLAS / cuDNN plans, or the compile
         ms = timing.summary(timed("cuda", forward)[1] * 1e3 / args.batch for _ in range(args.repeats))

@@ -50,6 +50,12 @@ from .attention import UNMASKED_SDPA, swapped_attention
 from .base import EngineResult
 
 
+def unmasked_attention(model):
+    """Every recompute forward's attention: HF's SDPA handed no mask (attention.UNMASKED_SDPA, module doc)."""
+    return swapped_attention(model, UNMASKED_SDPA, "recompute",
+                             "it runs models whose attention dispatches through transformers' AttentionInterface")
+
+
 def _batch_at(windows: torch.Tensor, begin: int, batch: int, padded: bool) -> torch.Tensor:
     """The windows of the batch that starts at `begin`; `padded`: always `batch` rows, the last repeated, and
     contiguous (the windows are overlapping views of the stream, a padded batch a copy: both the same
@@ -99,8 +105,7 @@ def evaluate_recompute(model, ids: torch.Tensor, cap: int, *, loss_dtype: torch.
     rows = range(first_row, max(stop - window, first_row))
     began = time.perf_counter()
     prefill = start == 0
-    with swapped_attention(model, UNMASKED_SDPA, "recompute", "it runs models whose attention dispatches "
-                           "through transformers' AttentionInterface"):
+    with unmasked_attention(model):
         forward = functools.partial(compat.last_logits, model)
         if compile and rows:
             forward = compile_cache.compiled(forward)
