@@ -8,10 +8,11 @@ is T−1, the same as streaming. The same pass gives the perplexity and the TPOT
 
 Batching. `batch` = B windows go through one forward, as a [B, C] batch: every window has C tokens, so
 there is no padding and no mask is needed. Every forward runs HF's SDPA attention under
-engines/attention.py's UNMASKED_SDPA, which transformers hands no mask, so SDPA runs with is_causal=True,
-the path of the flash / cuDNN kernels on CUDA, on every transformers line and under torch.compile (HF's
-own "sdpa" builds an explicit causal mask for these forwards on 4.57 and whenever it is traced). The LM head runs on each window's last position only
-(compat.last_logits): the other C − 1 positions predict nothing. B = 1 is one window per forward, what a
+engines/attention.py's UNMASKED_SDPA (`unmasked_attention`), which transformers hands no mask, so SDPA
+runs with is_causal=True, the path of the flash / cuDNN kernels on CUDA, on every transformers line and
+under torch.compile (HF's own "sdpa" builds an explicit causal mask for these forwards on 4.57 and
+whenever it is traced). The LM head runs on each window's last position only (compat.last_logits): the
+other C − 1 positions predict nothing. B = 1 is one window per forward, what a
 recompute-per-token generator pays (as the seed measured). B changes the forwards' shapes, so on a GPU
 the fp16 GEMMs may round differently: RunSpec.recompute_batch is part of the config hash (streamkv/runspec.py).
 
