@@ -10,9 +10,11 @@ GEMVs; flash_decode at its first tile (64 slots, 512 programs, 4 warps) ran 20.6
 and 2 warps 13.3 µs (flash_decode.TILE now). With so few slots a program, latency, not bandwidth, may bound
 it: the grid varies the slots per tile, the programs per call, the warps and the pipeline stages. Per
 shape (heads, KV heads, slots, head dim): every layer's own K/V (together they exceed the L2 cache, as in
-the step) attended in a row, captured in one CUDA graph, replayed; reported per layer: µs, the floor (K and V read once at the copy bandwidth measured in the same
-process) and the ratio; the best tile per shape first; and each kernel's largest miss against float64 SDPA
-on the same fp16 inputs (over FP16_MISS stops the probe: a tile that drops slots is no candidate).
+the step) attended in a row, captured in one CUDA graph, replayed; reported per layer: µs, the floor (K
+and V read once at the copy bandwidth measured in the same process) and the ratio; the best tile per shape
+first; and each kernel's largest miss against float64 SDPA on the same fp16 inputs (over FP16_MISS stops
+the probe: a tile that drops slots is no candidate). Stop 29's probe timed flash_decode as two kernels; it
+is one since (its module doc).
 """
 from __future__ import annotations
 
