@@ -156,7 +156,7 @@ class _Ring:
         self.gqa = kv_heads != heads
         self.decode_attention = DECODE_ATTENTION[decode_attention]
         if decode_attention == "flash":
-            flash_decode._counters(device, heads)   # now, not inside the compiled or captured step
+            flash_decode.counters(device, heads)   # now, not inside the compiled or captured step
         work = torch.float64 if dtype == torch.float64 else torch.float32
         self.rows = table_length(ids.numel())
         self.cos_table, self.sin_table = rotary_tables(rotary, self.rows, work, device)

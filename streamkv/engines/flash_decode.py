@@ -15,7 +15,7 @@ One kernel, not two: at a decode step's size (6.9 µs of K/V a layer on an H100)
 combine was a visible share of the call (two kernels: 13.3 µs a layer at the best tile, SDPA 14.7;
 docs/bench/h100_probe_attention.json). Each program counts itself done on its head's counter (an atomic
 add, after a barrier so its whole program's stores come first); the one that counts last combines, reading
-the partials from L2 (`.cg`), and sets the counter back to zero, so the counters (`_counters`, one per head,
+the partials from L2 (`.cg`), and sets the counter back to zero, so the counters (`counters`, one per head,
 allocated once per device) are zero between calls and a CUDA graph can replay the call.
 
 Scores are q·k · scaling + mask (additive, the ring's -inf for slots the query does not see), all in
@@ -109,7 +109,7 @@ def attend(query, k, v, mask, scaling, tile: dict = TILE):
     out = torch.empty(1, heads, 1, dim, dtype=v.dtype, device=v.device)
     q = query.reshape(heads, dim)
     # chunk * padded >= slots: the programs past `splits` start beyond the last slot and write the zeros above.
-    _flash_decode[(heads, padded)](q, k, v, mask, m, l_sum, acc, _counters(v.device, heads), out, scaling, slots,
+    _flash_decode[(heads, padded)](q, k, v, mask, m, l_sum, acc, counters(v.device, heads), out, scaling, slots,
                                    chunk, dim, heads // kv_heads, q.stride(0), k.stride(1), k.stride(2), v.stride(1),
                                    v.stride(2), out.stride(1), SPLITS=padded, BLOCK_N=tile["BLOCK_N"],
                                    BLOCK_D=block_d, num_warps=tile["num_warps"], num_stages=tile["num_stages"])
@@ -119,11 +119,11 @@ def attend(query, k, v, mask, scaling, tile: dict = TILE):
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _counters(device: torch.device, heads: int) -> torch.Tensor:
+def counters(device: torch.device, heads: int) -> torch.Tensor:
     """A head's count of finished programs (module doc), zero between calls; allocated at a device's first
     call or by the fast engine's ring before it compiles and captures its step (inside either, a new
     tensor would be the graph's). Grown, never shrunk, for more heads."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < heads:
-        counters = _COUNTERS[device] = torch.zeros(heads, dtype=torch.int32, device=device)
-    return counters
+    held = _COUNTERS.get(device)
+    if held is None or held.numel() < heads:
+        held = _COUNTERS[device] = torch.zeros(heads, dtype=torch.int32, device=device)
+    return held
