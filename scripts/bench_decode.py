@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--stability-runs", type=int, default=2, help="protocol runs of the first engine")
-    p.add_argument("--engines", help="comma-separated; the first is the one checked for stability ('' for none)")
+    p.add_argument("--engines", help="comma-separated, each with its options, e.g. fast,fast:linear=torch,"
+                   "decode_attention=flash; the first is the one checked for stability ('' for none)")
     p.add_argument("--recompute-batches", default="", help="comma-separated recompute batch sizes ('' skips it)")
     p.add_argument("--recompute-compile", action="store_true", help="each recompute batch size also compiled "
                    "(variants batch{B}_compiled)")
@@ -80,14 +81,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (TINY_DEFAULTS if args.tiny else GPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.engines = [e for e in args.engines.split(",") if e]
     args.recompute_batches = [int(b) for b in args.recompute_batches.split(",") if b]
     try:
+        args.engines = engine_list(args.engines)
         args.inductor = inductor_settings(args.inductor)
     except ValueError as exc:
         p.error(str(exc))
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     return args
+
+
+def engine_list(text: str) -> list[str]:
+    """'fast,fast:linear=torch,decode_attention=flash' -> ['fast', 'fast:linear=torch,decode_attention=flash']:
+    a comma separates engines and one engine's options alike, so an item with '=' and no ':' is one more
+    option of the engine before it."""
+    engines: list[str] = []
+    for item in filter(None, text.split(",")):
+        if "=" in item and ":" not in item:
+            if not engines:
+                raise ValueError(f"--engines: option {item!r} before any engine")
+            engines[-1] += "," + item
+        else:
+            engines.append(item)
+    return engines
 
 
 def inductor_settings(text: str) -> dict:
@@ -222,6 +238,9 @@ def main(argv=None) -> int:
             record["runs"].append(rows)
             write()
         runs = record["runs"]
+        if k > 0 and {args.engines[0], engine} <= nll.keys():   # an engine option must not change the numbers
+            record["agreement_with_first"] = {name: agreement(nll[engine][name], nll[args.engines[0]][name])
+                                              for name in nll[engine]}
         if len(runs) > 1:
             record["run_to_run_rel_diff"] = {
                 name: abs(runs[1][name]["tpot_ms"]["median"] / runs[0][name]["tpot_ms"]["median"] - 1)

@@ -14,7 +14,7 @@
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
 # Writes OUT_DIR/{anchor,bench_decode,profile_recompute,profile_recompute_compiled,bench_steps2048,probe_attention,bench_multi_kernel,
 # bench_cooperative,bench_4096,bench_gqa,bench_recompute,bench_recompute_compiled,compile_cache,profile,bench_gemv,
-# profile_gemv,bench_gemv_fused,bench_flash,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
+# profile_gemv,bench_gemv_fused,bench_flash,bench_decode_cuts,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
 # docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
 anchor_py=${1:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
@@ -75,6 +75,11 @@ step bench_gemv 250 python3 scripts/bench_decode.py --engines fast,fast:linear=t
 # The GEMV with the MLP's activation in its epilogue (GELU: one kernel a layer less), beside the default.
 step gemv_fused 250 python3 scripts/bench_decode.py --engines fast,fast:linear=triton_fused --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_gemv_fused.json"
+# Both stop-29 cuts at once (the fused GELU and the one-kernel flash), each alone, beside the default; every
+# engine's NLL against the first's in the JSON (agreement_with_first), so a race in flash would show.
+step decode_cuts 480 python3 scripts/bench_decode.py \
+    --engines fast,fast:linear=triton_fused,fast:decode_attention=flash,fast:linear=triton_fused,decode_attention=flash \
+    --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_decode_cuts.json"
 step profile_gemv 80 python3 scripts/profile_decode.py --linear torch --out "$out/profile_gemv.json"
 step flash 150 python3 scripts/bench_decode.py --engines fast:decode_attention=flash --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_flash.json"

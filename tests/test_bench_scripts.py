@@ -170,3 +170,24 @@ def test_inductor_settings_are_typed_and_unknown_keys_refused():
         with pytest.raises(SystemExit):
             bench_decode.parse_args(["--tiny", "--inductor", wrong])
 
+
+
+def test_an_engine_keeps_all_its_options_in_the_engine_list():
+    """Commas separate engines and one engine's options alike: fused GEMV plus flash is one engine."""
+    args = bench_decode.parse_args(["--tiny", "--engines", "fast,fast:linear=triton_fused,decode_attention=flash,"
+                                    "decode:compile=0"])
+    assert args.engines == ["fast", "fast:linear=triton_fused,decode_attention=flash", "decode:compile=0"]
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--tiny", "--engines", "linear=torch,fast"])
+
+
+def test_every_later_engine_is_checked_against_the_first(tmp_path):
+    """An engine option is a speed choice: the bench records each later engine's NLL against the first's."""
+    engines = ["fast:compile=0", "fast:compile=0,graph=0", "decode"]
+    bench_decode.main([*TINY_RUN, "--engines", ",".join(engines), "--out", str(tmp_path / "bench.json")])
+    summary = json.loads((tmp_path / "bench.json").read_text())["engines"]
+    assert "agreement_with_first" not in summary[engines[0]]
+    for engine in engines[1:]:
+        rows = summary[engine]["agreement_with_first"]
+        assert set(rows) == {"dense", "strict", "lazy4"}
+        assert all(row["max_abs_nll_diff"] < 1e-4 and row["tokens"] == 32 + 6 for row in rows.values())
