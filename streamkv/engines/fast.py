@@ -134,9 +134,11 @@ def default_linear(device: torch.device) -> str:
 class _Ring:
     """The ring KV buffer and the device-side state of one stream; serves the attention function.
 
-    K/V are one tensor per layer, written in place with index_copy_ (the pattern of HF's StaticCache):
-    torch.compile keeps such writes in place, while a write into a slice of one all-layer tensor makes it
-    copy the whole buffer at every layer."""
+    A layer's K and V are one tensor [2, 1, Hkv, slots, D], written in place with one index_copy_ (the
+    pattern of HF's StaticCache): torch.compile keeps such writes in place, while a write into a slice of
+    one all-layer tensor makes it copy the whole buffer at every layer. One tensor, so that a decode step
+    writes the new key, its value and the re-rotated sink keys with one scatter, one kernel a layer, where
+    separate K and V writes took three on an H100 (docs/bench/h100_profile_step_gemv.json: 1.3 µs each)."""
 
     def __init__(self, model, ids: torch.Tensor, plan: StreamPlan, position_mode: str,
                  decode_attention: str = "sdpa"):
@@ -147,11 +149,11 @@ class _Ring:
         capacity = self.sinks + self.ring
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        shape = (1, kv_heads, capacity, rotary.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        # Sink keys as computed (unrotated): each decode step turns them to their current position.
-        self.sink_raw = [torch.zeros(shape[:2] + (self.sinks, shape[3]), dtype=dtype, device=device)
+        shape = (2, 1, kv_heads, capacity, rotary.head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        # Sink keys as computed (unrotated), each decode step turns them to their current position, and
+        # sink values, which that step's scatter writes back unchanged beside them.
+        self.sink_raw = [torch.zeros(shape[:3] + (self.sinks, shape[4]), dtype=dtype, device=device)
                          for _ in range(cfg.num_hidden_layers)]
         self.gqa = kv_heads != heads
         self.decode_attention = DECODE_ATTENTION[decode_attention]
@@ -171,6 +173,7 @@ class _Ring:
         # What `prepare` sets for the forward that follows: write slots, additive mask and angles of its
         # tokens, and the sinks' angles.
         self.write: torch.Tensor | None = None
+        self.write_with_sinks: torch.Tensor | None = None   # a decode step's: sink slots, then write
         self.mask: torch.Tensor | None = None
         self.cos = self.sin = self.sink_cos = self.sink_sin = None
         self.prefill = False
@@ -185,25 +188,29 @@ class _Ring:
         held = self.slot_token[None, :]
         seen = ((held >= start[:, None]) & (held <= t[:, None])) | (self.slot_index[None, :] < n_sink[:, None])
         # Additive, in the model's dtype, built once per step: a boolean mask would be converted per layer.
-        dtype = self.k[0].dtype
+        dtype = self.kv[0].dtype
         self.mask = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill(~seen, float("-inf"))
         self.cos, self.sin = self.cos_table.index_select(0, t), self.sin_table.index_select(0, t)
         if self.sinks and not prefill:
             # One token per decode step, so one offset: sink i goes to position i + o(t).
             at = self.sink_index + self.sink_shift.index_select(0, t)
             self.sink_cos, self.sink_sin = self.cos_table.index_select(0, at), self.sin_table.index_select(0, at)
+            self.write_with_sinks = torch.cat((self.sink_index, self.write))
 
     def attend(self, layer: int, query, key, value, scaling):
-        k, v = self.k[layer], self.v[layer]
+        kv, raw = self.kv[layer], self.sink_raw[layer]
         if self.prefill:
             self.calls += 1
             if self.sinks:
-                self.sink_raw[layer].copy_(key[..., :self.sinks, :])
-        elif self.sinks:
-            k.index_copy_(2, self.sink_index, turn(self.sink_raw[layer], self.sink_cos, self.sink_sin))
-        query, key = turn(query, self.cos, self.sin), turn(key, self.cos, self.sin)
-        k.index_copy_(2, self.write, key)
-        v.index_copy_(2, self.write, value)
+                raw.copy_(torch.stack((key, value))[..., :self.sinks, :])
+        query = turn(query, self.cos, self.sin)
+        new = torch.stack((turn(key, self.cos, self.sin), value))
+        if self.sinks and not self.prefill:
+            sinks = torch.stack((turn(raw[0], self.sink_cos, self.sink_sin), raw[1]))
+            kv.index_copy_(3, self.write_with_sinks, torch.cat((sinks, new), dim=3))
+        else:
+            kv.index_copy_(3, self.write, new)
+        k, v = kv[0], kv[1]
         if self.prefill:
             out = F.scaled_dot_product_attention(query, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=self.gqa)
         else:
