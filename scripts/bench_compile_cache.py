@@ -5,6 +5,8 @@ GPU (Pythia-2.8B architecture, random fp16 weights, cap 2048, lazy R = 64, CUDA 
     python3 scripts/bench_compile_cache.py --out compile_cache.json
 CPU check at demo size (the demo model's architecture, fp32, compiled step without a graph):
     python3 scripts/bench_compile_cache.py --tiny
+Another option of the fast engine, e.g. its step with cuBLAS's linears (bench_decode.py's syntax):
+    python3 scripts/bench_compile_cache.py --engine fast:linear=torch
 
 The cache directory is a fresh temporary folder unless --cache-dir names one (which must then be empty, or
 the first process would not start cold). Each process imports torch, builds the model, and runs one
@@ -25,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # runs from a bare checkout, no install needed
+from engine_spec import engine_options  # noqa: E402  (same folder, torch-free: bench_decode.py's engine syntax)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,10 +35,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="demo-size model on the CPU")
     p.add_argument("--processes", type=int, default=2, help="processes in a row on one cache (the first is cold)")
     p.add_argument("--steps", type=int, default=256, help="decoded tokens of the evaluation")
+    p.add_argument("--engine", default="fast", help="the fast engine with options, as bench_decode.py "
+                   "--engines takes them, e.g. fast:linear=torch (default: the engine's defaults)")
     p.add_argument("--cache-dir", type=Path, help="an empty directory (default: a fresh temporary one)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)   # one measured process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    engine, args.options = engine_options(args.engine)
+    if engine != "fast" or "compile" in args.options:
+        p.error(f"--engine {args.engine!r}: this bench times the fast engine's compiled step, with other options")
+    return args
 
 
 def child(args) -> dict:
@@ -58,7 +67,7 @@ def child(args) -> dict:
     schedule = build_schedule(PolicySpec(n_sink=4, window=cap - 4, compress_every=64), ids.numel())
     built = time.perf_counter()
     # graph on CUDA (the engine's default); on the CPU the compiled step runs without one.
-    result = fast.evaluate(model, ids, schedule, compile=True)
+    result = fast.evaluate(model, ids, schedule, compile=True, **args.options)
     done = time.perf_counter()
     return {"cache_dir": str(where), "import_s": imported - began, "model_s": built - imported,
             "evaluate_s": done - built, "process_s": done - began, "tpot_ms": result.tpot_ms,
@@ -76,7 +85,8 @@ def main(argv=None) -> int:
         cache = args.cache_dir or Path(scratch) / "torch-compile"
         env = {**os.environ, "STREAMKV_COMPILE_CACHE": str(cache)}
         env.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        command = [sys.executable, __file__, "--child", "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
+        command = [sys.executable, __file__, "--child", "--steps", str(args.steps), "--engine", args.engine] + (
+            ["--tiny"] if args.tiny else [])
         runs = []
         for k in range(args.processes):
             began = time.perf_counter()

@@ -46,6 +46,7 @@ import transformers  # noqa: E402
 from torch._inductor import config as inductor_config  # noqa: E402
 
 from bench_engines import build_model, guarded  # noqa: E402  (same folder: one model builder)
+from engine_spec import engine_list, engine_options  # noqa: E402  (same folder: one engine syntax)
 from streamkv import engines, timing  # noqa: E402
 from streamkv.metrics import perplexity  # noqa: E402
 from streamkv.policies import PolicySpec, build_schedule  # noqa: E402
@@ -91,21 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def engine_list(text: str) -> list[str]:
-    """'fast,fast:linear=torch,decode_attention=flash' -> ['fast', 'fast:linear=torch,decode_attention=flash']:
-    a comma separates engines and one engine's options alike, so an item with '=' and no ':' is one more
-    option of the engine before it."""
-    engines: list[str] = []
-    for item in filter(None, text.split(",")):
-        if "=" in item and ":" not in item:
-            if not engines:
-                raise ValueError(f"--engines: option {item!r} before any engine")
-            engines[-1] += "," + item
-        else:
-            engines.append(item)
-    return engines
-
-
 def inductor_settings(text: str) -> dict:
     """'key=value,...' as Inductor config values: each key must exist, each value is an integer (a 0/1
     switch for a boolean setting)."""
@@ -127,10 +113,8 @@ def variants(args) -> dict[str, PolicySpec]:
 
 
 def engine_call(name: str):
-    """`fast`, `fast:compile=0,graph=1` or `fast:decode_attention=sdpa`: an engine with keyword options
-    (digits are switches, anything else a string)."""
-    engine, _, options = name.partition(":")
-    kwargs = {k: bool(int(v)) if v.isdigit() else v for k, v in (o.split("=") for o in options.split(",") if o)}
+    """The engine's evaluate function with the options `name` gives it (engine_options)."""
+    engine, kwargs = engine_options(name)
     evaluate = engines.get(engine).function
     return lambda *a, **kw: evaluate(*a, **kw, **kwargs)
 

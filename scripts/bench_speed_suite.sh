@@ -13,7 +13,7 @@
 # third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
 # Writes OUT_DIR/{anchor,bench_decode,profile_recompute,profile_recompute_compiled,bench_steps2048,probe_attention,bench_multi_kernel,
-# bench_cooperative,bench_4096,bench_gqa,bench_recompute,bench_recompute_compiled,compile_cache,profile,bench_gemv,
+# bench_cooperative,bench_4096,bench_gqa,bench_recompute,bench_recompute_compiled,compile_cache,compile_cache_torch,profile,bench_gemv,
 # profile_gemv,bench_gemv_fused,bench_flash,bench_decode_cuts,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
 # docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
@@ -60,6 +60,9 @@ step bench_gqa 140 python3 scripts/bench_decode.py --engines fast \
     --config scripts/configs/llama-3.2-3b-shape.json --stability-runs 1 --repeats 3 \
     --anchor "$out/anchor.json" --out "$out/bench_gqa.json"
 step compile_cache 150 python3 scripts/bench_compile_cache.py --processes 2 --out "$out/compile_cache.json"
+# The same with cuBLAS's linears: what the Triton GEMV's 129 custom-operator calls add to the first process.
+step compile_cache_torch 150 python3 scripts/bench_compile_cache.py --processes 2 --engine fast:linear=torch \
+    --out "$out/compile_cache_torch.json"
 # Probes of what the profile points at (docs/bench/README.md, issue 17), each beside bench_2048 of the same
 # call: the triton split-KV attention (slower than SDPA on an H100, untimed on an H200); Inductor's
 # coordinate-descent tuning (with it, Inductor decomposes a one-row mm into a tuned multiply-and-sum:

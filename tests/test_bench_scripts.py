@@ -28,6 +28,7 @@ from tiny_models import cached_model, cached_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import bench_compile_cache  # noqa: E402
 import bench_decode  # noqa: E402
 import probe_attention  # noqa: E402
 import probe_recompute_compile  # noqa: E402
@@ -191,3 +192,14 @@ def test_every_later_engine_is_checked_against_the_first(tmp_path):
         rows = summary[engine]["agreement_with_first"]
         assert set(rows) == {"dense", "strict", "lazy4"}
         assert all(row["max_abs_nll_diff"] < 1e-4 and row["tokens"] == 32 + 6 for row in rows.values())
+
+
+def test_the_compile_cache_bench_takes_the_fast_engines_options_only():
+    """bench_compile_cache.py --engine: the fast engine's compiled step with other options (linears,
+    attention), in bench_decode.py's syntax; another engine, or compile itself switched, is refused."""
+    args = bench_compile_cache.parse_args(["--engine", "fast:linear=torch,decode_attention=flash"])
+    assert args.options == {"linear": "torch", "decode_attention": "flash"}
+    assert bench_compile_cache.parse_args([]).options == {}
+    for wrong in ("decode", "fast:compile=0"):
+        with pytest.raises(SystemExit):
+            bench_compile_cache.parse_args(["--engine", wrong])
