@@ -14,7 +14,7 @@
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
 # Writes OUT_DIR/{anchor,bench_decode,profile_recompute,profile_recompute_compiled,bench_steps2048,probe_attention,bench_multi_kernel,
 # bench_cooperative,bench_4096,bench_gqa,bench_recompute,bench_recompute_compiled,compile_cache,compile_cache_torch,profile,bench_gemv,
-# profile_gemv,bench_gemv_fused,bench_flash,bench_decode_cuts,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
+# profile_gemv,profile_cuts,bench_gemv_fused,bench_flash,bench_decode_cuts,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
 # docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
 anchor_py=${1:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
@@ -83,6 +83,9 @@ step gemv_fused 250 python3 scripts/bench_decode.py --engines fast,fast:linear=t
 step decode_cuts 480 python3 scripts/bench_decode.py \
     --engines fast,fast:linear=triton_fused,fast:decode_attention=flash,fast:linear=triton_fused,decode_attention=flash \
     --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_decode_cuts.json"
+# Where the step's time goes with both cuts (and a layer's K/V written by one scatter since stop 30).
+step profile_cuts 80 python3 scripts/profile_decode.py --linear triton_fused --decode-attention flash \
+    --out "$out/profile_cuts.json"
 step profile_gemv 80 python3 scripts/profile_decode.py --linear torch --out "$out/profile_gemv.json"
 step flash 150 python3 scripts/bench_decode.py --engines fast:decode_attention=flash --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_flash.json"
