@@ -172,7 +172,6 @@ def test_inductor_settings_are_typed_and_unknown_keys_refused():
             bench_decode.parse_args(["--tiny", "--inductor", wrong])
 
 
-
 def test_an_engine_keeps_all_its_options_in_the_engine_list():
     """Commas separate engines and one engine's options alike: fused GEMV plus flash is one engine."""
     args = bench_decode.parse_args(["--tiny", "--engines", "fast,fast:linear=triton_fused,decode_attention=flash,"

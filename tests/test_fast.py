@@ -191,8 +191,8 @@ def test_cuda_graph_with_each_linear_matches_reference(model_name, case, linear)
 @cuda
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 def test_cuda_graph_with_every_triton_kernel_matches_reference(model_name):
-    """The fused GEMV and the one-kernel flash attention in one compiled, captured step (the fastest
-    combination timed), float64 model, against the CPU reference."""
+    """The fused GEMV and the one-kernel flash attention in one compiled, captured step (the combination
+    the suite's `decode_cuts` times), float64 model, against the CPU reference."""
     got = run_fast_on("cuda", model_name, "lazy_drop", graph=True, compile=True, linear="triton_fused",
                       decode_attention="flash")
     assert max_diff(got.nll, run_reference(model_name, "lazy_drop", "cache").nll) <= EXACT
