@@ -14,7 +14,7 @@
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
 # Writes OUT_DIR/{anchor,bench_decode,profile_recompute,profile_recompute_compiled,bench_steps2048,probe_attention,bench_multi_kernel,
 # bench_cooperative,bench_4096,bench_gqa,bench_recompute,bench_recompute_compiled,compile_cache,compile_cache_torch,profile,bench_gemv,
-# profile_gemv,profile_cuts,bench_gemv_fused,bench_flash,bench_decode_cuts,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
+# profile_gemv,profile_cuts,bench_gemv_fused,bench_flash,bench_decode_cuts,bench_combo_kernels,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
 # docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
 anchor_py=${1:?usage: bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]}
@@ -102,6 +102,10 @@ step norms_multi_kernel 150 python3 scripts/bench_decode.py --engines fast --sta
     --inductor triton.multi_kernel=1 --anchor "$out/anchor.json" --out "$out/bench_multi_kernel.json"
 step norms_cooperative 150 python3 scripts/bench_decode.py --engines fast --stability-runs 1 --repeats 3 \
     --inductor triton.cooperative_reductions=1 --anchor "$out/anchor.json" --out "$out/bench_cooperative.json"
+# Inductor's combo kernels launch independent kernels of one graph as one (horizontal fusion): a layer's
+# query rotation, its K/V scatter and its layer norms are such kernels, 1.3-3.5 µs each on an H100.
+step combo_kernels 150 python3 scripts/bench_decode.py --engines fast --stability-runs 1 --repeats 3 \
+    --inductor combo_kernels=1 --anchor "$out/anchor.json" --out "$out/bench_combo_kernels.json"
 # The paper profile times each point on 512 decoded tokens (profiles.PAPER.timing_tokens); TPOT at 2048,
 # beside bench_gemv's `fast` row (512 steps, same call), says whether the shorter run changes the figure.
 step timing_length 150 python3 scripts/bench_decode.py --engines fast --steps 2048 --stability-runs 1 \
