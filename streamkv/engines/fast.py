@@ -202,7 +202,7 @@ class _Ring:
         if self.prefill:
             self.calls += 1
             if self.sinks:
-                raw.copy_(torch.stack((key, value))[..., :self.sinks, :])
+                raw.copy_(torch.stack((key[..., :self.sinks, :], value[..., :self.sinks, :])))
         query = turn(query, self.cos, self.sin)
         new = torch.stack((turn(key, self.cos, self.sin), value))
         if self.sinks and not self.prefill:
