@@ -75,15 +75,18 @@ step compile_cache_torch 150 python3 scripts/bench_compile_cache.py --processes 
 # beside cuBLAS in the same process; then the step's profile with cuBLAS.
 step bench_gemv 250 python3 scripts/bench_decode.py --engines fast,fast:linear=torch --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_gemv.json"
-# The GEMV with the MLP's activation in its epilogue (GELU: one kernel a layer less), beside the default.
-step gemv_fused 250 python3 scripts/bench_decode.py --engines fast,fast:linear=triton_fused --stability-runs 1 \
-    --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_gemv_fused.json"
-# Both stop-29 cuts at once (the fused GELU and the one-kernel flash), each alone, beside the default; every
-# engine's NLL against the first's in the JSON (agreement_with_first), so a race in flash would show.
+# The GEMV with the MLP's activation in its epilogue (GELU: one kernel a layer less), then also with the layer
+# norms in its prologue (the residual add's reduction kernel, 3.5 µs a layer, becomes a point-wise add),
+# beside the default: which of the two fusions pays.
+step gemv_fused 330 python3 scripts/bench_decode.py --engines fast,fast:linear=triton_activation,fast:linear=triton_fused \
+    --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_gemv_fused.json"
+# The cuts at once (the GEMV with its norms and activation, and the one-kernel flash), each alone, beside the
+# default; every engine's NLL against the first's in the JSON (agreement_with_first), so a race in flash would show.
 step decode_cuts 480 python3 scripts/bench_decode.py \
     --engines fast,fast:linear=triton_fused,fast:decode_attention=flash,fast:linear=triton_fused,decode_attention=flash \
     --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_decode_cuts.json"
-# Where the step's time goes with both cuts (and a layer's K/V written by one scatter since stop 30).
+# Where the step's time goes with both cuts (and a layer's K/V written by one scatter since stop 30): whether
+# the layer-norm kernels are gone, and what the GEMVs pay for them.
 step profile_cuts 80 python3 scripts/profile_decode.py --linear triton_fused --decode-attention flash \
     --out "$out/profile_cuts.json"
 step profile_gemv 80 python3 scripts/profile_decode.py --linear torch --out "$out/profile_gemv.json"
@@ -117,7 +120,8 @@ step profile_recompute_compiled 120 python3 scripts/profile_recompute.py --batch
     --out "$out/profile_recompute_compiled.json"
 # Per decode shape, SDPA against flash_decode at every launch tile of probe_attention.py's grid.
 step attention_kernels 200 python3 scripts/probe_attention.py --out "$out/probe_attention.json"
-# Per linear shape, cuBLAS against Inductor's GEMV and a Triton GEMV of our own, each against its byte floor.
+# Per linear shape, cuBLAS against Inductor's GEMV and a Triton GEMV of our own, each against its byte floor;
+# for the two a layer norm feeds, the engine's tile with the norm inside against the norm alone.
 step gemv_kernels 150 python3 scripts/probe_gemv.py --out "$out/probe_gemv.json"
 step recompute_compile 200 python3 scripts/probe_recompute_compile.py --batch 32 --repeats 3 \
     --out "$out/probe_recompute_compile.json"

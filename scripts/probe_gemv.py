@@ -39,6 +39,9 @@ from streamkv.engines import fast, gemv  # noqa: E402
 # its µs per call compare), which linear="triton" also takes, with DEFAULT_TILE.
 SHAPES = {"qkv": (7680, 2560), "dense": (2560, 2560), "fc1": (10240, 2560), "fc2": (2560, 10240),
           "lm_head": (50304, 2560)}
+# The shapes a layer norm feeds (GPT-NeoX's query_key_value and dense_h_to_4h): also timed at the engine's
+# tile with the norm in the kernel (linear="triton_fused"), beside the plain product and the norm alone.
+NORMED = ("qkv", "fc1")
 LAYERS = 32
 GRID = {"block_n": (1, 2, 4, 8), "block_k": (256, 512, 1024), "num_warps": (2, 4, 8)}
 
@@ -66,15 +69,18 @@ def graph_us(call, calls: int, replays: int = 20) -> float:
     return timed_replays(fast._capture(call), replays) / calls
 
 
-def probe_shape(n_out: int, n_in: int, bandwidth: float) -> dict:
+def probe_shape(n_out: int, n_in: int, bandwidth: float, normed: bool = False) -> dict:
     options = dict(device="cuda", dtype=torch.float16)
     x = torch.randn(n_in, **options)
     w = [torch.randn(n_out, n_in, **options) / n_in ** 0.5 for _ in range(LAYERS)]
     b = [torch.randn(n_out, **options) for _ in range(LAYERS)]
     floor_us = 2 * (n_out * n_in + 2 * n_out + n_in) / bandwidth * 1e6
 
-    def us(linear) -> float:   # outputs come from the graph's pool, as in the captured decode step
-        return graph_us(lambda: [linear(x, w[layer], b[layer]) for layer in range(LAYERS)], LAYERS)
+    def per_layer_us(call) -> float:   # outputs come from the graph's pool, as in the captured decode step
+        return graph_us(lambda: [call(layer) for layer in range(LAYERS)], LAYERS)
+
+    def us(linear) -> float:
+        return per_layer_us(lambda layer: linear(x, w[layer], b[layer]))
 
     row = {"floor_us": floor_us, "cublas": {"us": us(lambda x, w, b: F.linear(x[None], w, b)[0])}}
     reference = F.linear(x[None], w[0], b[0])[0].float()
@@ -84,6 +90,16 @@ def probe_shape(n_out: int, n_in: int, bandwidth: float) -> dict:
         if "triton" not in row or took < row["triton"]["us"]:
             diff = (gemv.linear(x, w[0], b[0], shape).float() - reference).abs().max().item()
             row["triton"] = {"us": took, **shape, "max_abs_diff_vs_cublas": diff}
+    if normed:
+        # What the norm costs inside the kernel (every program computes the row's statistics) against what
+        # it costs as a kernel of its own (eager F.layer_norm of one row; in the compiled step Inductor's
+        # reduction also adds the residual).
+        engine = gemv.tile(n_out, n_in)
+        norms = [gemv.Norm(torch.randn(n_in, **options), torch.randn(n_in, **options), 1e-5) for _ in range(LAYERS)]
+        row["engine_tile"] = {
+            **engine, "plain_us": us(lambda x, w, b: gemv.linear(x, w, b, engine)),
+            "with_norm_us": per_layer_us(lambda i: gemv.linear(x, w[i], b[i], engine, norm=norms[i])),
+            "norm_alone_us": per_layer_us(lambda i: F.layer_norm(x, (n_in,), *norms[i]))}
     # Last: its compile and tuning take the longest.
     row["inductor"] = {"us": us(torch.compile(lambda x, w, b: F.linear(x[None], w, b)[0], dynamic=False,
                                               options={"coordinate_descent_tuning": True}))}
@@ -107,7 +123,7 @@ def main(argv=None) -> None:
         record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                   "copy_TBps": bandwidth / 1e12, "layers": LAYERS, "check": check("cuda"), "shapes": {}}
         for name, shape in SHAPES.items():   # written after each shape: a run stopped early keeps the rest
-            record["shapes"][name] = probe_shape(*shape, bandwidth)
+            record["shapes"][name] = probe_shape(*shape, bandwidth, normed=name in NORMED)
             write(record, args.out)
     print(write(record, args.out))
 
