@@ -97,7 +97,7 @@ $(TRITON_SITE)/.installed: requirements-triton.lock $(installed)
 
 test-flash-decode: $(TRITON_SITE)/.installed ## The Triton kernels (decode attention, GEMV probe) on CPU, under Triton's interpreter
 	TRITON_INTERPRET=1 PYTHONPATH=$(abspath $(TRITON_SITE)) \
-		$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/test_flash_decode.py tests/test_gemv.py
+		$(VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/test_flash_decode.py tests/test_gemv.py tests/test_gemv_fusion.py
 
 # Every numeric tolerance is derived from the dtype, the number of terms and the magnitudes
 # (tests/bounds.py), not from one CPU's kernels: this runs the tests that check them a second time on ATen's

@@ -47,7 +47,7 @@ step recompute 60 python3 scripts/bench_decode.py --engines '' --recompute-batch
 # the compiled profile (stop 29) had its attention masked; it runs without a mask now (UNMASKED_SDPA).
 step recompute_compiled 150 python3 scripts/bench_decode.py --engines '' --recompute-batches 16 \
     --recompute-compile --steps 64 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_recompute_compiled.json"
-step cuda_tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_gemv.py \
+step cuda_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_gemv.py tests/test_gemv_fusion.py \
     tests/test_fast.py tests/test_recompute.py tests/test_compile.py tests/test_score_policies.py \
     -k "cuda or flash_decode or gemv"
 # Where the step's time goes, per kernel kind against its byte floor (the first thing a second call runs).

@@ -20,16 +20,13 @@ import pytest
 import torch
 
 from streamkv.engines import fast, flash_decode
+from triton_kernels import DEVICE, skip_module_without_triton
 
-if flash_decode.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 with Triton installed: `make test-flash-decode`",
-                allow_module_level=True)
+skip_module_without_triton()
 
 from bounds import BROKEN, EXACT  # noqa: E402
 from test_engines import CASES, max_diff  # noqa: E402
 from test_fast import run_fast_on, run_reference  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 def inputs(heads, kv_heads, slots, dim, hidden, seed=0):

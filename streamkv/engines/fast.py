@@ -42,7 +42,7 @@ from .. import compat, compile_cache
 from ..metrics import PhaseTimer, as_dtype, nll_from_logits
 from ..policies.schedule import Schedule
 from ..spec import REROTATIONS
-from . import flash_decode, gemv
+from . import flash_decode, gemv_fusion
 from .attention import swapped_attention
 from .base import EngineResult
 from .contiguous import StreamPlan, Unsupported, stream_plan
@@ -120,11 +120,13 @@ DECODE_ATTENTION = {"sdpa": lambda q, k, v, mask, scaling: F.scaled_dot_product_
 # `triton` is the CUDA default (`default_linear`): in the whole captured step on an H100 it took 241 µs off
 # cuBLAS's (strict 3.153 -> 2.912 ms, 1.537x -> 1.419x the anchor's floor, eviction overhead 1.007;
 # docs/bench/h100_bench_gemv_stop29.json, `scripts/bench_decode.py --engines fast,fast:linear=triton`).
-# `triton_fused` also runs the layer norm before a linear and the MLP's activation after one inside the GEMV,
-# `triton_activation` only the activation (gemv.py's module doc): CPU-tested, not yet timed on a GPU.
-LINEARS = {"torch": contextlib.nullcontext, "triton": gemv.OneRowLinears,
-           "triton_activation": functools.partial(gemv.OneRowLinears, fuse_activations=True),
-           "triton_fused": functools.partial(gemv.OneRowLinears, fuse_activations=True, fuse_norms=True)}
+# `triton_activation` also applies the MLP's activation inside the GEMV, `triton_fused` also the layer norm
+# before a linear and the residual sums after one (gemv_fusion.py's module doc): CPU-tested, not yet timed
+# on a GPU.
+LINEARS = {"torch": contextlib.nullcontext, "triton": gemv_fusion.OneRowLinears,
+           "triton_activation": functools.partial(gemv_fusion.OneRowLinears, fuse_activations=True),
+           "triton_fused": functools.partial(gemv_fusion.OneRowLinears, fuse_activations=True, fuse_norms=True,
+                                             fuse_residuals=True)}
 
 
 def default_linear(device: torch.device) -> str:
@@ -316,9 +318,9 @@ def evaluate(model, ids: torch.Tensor, schedule: Schedule, *, position_mode: str
     from Python. Compilation is paid once per buffer shape and process (streamkv/compile_cache.py).
     decode_attention: how a decode step attends, `sdpa` (torch's fused kernels, which the prefill always
     uses) or `flash` (engines/flash_decode.py, CUDA). linear: how a decode step's one-row linears run, `torch`
-    (F.linear), `triton` (engines/gemv.py; None: `default_linear`, the GEMV on CUDA), `triton_fused` (the
-    GEMV with the layer norm before it and the MLP's activation after it inside) or `triton_activation` (the
-    activation only). graph, compile, decode_attention and linear are benchmark diagnostics: the same
+    (F.linear), `triton` (engines/gemv.py; None: `default_linear`, the GEMV on CUDA), `triton_activation` (the
+    GEMV with the MLP's activation inside) or `triton_fused` (also the layer norm before a linear and the
+    residual sums after one). graph, compile, decode_attention and linear are benchmark diagnostics: the same
     function, other kernels (fp16 rounding).
     TTFT is the prefill forward; TPOT the mean decode step; compilation, warm-up and capture run before the
     timed prefill."""
