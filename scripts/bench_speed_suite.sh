@@ -122,6 +122,6 @@ step profile_recompute_compiled 120 python3 scripts/profile_recompute.py --batch
 step attention_kernels 200 python3 scripts/probe_attention.py --out "$out/probe_attention.json"
 # Per linear shape, cuBLAS against Inductor's GEMV and a Triton GEMV of our own, each against its byte floor;
 # for the two a layer norm feeds, the engine's tile with the norm inside against the norm alone.
-step gemv_kernels 150 python3 scripts/probe_gemv.py --out "$out/probe_gemv.json"
+step gemv_kernels 180 python3 scripts/probe_gemv.py --out "$out/probe_gemv.json"
 step recompute_compile 200 python3 scripts/probe_recompute_compile.py --batch 32 --repeats 3 \
     --out "$out/probe_recompute_compile.json"

@@ -32,18 +32,27 @@ if triton is not None:
 
     @triton.jit
     def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, beta_ptr, r1_ptr, r2_ptr, n_out, n_in, stride_w, eps,
-              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
-              RESIDUALS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, NORM: tl.constexpr, RESIDUALS: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # The work dtype follows the output's, so callers pass only ints, bools and eps.
         work = tl.float64 if y_ptr.dtype.element_ty == tl.float64 else tl.float32
         if NORM:
-            # The layer norm's statistics of x as F.layer_norm takes them (mean, then the biased variance),
-            # from the whole row at once: every program needs them, and a row is a few KB.
-            offs = tl.arange(0, NORM_BLOCK)
-            row = tl.load(x_ptr + offs, mask=offs < n_in, other=0.0).to(work)
-            mean = tl.sum(row, axis=0) / n_in
-            centred = tl.where(offs < n_in, row - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / n_in + eps)
+            # The layer norm's statistics of x as F.layer_norm takes them: the mean, then the biased variance
+            # about it. Every program computes them (a row is a few KB, read from cache), in BLOCK_K chunks
+            # like the product's, so the kernel needs no more registers than without the norm: a whole-row
+            # block would lower its occupancy, and with it the bytes in flight a GEMV lives on.
+            total = tl.zeros((BLOCK_K,), dtype=work)
+            for start in range(0, n_in, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                total += tl.load(x_ptr + cols, mask=cols < n_in, other=0.0).to(work)
+            mean = tl.sum(total, axis=0) / n_in
+            spread = tl.zeros((BLOCK_K,), dtype=work)
+            for start in range(0, n_in, BLOCK_K):
+                cols = start + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + cols, mask=cols < n_in, other=0.0).to(work)
+                centred = tl.where(cols < n_in, x - mean, 0.0)
+                spread += centred * centred
+            rstd = 1.0 / tl.sqrt(tl.sum(spread, axis=0) / n_in + eps)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=work)
         for start in range(0, n_in, BLOCK_K):
@@ -114,7 +123,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _gemv[(triton.cdiv(n_out, shape["BLOCK_N"]),)](
         x.reshape(n_in), weight, weight if bias is None else bias, y, gain, shift, r1, r2, n_out, n_in,
         weight.stride(0), eps, HAS_BIAS=bias is not None, ACTIVATION=activation, NORM=norm is not None,
-        NORM_BLOCK=triton.next_power_of_2(n_in) if norm is not None else 1, RESIDUALS=len(residuals), **shape)
+        RESIDUALS=len(residuals), **shape)
     return y
 
 
