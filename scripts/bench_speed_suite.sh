@@ -13,7 +13,7 @@
 # third. cuda_tests needs pytest, hypothesis and submitit importable (tests/conftest.py imports the CLI; on
 # a machine without them, carry their wheels: the workplace's GPU image lacks submitit).
 # Writes OUT_DIR/{anchor,bench_decode,profile_recompute,profile_recompute_compiled,bench_steps2048,probe_attention,bench_multi_kernel,
-# bench_cooperative,bench_4096,bench_gqa,bench_recompute,bench_recompute_compiled,compile_cache,compile_cache_torch,profile,bench_gemv,
+# bench_cooperative,bench_4096,bench_gqa,bench_recompute,bench_recompute_compiled,bench_recompute_autotune,compile_cache,compile_cache_torch,profile,bench_gemv,
 # profile_gemv,profile_cuts,bench_gemv_fused,bench_flash,bench_decode_cuts,bench_combo_kernels,bench_cdt,bench_no_lt,probe_gemv,probe_recompute_compile}.json and OUT_DIR/log.txt;
 # docs/bench/README.md ("Speed to the limit") says what each file shows.
 set -uo pipefail
@@ -47,6 +47,14 @@ step recompute 60 python3 scripts/bench_decode.py --engines '' --recompute-batch
 # the compiled profile (stop 29) had its attention masked; it runs without a mask now (UNMASKED_SDPA).
 step recompute_compiled 150 python3 scripts/bench_decode.py --engines '' --recompute-batches 16 \
     --recompute-compile --steps 64 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_recompute_compiled.json"
+# The same with Inductor's max-autotune: its Triton GEMM templates against cuBLAS per shape, and where a
+# template wins, the element-wise work after it (bias, GELU, residual adds) fused into its epilogue, which
+# cuBLAS cannot take exactly (cuBLASLt's GELU epilogue is the tanh approximation). The compiled forward's
+# element-wise work was 3.1 ms of 25.8 (stop 29); 18 ms a token needs most of it gone. A probe: autotuning
+# every GEMM shape takes minutes, so a call of its own.
+step recompute_autotune 420 python3 scripts/bench_decode.py --engines '' --recompute-batches 16 \
+    --recompute-compile --steps 64 --repeats 3 --inductor max_autotune=1 --anchor "$out/anchor.json" \
+    --out "$out/bench_recompute_autotune.json"
 step cuda_tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_flash_decode.py tests/test_gemv.py tests/test_gemv_fusion.py \
     tests/test_fast.py tests/test_recompute.py tests/test_compile.py tests/test_score_policies.py \
     -k "cuda or flash_decode or gemv"
