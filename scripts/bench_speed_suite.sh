@@ -4,7 +4,7 @@
 # cut mid-JSON):
 #
 #   scripts/bench_speed_suite.sh ANCHOR_PY OUT_DIR [SECONDS]      # default 560 s: a device call's 600 s less slack
-#   STEPS="recompute bench_4096 bench_gqa compile_cache" scripts/bench_speed_suite.sh ...   # a second call: these only
+#   STEPS="recompute bench_4096 bench_gqa compile_cache" scripts/bench_speed_suite.sh ...   # the anchor, then these, in this order
 #   STEPS="bench_2048 gemv_no_lt gemv_cdt recompute_compile" scripts/bench_speed_suite.sh ...   # the probes
 #   STEPS="cuda_tests bench_gemv profile_gemv gemv_kernels" scripts/bench_speed_suite.sh ...   # the Triton GEMV
 #
@@ -24,18 +24,32 @@ mkdir -p "$out"
 log=$out/log.txt
 export PYTHONUNBUFFERED=1
 
-step() {   # step NAME SECONDS COMMAND...: SECONDS is what the step needs; skipped if less is left
-    local name=$1 need=$2 left=$(( end - $(date +%s) - 5 ))
+# Steps are declared below in the full suite's order and run at the end: without STEPS all of them, in that
+# order; with STEPS the anchor, then the named ones in the order STEPS names them, so that a call's
+# most decisive step runs first whatever its place here (a name that is not a step is refused before
+# anything runs: on a lent GPU a typo would otherwise cost the call).
+declare -a order=()
+declare -A need=() command=()
+step() {   # step NAME SECONDS COMMAND...: SECONDS is what the step needs; skipped if less is left then
+    local name=$1
+    need[$name]=$2
     shift 2
-    if [[ -n "${STEPS:-}" && $name != anchor && " $STEPS " != *" $name "* ]]; then return; fi
-    if (( left < need )); then echo "== $name: skipped (needs ${need}s, ${left}s left)" | tee -a "$log"; return; fi
-    echo "== $name: $*" | tee -a "$log"
+    command[$name]=$(printf '%q ' "$@")
+    order+=("$name")
+}
+
+run_step() {
+    local name=$1 left=$(( end - $(date +%s) - 5 ))
+    if (( left < need[$name] )); then
+        echo "== $name: skipped (needs ${need[$name]}s, ${left}s left)" | tee -a "$log"
+        return
+    fi
+    echo "== $name: ${command[$name]}" | tee -a "$log"
     local began=$(date +%s)
-    timeout "$left" "$@" >>"$log" 2>&1
+    eval "timeout $left ${command[$name]}" >>"$log" 2>&1
     echo "== $name: exit $? after $(( $(date +%s) - began ))s" | tee -a "$log"
 }
 
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
 step anchor 70 python3 "$anchor_py" --out "$out/anchor.json"
 # The goal: fast (SDPA) strict and lazy R=64 at cap 2048, against the anchor's floor.
 step bench_2048 150 python3 scripts/bench_decode.py --engines fast \
@@ -133,3 +147,19 @@ step attention_kernels 200 python3 scripts/probe_attention.py --out "$out/probe_
 step gemv_kernels 180 python3 scripts/probe_gemv.py --out "$out/probe_gemv.json"
 step recompute_compile 200 python3 scripts/probe_recompute_compile.py --batch 32 --repeats 3 \
     --out "$out/probe_recompute_compile.json"
+
+chosen=("${order[@]}")
+if [[ -n "${STEPS:-}" ]]; then
+    chosen=(anchor)
+    for name in $STEPS; do
+        if [[ -z "${need[$name]:-}" ]]; then
+            echo "bench_speed_suite.sh: no step $name; the steps: ${order[*]}" >&2
+            exit 2
+        fi
+        [[ $name == anchor ]] || chosen+=("$name")
+    done
+fi
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$log"
+for name in "${chosen[@]}"; do
+    run_step "$name"
+done

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -202,3 +204,45 @@ def test_the_compile_cache_bench_takes_the_fast_engines_options_only():
     for wrong in ("decode", "fast:compile=0"):
         with pytest.raises(SystemExit):
             bench_compile_cache.parse_args(["--engine", wrong])
+
+
+SUITE = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed_suite.sh"
+
+
+def run_suite(tmp_path, steps: str, seconds: int = 560):
+    """bench_speed_suite.sh with `python3` and `nvidia-smi` stubs that print each argument they get in
+    brackets; returns (the finished process, its log)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for tool in ("python3", "nvidia-smi"):
+        (stubs / tool).write_text('#!/bin/sh\nfor a in "$@"; do echo "[$a]"; done\n')
+        (stubs / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STEPS": steps}
+    done = subprocess.run(["bash", str(SUITE), "anchor.py", str(tmp_path / "out"), str(seconds)], env=env,
+                          cwd=SUITE.parents[1], capture_output=True, text=True, timeout=60)
+    log = tmp_path / "out" / "log.txt"
+    return done, log.read_text() if log.exists() else ""
+
+
+def ran(log: str) -> list[str]:
+    return [line.split(":")[0][3:] for line in log.splitlines() if line.startswith("== ") and ": exit " in line]
+
+
+def test_the_suite_runs_the_anchor_then_the_steps_in_the_order_named(tmp_path):
+    """Not in the script's order (gemv_kernels is near its end): a call's first step is its most decisive."""
+    done, log = run_suite(tmp_path, "gemv_kernels cuda_tests bench_gqa")
+    assert done.returncode == 0, done.stderr
+    assert ran(log) == ["anchor", "gemv_kernels", "cuda_tests", "bench_gqa"]
+    assert "[scripts/probe_gemv.py]" in log and "[cuda or flash_decode or gemv]" in log   # arguments kept whole
+
+
+def test_a_step_that_does_not_fit_is_skipped_with_a_line(tmp_path):
+    done, log = run_suite(tmp_path, "gemv_kernels", seconds=100)
+    assert done.returncode == 0 and ran(log) == ["anchor"]
+    assert "== gemv_kernels: skipped (needs 180s" in log
+
+
+def test_an_unknown_step_is_refused_before_anything_runs(tmp_path):
+    done, log = run_suite(tmp_path, "bench_gqa gemv_kernal")
+    assert done.returncode == 2 and "no step gemv_kernal" in done.stderr
+    assert "[" not in log and not ran(log)
