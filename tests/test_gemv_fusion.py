@@ -49,12 +49,13 @@ def routed(monkeypatch) -> list[Call]:
 
 def test_only_one_row_linears_are_routed_to_the_kernel(monkeypatch):
     calls = routed(monkeypatch)
-    w, b = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    on = {"dtype": torch.float64, "device": DEVICE}
+    w, b = torch.randn(8, 16, **on), torch.randn(8, **on)
     with OneRowLinears():
-        one = F.linear(torch.randn(1, 1, 16, dtype=torch.float64), w, b)
-        F.linear(torch.randn(1, 3, 16, dtype=torch.float64), w, b)      # a prefill: three rows
-        F.linear(torch.randn(1, 16, dtype=torch.float64), w.T.contiguous().T, bias=b)   # column-major weight
-        torch.nn.Linear(16, 8, dtype=torch.float64)(torch.randn(16, dtype=torch.float64))  # nn.Linear calls F.linear
+        one = F.linear(torch.randn(1, 1, 16, **on), w, b)
+        F.linear(torch.randn(1, 3, 16, **on), w, b)                              # a prefill: three rows
+        F.linear(torch.randn(1, 16, **on), w.T.contiguous().T, bias=b)           # column-major weight
+        torch.nn.Linear(16, 8, **on)(torch.randn(16, **on))                      # nn.Linear calls F.linear
     assert calls == [Call(), Call()] and one.shape == (1, 1, 8)
 
 
