@@ -98,11 +98,11 @@ step compile_cache_torch 150 python3 scripts/bench_compile_cache.py --processes 
 step bench_gemv 250 python3 scripts/bench_decode.py --engines fast,fast:linear=torch --stability-runs 1 \
     --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_gemv.json"
 # The GEMV with the MLP's activation in its epilogue (GELU: one kernel a layer less), then also with the layer
-# norms in its prologue (the residual add's reduction kernel, 3.5 µs a layer, becomes a point-wise add),
-# beside the default: which of the two fusions pays.
+# norms in its prologue and the residual sums in its epilogue (no reduction kernel left in a layer: it took
+# 3.5 µs a layer), beside the default: which of the folds pays.
 step gemv_fused 330 python3 scripts/bench_decode.py --engines fast,fast:linear=triton_activation,fast:linear=triton_fused \
     --stability-runs 1 --repeats 3 --anchor "$out/anchor.json" --out "$out/bench_gemv_fused.json"
-# The cuts at once (the GEMV with its norms and activation, and the one-kernel flash), each alone, beside the
+# The cuts at once (the GEMV with what it folds in, and the one-kernel flash), each alone, beside the
 # default; every engine's NLL against the first's in the JSON (agreement_with_first), so a race in flash would show.
 step decode_cuts 480 python3 scripts/bench_decode.py \
     --engines fast,fast:linear=triton_fused,fast:decode_attention=flash,fast:linear=triton_fused,decode_attention=flash \
